@@ -1,0 +1,109 @@
+"""Builds tinydiff's compiled kernels; everything else lives in pyproject.toml.
+
+- tinydiff._C       the C++ kernels (csrc/*_cpu.cpp + csrc/bind_cpu.cpp), -O3 and OpenMP,
+                    built on every install.
+- tinydiff._C_cuda  the CUDA kernels (csrc/*.cu, compiled by nvcc + csrc/bind_cuda.cpp),
+                    built when CUDA is found (CUDA_HOME, else /usr/local/cuda).
+
+TINYDIFF_CUDA=auto (default): build the CUDA module when nvcc is found, warn if that fails.
+TINYDIFF_CUDA=1: the install fails on any CUDA error.  TINYDIFF_CUDA=0: skip it.
+TINYDIFF_NATIVE_ARCH=0: no -march=native (for a wheel built on one machine, run on another).
+"""
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+CUDA_ARCHS = ["75", "80", "86", "89", "90"]  # + PTX for compute_90, so newer GPUs JIT it
+
+
+def compiler_accepts(flag):
+    """True if the C++ compiler accepts `flag` (used for -march=native)."""
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [cxx, flag, src, "-o", os.path.join(tmp, "t")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def cpu_flags():
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if os.environ.get("TINYDIFF_NATIVE_ARCH", "1") != "0" and compiler_accepts("-march=native"):
+        flags.append("-march=native")
+    return flags
+
+
+def find_cuda():
+    """The CUDA install folder, or None. `which nvcc` may be a wrapper script, so look for the folder."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+class BuildExt(build_ext):
+    """build_ext that first compiles the .cu files of the CUDA module with nvcc."""
+
+    def build_extension(self, ext):
+        if ext.name != "tinydiff._C_cuda":
+            return super().build_extension(ext)
+        try:
+            ext.extra_objects = self.compile_cuda(ext.cuda_sources)
+            super().build_extension(ext)
+        except Exception as err:
+            if os.environ.get("TINYDIFF_CUDA", "auto") == "1":
+                raise
+            print(f"WARNING: the CUDA module was not built ({err}); tinydiff runs on the CPU only.",
+                  file=sys.stderr)
+
+    def compile_cuda(self, sources):
+        nvcc = os.path.join(find_cuda(), "bin", "nvcc")
+        os.makedirs(self.build_temp, exist_ok=True)
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+        gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")
+
+        def nvcc_compile(src):
+            obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc",
+                   "-Xcompiler", "-fPIC", *gencode]
+            print(" ".join(cmd))
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}:\n{run.stdout}{run.stderr}")
+            return obj
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return list(pool.map(nvcc_compile, sources))
+
+
+cpu_sources = sorted(glob.glob("csrc/*_cpu.cpp"))
+extensions = [
+    Pybind11Extension("tinydiff._C", cpu_sources, include_dirs=["csrc"],
+                      extra_compile_args=cpu_flags(), extra_link_args=["-fopenmp"],
+                      depends=glob.glob("csrc/*.h")),
+]
+
+cuda_mode = os.environ.get("TINYDIFF_CUDA", "auto")
+if cuda_mode not in ("auto", "0", "1"):
+    sys.exit(f"TINYDIFF_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
+cuda_home = find_cuda()
+if cuda_mode == "1" and cuda_home is None:
+    sys.exit("TINYDIFF_CUDA=1 but no CUDA was found: set CUDA_HOME to the folder that holds bin/nvcc")
+if cuda_mode != "0" and cuda_home is not None:
+    cuda_ext = Pybind11Extension(
+        "tinydiff._C_cuda", ["csrc/bind_cuda.cpp"],
+        include_dirs=["csrc", os.path.join(cuda_home, "include")],
+        extra_compile_args=["-O3", "-std=c++17"],
+        # cudart linked statically: the module imports on a machine without a GPU or CUDA runtime
+        library_dirs=[os.path.join(cuda_home, "lib64")],
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        depends=glob.glob("csrc/*.h") + glob.glob("csrc/*.cuh") + glob.glob("csrc/*.cu"))
+    cuda_ext.cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    extensions.append(cuda_ext)
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,14 @@
+"""tinydiff: a from-scratch diffusion engine. Read in this order:
+
+backend (NumPy or CuPy, compiled kernels) -> tensor (autograd) -> functional (layers as ops)
+-> nn (modules) -> models (U-Nets) -> diffusion (schedules, loss) -> samplers -> train, cli.
+"""
+from tinydiff import functional
+from tinydiff.backend import cuda_available, get_kernels, manual_seed, set_kernels
+from tinydiff.gradcheck import gradcheck
+from tinydiff.tensor import Tensor, cat, is_grad_enabled, matmul, no_grad, stack, where
+
+F = functional
+
+__all__ = ["Tensor", "no_grad", "is_grad_enabled", "cat", "stack", "where", "matmul", "gradcheck",
+           "functional", "F", "manual_seed", "set_kernels", "get_kernels", "cuda_available"]

@@ -1,0 +1,168 @@
+"""Where arrays live: NumPy on the CPU, CuPy on the GPU, and the compiled kernels if built.
+
+There are no device classes. A tensor holds a NumPy or a CuPy array, and every op asks
+`get_array_module(array)` which of the two libraries to call, as CuPy's own idiom does.
+CuPy is imported lazily, on the first use of a GPU, never at `import tinydiff`.
+
+Kernels: `tinydiff._C` (C++, OpenMP) and `tinydiff._C_cuda` (CUDA) are built by setup.py.
+`TINYDIFF_KERNELS=native|numpy` (or `set_kernels`) chooses between them and the NumPy
+reference implementations, so the same run can be done both ways and compared.
+"""
+import os
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# NumPy or CuPy
+
+_cupy = None          # the cupy module once imported
+_cupy_error = None    # why CuPy cannot be used, once we know
+
+
+def _load_cupy():
+    """Import CuPy and check for a GPU; return the module or None, remembering why not."""
+    global _cupy, _cupy_error
+    if _cupy is not None or _cupy_error is not None:
+        return _cupy
+    try:
+        import cupy
+    except ImportError as err:
+        _cupy_error = f"CuPy is not installed ({err}); install it with: pip install -e '.[gpu]'"
+        return None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # no driver, no device: CuPy raises its own runtime error types
+        _cupy_error = f"CuPy is installed but no CUDA GPU is usable: {err}"
+        return None
+    if count == 0:
+        _cupy_error = "CuPy is installed but no CUDA GPU was found"
+        return None
+    _cupy = cupy
+    return cupy
+
+
+def cupy_module():
+    """The cupy module, or a RuntimeError that says what is missing."""
+    cupy = _load_cupy()
+    if cupy is None:
+        raise RuntimeError(f"cannot use device 'cuda': {_cupy_error}")
+    return cupy
+
+
+def is_cupy_array(array):
+    return type(array).__module__.startswith("cupy")
+
+
+def get_array_module(array):
+    """numpy for a NumPy array (or anything else), cupy for a CuPy array."""
+    return _cupy if (_cupy is not None and is_cupy_array(array)) else np
+
+
+def device_of(array):
+    return "cuda" if is_cupy_array(array) else "cpu"
+
+
+def to_device(array, device):
+    """Move an array to 'cpu' or 'cuda' (returns the same array if it is already there)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        cupy = cupy_module()
+        return array if is_cupy_array(array) else cupy.asarray(array)
+    return array.get() if is_cupy_array(array) else array
+
+
+def scatter_add(target, index, values):
+    """target[index] += values, adding repeated indices (np.add.at; cupyx.scatter_add on the GPU)."""
+    if is_cupy_array(target):
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random numbers: one seeded generator per device, so the same seed gives the same run.
+
+_generators = {}
+
+
+def manual_seed(seed):
+    """Seed tinydiff's generators (CPU, and GPU when used) for reproducible runs."""
+    _generators["cpu"] = np.random.default_rng(seed)
+    if _cupy is not None:
+        _generators["cuda"] = _cupy.random.default_rng(seed)
+
+
+def generator(device="cpu"):
+    """The generator for a device (numpy.random.Generator or its CuPy twin)."""
+    if device not in _generators:
+        _generators[device] = (np.random.default_rng() if device == "cpu"
+                               else cupy_module().random.default_rng())
+    return _generators[device]
+
+
+def get_rng_state():
+    """The CPU generator's state as plain JSON-able data (for checkpoints)."""
+    return generator("cpu").bit_generator.state
+
+
+def set_rng_state(state):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    _generators["cpu"] = rng
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels
+
+try:
+    from tinydiff import _C as native
+    native_error = None
+except ImportError as err:
+    native, native_error = None, f"the C++ extension tinydiff._C is not built ({err})"
+
+_cuda_ext = None
+_cuda_ext_error = None
+
+
+def cuda_kernels():
+    """The CUDA kernel module tinydiff._C_cuda, or None if it is not built."""
+    global _cuda_ext, _cuda_ext_error
+    if _cuda_ext is None and _cuda_ext_error is None:
+        try:
+            from tinydiff import _C_cuda
+            _cuda_ext = _C_cuda
+        except ImportError as err:
+            _cuda_ext_error = f"the CUDA extension tinydiff._C_cuda is not built ({err})"
+    return _cuda_ext
+
+
+def cuda_available(reason=False):
+    """True if tinydiff can run on a GPU. With reason=True, returns (ok, why_not_or_empty)."""
+    ok = _load_cupy() is not None
+    why = "" if ok else _cupy_error
+    if ok and cuda_kernels() is None:
+        why = f"CuPy works, but {_cuda_ext_error}: the NumPy-style CuPy reference kernels are used"
+    return (ok, why) if reason else ok
+
+
+KERNEL_CHOICES = ("native", "numpy")
+_kernels = os.environ.get("TINYDIFF_KERNELS", "native")
+if _kernels not in KERNEL_CHOICES:
+    raise ValueError(f"TINYDIFF_KERNELS must be one of {KERNEL_CHOICES}, got {_kernels!r}")
+
+
+def set_kernels(name):
+    """'native': the compiled C++/CUDA kernels where built; 'numpy': the NumPy/CuPy reference."""
+    global _kernels
+    if name not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {name!r}")
+    if name == "native" and native is None:
+        raise RuntimeError(f"cannot use native kernels: {native_error}")
+    _kernels = name
+
+
+def get_kernels():
+    """The kernels asked for: 'native' (compiled where built, reference elsewhere) or 'numpy'."""
+    return _kernels

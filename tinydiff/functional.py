@@ -1,0 +1,450 @@
+"""Neural-network ops on Tensors, named and ordered as in torch.nn.functional (import as F).
+
+Light ops are built from the Tensor primitives in tensor.py, or written in its four steps.
+Heavy ops (convolutions, normalisations, pooling) are a pair of functions on raw arrays,
+`<op>_forward(...) -> (out, cache)` and `<op>_backward(dout, cache, needs) -> grads`, joined
+to the graph by `_from_pair`. Layouts are PyTorch's: NCHW images, conv weight
+(out, in, kh, kw), transposed-conv weight (in, out, kh, kw), linear weight (out, in).
+"""
+import numpy as np
+
+from tinydiff import backend, kernels
+from tinydiff.tensor import Tensor, cat, stack, where  # noqa: F401  (re-exported for F.cat etc.)
+
+
+def _from_pair(name, inputs, out, cache, backward):
+    """Make `out` a Tensor of the graph whose gradient `backward(dout, cache, needs)` gives."""
+    parents = tuple(t for t in inputs if t is not None)
+    for t in parents[1:]:
+        if t.device != parents[0].device:
+            raise ValueError(f"{name}: tensors on different devices: {parents[0].device} and {t.device}")
+    result = parents[0]._result(out, parents, name)
+    needs = tuple(t is not None and t.requires_grad for t in inputs)
+
+    def _backward():
+        for t, grad in zip(inputs, backward(result.grad, cache, needs)):
+            if t is not None and grad is not None:
+                t._accumulate(grad)
+    result._backward = _backward
+    return result
+
+
+def _check_float(name, **tensors):
+    for arg, t in tensors.items():
+        if t is not None and t.dtype.kind != "f":
+            raise TypeError(f"{name}: {arg} must be a float tensor, got dtype {t.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def relu(x):
+    return x.relu()
+
+
+def sigmoid(x):
+    return x.sigmoid()
+
+
+def tanh(x):
+    return x.tanh()
+
+
+def silu(x):
+    """x * sigmoid(x) in one op (saves storing the sigmoid as a separate tensor)."""
+    s = 0.5 * (x.xp.tanh(0.5 * x.data) + 1)
+    out = x._result((x.data * s).astype(x.dtype, copy=False), (x,), "silu")
+
+    def _backward():
+        x._accumulate(out.grad * (s * (1 + x.data * (1 - s))).astype(x.dtype, copy=False))  # s (1 + x (1-s))
+    out._backward = _backward
+    return out
+
+
+def gelu(x):
+    """Exact GELU, x * Phi(x) with the erf, as PyTorch's default nn.GELU()."""
+    out = x._result(kernels.gelu_forward(x.data), (x,), "gelu")
+
+    def _backward():
+        x._accumulate(kernels.gelu_backward(out.grad, x.data))   # Phi(x) + x phi(x)
+    out._backward = _backward
+    return out
+
+
+def log_softmax(x, dim=-1):
+    shifted = x.data - x.data.max(axis=dim, keepdims=True)     # subtract the max: no overflow
+    logsumexp = x.xp.log(x.xp.exp(shifted).sum(axis=dim, keepdims=True))
+    out = x._result(shifted - logsumexp, (x,), "log_softmax")
+
+    def _backward():
+        softmax_ = x.xp.exp(out.data)                            # d/dx_i = g_i - softmax_i * sum(g)
+        x._accumulate(out.grad - softmax_ * out.grad.sum(axis=dim, keepdims=True))
+    out._backward = _backward
+    return out
+
+
+def softmax(x, dim=-1):
+    shifted = x.data - x.data.max(axis=dim, keepdims=True)
+    e = x.xp.exp(shifted)
+    out = x._result(e / e.sum(axis=dim, keepdims=True), (x,), "softmax")
+
+    def _backward():
+        s = out.data                                             # ds/dx: s * (g - sum(g * s))
+        x._accumulate(s * (out.grad - (out.grad * s).sum(axis=dim, keepdims=True)))
+    out._backward = _backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear and convolution layers
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) @ weight (out, in)^T + bias (out,)."""
+    if weight.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input shape {x.shape} does not fit weight shape {weight.shape} "
+                         f"({x.shape[-1]} features against {weight.shape[1]})")
+    out = x @ weight.T
+    return out + bias if bias is not None else out
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _check_conv(name, x, weight, bias, stride, padding, in_axis, out_axis):
+    _check_float(name, input=x, weight=weight, bias=bias)
+    if x.ndim != 4:
+        raise ValueError(f"{name}: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    if weight.ndim != 4:
+        raise ValueError(f"{name}: weight must be 4-D, got shape {weight.shape}")
+    if x.shape[1] != weight.shape[in_axis]:
+        raise ValueError(f"{name}: input shape {x.shape} has {x.shape[1]} channels but weight shape "
+                         f"{weight.shape} expects {weight.shape[in_axis]}")
+    if bias is not None and bias.shape != (weight.shape[out_axis],):
+        raise ValueError(f"{name}: bias shape {bias.shape} should be ({weight.shape[out_axis]},)")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{name}: input, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
+                        + (f", {bias.dtype}" if bias is not None else ""))
+    if not (isinstance(stride, int) and stride >= 1):
+        raise ValueError(f"{name}: stride must be a positive int, got {stride!r}")
+    if not (isinstance(padding, int) and padding >= 0):
+        raise ValueError(f"{name}: padding must be a non-negative int, got {padding!r}")
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    out = kernels.conv2d_forward(x, w, b, stride, padding)
+    return out, (x, w, stride, padding)
+
+
+def conv2d_backward(dout, cache, needs):
+    x, w, stride, padding = cache
+    dx = kernels.conv2d_backward_input(dout, w, x.shape[2:], stride, padding) if needs[0] else None
+    dw = kernels.conv2d_backward_weight(dout, x, w.shape[2:], stride, padding) if needs[1] else None
+    db = dout.sum(axis=(0, 2, 3)) if needs[2] else None
+    return dx, dw, db
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as PyTorch): weight (out, in, kh, kw)."""
+    _check_conv("conv2d", input, weight, bias, stride, padding, in_axis=1, out_axis=0)
+    kh, kw = weight.shape[2:]
+    h, w = input.shape[2:]
+    if h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(f"conv2d: kernel {kh}x{kw} is larger than the padded input {h + 2 * padding}x"
+                         f"{w + 2 * padding} (input shape {input.shape}, padding {padding})")
+    out, cache = conv2d_forward(input.data, weight.data, None if bias is None else bias.data, stride, padding)
+    return _from_pair("conv2d", (input, weight, bias), out, cache, conv2d_backward)
+
+
+def conv_transpose2d_forward(x, w, b, stride, padding):
+    """The transposed convolution is the backward-input of a convolution with the same weight."""
+    kh, kw = w.shape[2:]
+    out_hw = ((x.shape[2] - 1) * stride - 2 * padding + kh, (x.shape[3] - 1) * stride - 2 * padding + kw)
+    out = kernels.conv2d_backward_input(x, w, out_hw, stride, padding)
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1)
+    return out, (x, w, stride, padding)
+
+
+def conv_transpose2d_backward(dout, cache, needs):
+    x, w, stride, padding = cache
+    dx = kernels.conv2d_forward(dout, w, None, stride, padding) if needs[0] else None
+    dw = kernels.conv2d_backward_weight(x, dout, w.shape[2:], stride, padding) if needs[1] else None
+    db = dout.sum(axis=(0, 2, 3)) if needs[2] else None
+    return dx, dw, db
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0):
+    """Transposed convolution: weight (in, out, kh, kw), output (H-1)*stride - 2*padding + kh."""
+    _check_conv("conv_transpose2d", input, weight, bias, stride, padding, in_axis=0, out_axis=1)
+    kh, kw = weight.shape[2:]
+    if (input.shape[2] - 1) * stride - 2 * padding + kh <= 0 or (input.shape[3] - 1) * stride - 2 * padding + kw <= 0:
+        raise ValueError(f"conv_transpose2d: padding {padding} leaves no output for input shape "
+                         f"{input.shape} and kernel {kh}x{kw}")
+    out, cache = conv_transpose2d_forward(input.data, weight.data, None if bias is None else bias.data,
+                                          stride, padding)
+    return _from_pair("conv_transpose2d", (input, weight, bias), out, cache, conv_transpose2d_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling and resizing
+
+
+def _scatter_taps(dcols, x_shape, kh, kw, stride, padding):
+    """Add each window tap's gradient back where it was read: dcols (N, C, kh, kw, OH, OW)."""
+    xp = backend.get_array_module(dcols)
+    n, c, h, w = x_shape
+    oh, ow = dcols.shape[4:]
+    dx = xp.zeros((n, c, max(h + 2 * padding, (oh - 1) * stride + kh),
+                   max(w + 2 * padding, (ow - 1) * stride + kw)), dtype=dcols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            dx[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride] += dcols[:, :, u, v]
+    return dx[:, :, padding:padding + h, padding:padding + w]
+
+
+def _windows(x, kh, kw, stride, padding, pad_value):
+    """(N, C, H, W) -> (N, C, OH, OW, kh*kw): the pooling windows, copied."""
+    xp = backend.get_array_module(x)
+    if padding:
+        x = xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=pad_value)
+    cols = kernels.im2col(x, kh, kw, stride, 0)                  # (N, OH, OW, C, kh, kw)
+    n, oh, ow, c = cols.shape[:4]
+    return cols.transpose(0, 3, 1, 2, 4, 5).reshape(n, c, oh, ow, kh * kw)
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding):
+    kh, kw = kernel_size
+    windows = _windows(x, kh, kw, stride, padding, -np.inf)
+    idx = windows.argmax(axis=-1)                                # (N, C, OH, OW)
+    out = backend.get_array_module(x).take_along_axis(windows, idx[..., None], axis=-1)[..., 0]
+    return out, (x.shape, idx, kernel_size, stride, padding)
+
+
+def max_pool2d_backward(dout, cache, needs):
+    x_shape, idx, (kh, kw), stride, padding = cache
+    xp = backend.get_array_module(dout)
+    onehot = xp.arange(kh * kw) == idx[..., None]                # d max/dx = 1 at the argmax
+    dcols = (onehot * dout[..., None]).reshape(dout.shape + (kh, kw)).transpose(0, 1, 4, 5, 2, 3)
+    return (_scatter_taps(dcols, x_shape, kh, kw, stride, padding),)
+
+
+def _check_pool(name, x, kernel_size, stride, padding):
+    if x.ndim != 4:
+        raise ValueError(f"{name}: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    kh, kw = _pair(kernel_size)
+    stride = kh if stride is None else stride
+    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"{name}: bad kernel_size {kernel_size}, stride {stride} or padding {padding}")
+    if padding * 2 > min(kh, kw):
+        raise ValueError(f"{name}: padding {padding} must be at most half the kernel size {(kh, kw)}")
+    if x.shape[2] + 2 * padding < kh or x.shape[3] + 2 * padding < kw:
+        raise ValueError(f"{name}: kernel {(kh, kw)} is larger than the input {x.shape[2:]}")
+    return (kh, kw), stride
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0):
+    kernel_size, stride = _check_pool("max_pool2d", input, kernel_size, stride, padding)
+    out, cache = max_pool2d_forward(input.data, kernel_size, stride, padding)
+    return _from_pair("max_pool2d", (input,), out, cache, max_pool2d_backward)
+
+
+def avg_pool2d_forward(x, kernel_size, stride, padding):
+    kh, kw = kernel_size
+    out = _windows(x, kh, kw, stride, padding, 0).mean(axis=-1)  # zero padding counts, as PyTorch
+    return out, (x.shape, kernel_size, stride, padding)
+
+
+def avg_pool2d_backward(dout, cache, needs):
+    x_shape, (kh, kw), stride, padding = cache
+    xp = backend.get_array_module(dout)
+    share = dout * dout.dtype.type(1.0 / (kh * kw))             # d mean/dx_i = 1/k for each tap
+    dcols = xp.broadcast_to(share[:, :, None, None], dout.shape[:2] + (kh, kw) + dout.shape[2:])
+    return (_scatter_taps(dcols, x_shape, kh, kw, stride, padding),)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0):
+    kernel_size, stride = _check_pool("avg_pool2d", input, kernel_size, stride, padding)
+    out, cache = avg_pool2d_forward(input.data, kernel_size, stride, padding)
+    return _from_pair("avg_pool2d", (input,), out, cache, avg_pool2d_backward)
+
+
+def upsample_nearest2d(input, scale_factor=2):
+    """Repeat each pixel scale_factor times along H and W."""
+    s = int(scale_factor)
+    if s < 1 or s != scale_factor:
+        raise ValueError(f"upsample_nearest2d: scale_factor must be a positive integer, got {scale_factor}")
+    out = input._result(input.data.repeat(s, axis=2).repeat(s, axis=3), (input,), "upsample_nearest2d")
+
+    def _backward():
+        n, c, h, w = input.shape                                # each input pixel feeds s*s outputs
+        input._accumulate(out.grad.reshape(n, c, h, s, w, s).sum(axis=(3, 5)))
+    out._backward = _backward
+    return out
+
+
+def pad(input, pad, value=0.0):
+    """Constant padding; `pad` lists (before, after) pairs from the last axis backwards, as PyTorch."""
+    if len(pad) % 2 or len(pad) // 2 > input.ndim:
+        raise ValueError(f"pad: needs pairs for at most {input.ndim} axes, got {pad}")
+    widths = [(0, 0)] * input.ndim
+    for i in range(len(pad) // 2):
+        widths[input.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    if any(a < 0 or b < 0 for a, b in widths):
+        raise ValueError(f"pad: negative padding {pad} is not supported")
+    out = input._result(input.xp.pad(input.data, widths, constant_values=value), (input,), "pad")
+
+    def _backward():
+        inner = tuple(slice(a, a + n) for (a, _), n in zip(widths, input.shape))
+        input._accumulate(out.grad[inner])                       # the padding gets no gradient
+    out._backward = _backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def _norm_backward(dxhat, xhat, inv_std, axes):
+    """Backward of xhat = (x - mean) * inv_std over `axes`:
+    dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
+    return inv_std * (dxhat - dxhat.mean(axis=axes, keepdims=True)
+                      - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+
+
+def group_norm_forward(x, num_groups, w, b, eps):
+    n, c = x.shape[:2]
+    xg = x.reshape(n, num_groups, -1)                            # (N, G, C/G * H * W)
+    mean = xg.mean(axis=2, keepdims=True)
+    inv_std = 1 / backend.get_array_module(x).sqrt(xg.var(axis=2, keepdims=True) + eps)
+    xhat = ((xg - mean) * inv_std).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    out = xhat * w.reshape(shape) + b.reshape(shape) if w is not None else xhat
+    return out, (xhat, inv_std, w, num_groups)
+
+
+def group_norm_backward(dout, cache, needs):
+    xhat, inv_std, w, num_groups = cache
+    n, c = xhat.shape[:2]
+    axes = (0,) + tuple(range(2, xhat.ndim))
+    dw = (dout * xhat).sum(axis=axes) if needs[1] else None
+    db = dout.sum(axis=axes) if needs[2] else None
+    dxhat = dout * w.reshape((1, c) + (1,) * (xhat.ndim - 2)) if w is not None else dout
+    dx = _norm_backward(dxhat.reshape(n, num_groups, -1), xhat.reshape(n, num_groups, -1), inv_std, 2)
+    return dx.reshape(xhat.shape), dw, db
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    if input.ndim < 2 or input.shape[1] % num_groups:
+        raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of shape {input.shape}")
+    out, cache = group_norm_forward(input.data, num_groups, None if weight is None else weight.data,
+                                    None if bias is None else bias.data, eps)
+    return _from_pair("group_norm", (input, weight, bias), out, cache, group_norm_backward)
+
+
+def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps):
+    xp = backend.get_array_module(x)
+    axes = (0,) + tuple(range(2, x.ndim))                        # statistics per channel
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    if training:
+        mean = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        if running_mean is not None:                             # running stats use the unbiased var
+            count = x.size // x.shape[1]
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean.reshape(-1)
+            running_var *= 1 - momentum
+            running_var += momentum * var.reshape(-1) * (count / max(count - 1, 1))
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    inv_std = 1 / xp.sqrt(var + eps)
+    xhat = (x - mean) * inv_std
+    out = xhat * w.reshape(shape) + b.reshape(shape) if w is not None else xhat
+    return out, (xhat, inv_std, w, training, axes)
+
+
+def batch_norm_backward(dout, cache, needs):
+    xhat, inv_std, w, training, axes = cache
+    shape = (1, xhat.shape[1]) + (1,) * (xhat.ndim - 2)
+    dw = (dout * xhat).sum(axis=axes) if needs[1] else None
+    db = dout.sum(axis=axes) if needs[2] else None
+    dxhat = dout * w.reshape(shape) if w is not None else dout
+    # training: the statistics depend on x; eval: they are constants, so dx = dxhat * inv_std
+    dx = _norm_backward(dxhat, xhat, inv_std, axes) if training else dxhat * inv_std
+    return dx, dw, db
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch norm over (N, C, ...). running_mean/var are Tensors (or None), updated in place when training."""
+    if input.ndim < 2:
+        raise ValueError(f"batch_norm: input must have a channel axis, got shape {input.shape}")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: eval mode needs running_mean and running_var")
+    if training and input.size() // input.shape[1] <= 1:
+        raise ValueError(f"batch_norm: training needs more than one value per channel, got shape {input.shape}")
+    raw = [None if t is None else t.data for t in (running_mean, running_var, weight, bias)]
+    out, cache = batch_norm_forward(input.data, *raw, training, momentum, eps)
+    return _from_pair("batch_norm", (input, weight, bias), out, cache, batch_norm_backward)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalise over the last len(normalized_shape) axes, built from Tensor primitives."""
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if input.shape[-len(normalized_shape):] != normalized_shape:
+        raise ValueError(f"layer_norm: input shape {input.shape} does not end in {normalized_shape}")
+    axes = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    centered = input - input.mean(axis=axes, keepdims=True)
+    out = centered * (centered.var(axis=axes, keepdims=True, correction=0) + eps) ** -0.5
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Regularisation, lookup, losses
+
+
+def dropout(input, p=0.5, training=True):
+    """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return input
+    keep = backend.generator(input.device).random(input.shape) >= p
+    return input * Tensor(input.xp.asarray(keep, dtype=input.dtype) * input.dtype.type(1 / (1 - p)))
+
+
+def embedding(input, weight):
+    """Rows of weight (num_embeddings, dim) picked by the integer indices in input."""
+    idx = input.data if isinstance(input, Tensor) else input
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+        raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {idx.min()}, max {idx.max()}")
+    return weight[idx]
+
+
+def mse_loss(input, target, reduction="mean"):
+    if input.shape != target.shape:
+        raise ValueError(f"mse_loss: input shape {input.shape} != target shape {target.shape}")
+    sq = (input - target) ** 2
+    return sq.mean() if reduction == "mean" else sq.sum() if reduction == "sum" else sq
+
+
+def cross_entropy(input, target, reduction="mean"):
+    """input (N, classes) logits, target (N,) integer class indices."""
+    idx = target.data if isinstance(target, Tensor) else target
+    if input.ndim != 2 or idx.shape != (input.shape[0],):
+        raise ValueError(f"cross_entropy: input shape {input.shape} must be (N, classes) and target "
+                         f"shape {idx.shape} must be (N,)")
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: target must hold integer classes, got dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= input.shape[1]):
+        raise IndexError(f"cross_entropy: target class out of range [0, {input.shape[1]})")
+    picked = -log_softmax(input, dim=1)[input.xp.arange(input.shape[0]), idx]
+    return picked.mean() if reduction == "mean" else picked.sum() if reduction == "sum" else picked

@@ -1,0 +1,211 @@
+"""The hot paths, as plain NumPy/CuPy reference code, and the switch to the compiled kernels.
+
+Each function here is the specification of a kernel in csrc/: the C++ (`tinydiff._C`) and
+CUDA (`tinydiff._C_cuda`) versions must give the same numbers, and tests check that they do.
+The public functions at the bottom choose: compiled kernels when they are built and selected
+(`TINYDIFF_KERNELS=native`, the default), else the reference.
+
+Convolution (NCHW; weight (out, in, kh, kw) as in PyTorch; stride s, zero padding p):
+    out[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * x_pad[n, c, s*i + u, s*j + v]
+    output size: H_out = (H + 2p - kh) // s + 1
+The transposed convolution needs no kernel of its own: its forward is conv2d's backward-input.
+
+Diffusion steps (per-sample coefficients, arrays of shape (B,), broadcast over C, H, W):
+    q_sample:  xt = sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps                (DDPM eq. 4)
+    ddpm_step: x_prev = 1/sqrt(alpha) * (xt - beta/sqrt(1-alpha_bar) * eps) + sigma*z (DDPM eq. 11)
+    ddim_step: x0 = (xt - sqrt(1-alpha_bar) eps) / sqrt(alpha_bar), optionally clipped to [-1, 1]
+               x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1-alpha_bar_prev-sigma^2) eps + sigma z
+                                                                                    (DDIM eq. 12)
+    guidance:  eps = eps_uncond + s * (eps_cond - eps_uncond)  (classifier-free guidance,
+               fused into the two updates when eps_uncond is given)
+"""
+import numpy as np
+
+from tinydiff import backend
+
+
+def _xp(a):
+    return backend.get_array_module(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution: reference (im2col with stride tricks + one matrix product)
+
+
+def conv_output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def im2col(x, kh, kw, stride, padding):
+    """(N, C, H, W) -> (N, OH, OW, C, kh, kw): every receptive field, as a strided view."""
+    xp = _xp(x)
+    if padding:
+        x = xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    sn, sc, sh, sw = x.strides
+    return xp.lib.stride_tricks.as_strided(
+        x, shape=(n, oh, ow, c, kh, kw), strides=(sn, sh * stride, sw * stride, sc, sh, sw))
+
+
+def conv2d_forward_ref(x, w, b, stride, padding):
+    """x (N, C, H, W), w (O, C, kh, kw), b (O,) or None -> out (N, O, OH, OW)."""
+    o, c, kh, kw = w.shape
+    cols = im2col(x, kh, kw, stride, padding)                     # (N, OH, OW, C, kh, kw)
+    n, oh, ow = cols.shape[:3]
+    out = cols.reshape(n * oh * ow, c * kh * kw) @ w.reshape(o, -1).T   # (N*OH*OW, O)
+    if b is not None:
+        out += b
+    return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)       # (N, O, OH, OW)
+
+
+def conv2d_backward_input_ref(dout, w, input_hw, stride, padding):
+    """dout (N, O, OH, OW), w (O, C, kh, kw) -> dx (N, C, H, W), H, W = input_hw."""
+    xp = _xp(dout)
+    n, o, oh, ow = dout.shape
+    _, c, kh, kw = w.shape
+    h, wid = input_hw
+    dcols = dout.transpose(0, 2, 3, 1).reshape(-1, o) @ w.reshape(o, -1)   # (N*OH*OW, C*kh*kw)
+    dcols = dcols.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # (N, C, kh, kw, OH, OW)
+    # col2im: each kernel tap (u, v) adds its slice back where it was read from
+    hp, wp = h + 2 * padding, wid + 2 * padding
+    dx = xp.zeros((n, c, max(hp, (oh - 1) * stride + kh), max(wp, (ow - 1) * stride + kw)),
+                  dtype=dout.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            dx[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride] += dcols[:, :, u, v]
+    return xp.ascontiguousarray(dx[:, :, padding:padding + h, padding:padding + wid])
+
+
+def conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding):
+    """dout (N, O, OH, OW), x (N, C, H, W) -> dw (O, C, kh, kw)."""
+    kh, kw = kernel_hw
+    n, o, oh, ow = dout.shape
+    c = x.shape[1]
+    cols = im2col(x, kh, kw, stride, padding)[:, :oh, :ow]       # (N, OH, OW, C, kh, kw)
+    dw = dout.transpose(1, 0, 2, 3).reshape(o, -1) @ cols.reshape(n * oh * ow, c * kh * kw)
+    return dw.reshape(o, c, kh, kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion steps: reference
+
+
+def _per_sample(coef, x):
+    """(B,) coefficients -> (B, 1, 1, 1) so they broadcast over one sample's pixels."""
+    return coef.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def guided_eps_ref(eps_cond, eps_uncond, guidance_scale):
+    """Classifier-free guidance: eps = eps_uncond + s (eps_cond - eps_uncond); s = 1 is eps_cond."""
+    if eps_uncond is None:
+        return eps_cond
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def q_sample_ref(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar):
+    """DDPM eq. 4: xt = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    return _per_sample(sqrt_alpha_bar, x0) * x0 + _per_sample(sqrt_one_minus_alpha_bar, x0) * eps
+
+
+def ddpm_step_ref(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond=None, guidance_scale=1.0):
+    """DDPM eq. 11 / Alg. 2 line 4: x_prev = coef_x (xt - coef_eps eps) + sigma z,
+    coef_x = 1/sqrt(alpha_t), coef_eps = beta_t / sqrt(1 - alpha_bar_t)."""
+    eps = guided_eps_ref(eps, eps_uncond, guidance_scale)
+    return _per_sample(coef_x, xt) * (xt - _per_sample(coef_eps, xt) * eps) + _per_sample(sigma, xt) * z
+
+
+def ddim_step_ref(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev,
+                  dir_coef, sigma, clip_x0=False, eps_uncond=None, guidance_scale=1.0):
+    """DDIM eq. 12, with dir_coef = sqrt(1 - alpha_bar_prev - sigma^2). Returns (x_prev, x0)."""
+    eps = guided_eps_ref(eps, eps_uncond, guidance_scale)
+    x0 = (xt - _per_sample(sqrt_one_minus_alpha_bar, xt) * eps) / _per_sample(sqrt_alpha_bar, xt)
+    if clip_x0:
+        x0 = _xp(x0).clip(x0, -1, 1)
+    x_prev = (_per_sample(sqrt_alpha_bar_prev, xt) * x0 + _per_sample(dir_coef, xt) * eps
+              + _per_sample(sigma, xt) * z)
+    return x_prev, x0
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: the compiled kernel for the array's device when built and selected, else the reference
+
+
+def compiled_module(array):
+    """The compiled kernel module for this array's device, or None for the reference."""
+    if backend.get_kernels() != "native":
+        return None
+    return backend.cuda_kernels() if backend.is_cupy_array(array) else backend.native
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    mod = compiled_module(x)
+    if mod is not None and hasattr(mod, "conv2d_forward"):
+        return mod.conv2d_forward(x, w, b, stride, padding)
+    return conv2d_forward_ref(x, w, b, stride, padding)
+
+
+def conv2d_backward_input(dout, w, input_hw, stride, padding):
+    mod = compiled_module(dout)
+    if mod is not None and hasattr(mod, "conv2d_backward_input"):
+        return mod.conv2d_backward_input(dout, w, tuple(input_hw), stride, padding)
+    return conv2d_backward_input_ref(dout, w, input_hw, stride, padding)
+
+
+def conv2d_backward_weight(dout, x, kernel_hw, stride, padding):
+    mod = compiled_module(dout)
+    if mod is not None and hasattr(mod, "conv2d_backward_weight"):
+        return mod.conv2d_backward_weight(dout, x, tuple(kernel_hw), stride, padding)
+    return conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (exact erf form, as PyTorch's default): gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+# NumPy has no erf, so the reference fits one once: a Chebyshev series on [0, 6] through the
+# values of Python's math.erf (max error 4e-15); erf(x) = 1 to double precision for x >= 6.
+
+def _fit_erf(degree=40, top=6.0):
+    import math
+    nodes = np.cos(np.pi * (np.arange(4 * degree) + 0.5) / (4 * degree))   # Chebyshev nodes in [-1, 1]
+    values = [math.erf((u + 1) / 2 * top) for u in nodes]
+    return np.polynomial.chebyshev.chebfit(nodes, values, degree), top
+
+
+_ERF_COEFS, _ERF_TOP = _fit_erf()
+
+
+def erf(x):
+    """The error function, accurate to about 4e-15, for NumPy or CuPy arrays."""
+    xp = _xp(x)
+    u = xp.minimum(xp.abs(x).astype(np.float64), _ERF_TOP) * (2 / _ERF_TOP) - 1   # map [0, 6] -> [-1, 1]
+    c = _ERF_COEFS
+    b1, b2 = xp.zeros_like(u), xp.zeros_like(u)          # Clenshaw's recurrence for sum c_k T_k(u)
+    for ck in c[:0:-1]:
+        b1, b2 = 2 * u * b1 - b2 + ck, b1
+    return (xp.sign(x) * (u * b1 - b2 + c[0])).astype(x.dtype, copy=False)
+
+
+def gelu_forward_ref(x):
+    return 0.5 * x * (1 + erf(x * np.float64(0.5 ** 0.5).astype(x.dtype)))
+
+
+def gelu_backward_ref(dout, x):
+    """d gelu/dx = Phi(x) + x phi(x), phi the standard normal density."""
+    xp = _xp(x)
+    cdf = 0.5 * (1 + erf(x * np.float64(0.5 ** 0.5).astype(x.dtype)))
+    pdf = xp.exp(-0.5 * x * x) * x.dtype.type(1 / np.sqrt(2 * np.pi))
+    return dout * (cdf + x * pdf)
+
+
+def gelu_forward(x):
+    mod = compiled_module(x)
+    if mod is not None and hasattr(mod, "gelu_forward"):
+        return mod.gelu_forward(x)
+    return gelu_forward_ref(x)
+
+
+def gelu_backward(dout, x):
+    mod = compiled_module(x)
+    if mod is not None and hasattr(mod, "gelu_backward"):
+        return mod.gelu_backward(dout, x)
+    return gelu_backward_ref(dout, x)

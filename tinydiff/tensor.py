@@ -1,0 +1,543 @@
+"""The autograd core: a Tensor that remembers how it was made, and backward() to differentiate it.
+
+Every op is written in the same four steps (as in micrograd):
+  1. compute the output array,
+  2. wrap it in a Tensor that knows its parents,
+  3. define `_backward`, which reads out.grad and adds each parent's share to parent.grad,
+  4. return the output.
+Each backward carries a one-line derivative comment. Broadcasting is undone in one place,
+`unbroadcast`. Composite ops (sub, div, sqrt, mean, var, ...) are built from primitives and
+need no backward of their own.
+
+A Tensor holds a NumPy array (CPU) or a CuPy array (GPU); `xp` below is whichever module
+that array belongs to, so one code path serves both.
+"""
+import numpy as np
+
+from tinydiff import backend
+
+_grad_enabled = True
+
+
+class no_grad:
+    """Context manager (and decorator) that builds no graph: for sampling and evaluation."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._was, _grad_enabled = _grad_enabled, False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._was
+
+    def __call__(self, fn):
+        def wrapped(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+        wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+        return wrapped
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+def unbroadcast(grad, shape):
+    """Sum `grad` down to `shape`: the backward of NumPy broadcasting (e.g. (3,1,5)*(4,5))."""
+    while grad.ndim > len(shape):          # leading axes that broadcasting added
+        grad = grad.sum(axis=0)
+    for axis, size in enumerate(shape):    # axes of size 1 that broadcasting stretched
+        if size == 1 and grad.shape[axis] != 1:
+            grad = grad.sum(axis=axis, keepdims=True)
+    return grad
+
+
+def _as_array(data, dtype=None):
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, np.generic):        # NumPy reductions return scalars: keep their dtype
+        data = np.asarray(data)
+    if backend.is_cupy_array(data) or isinstance(data, np.ndarray):
+        return data if dtype is None else data.astype(dtype, copy=False)
+    # Python numbers and lists become float32 by default, as in PyTorch
+    return np.asarray(data, dtype=dtype or np.float32)
+
+
+class Tensor:
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)
+        self.grad = None
+        self.requires_grad = requires_grad
+        self._parents = ()         # the tensors this one was computed from
+        self._backward = None      # adds this tensor's grad into its parents' grads
+        self._op = ""              # name of the op that made it, for error messages and printing
+
+    # --- plain properties ------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    device = property(lambda self: backend.device_of(self.data))
+    xp = property(lambda self: backend.get_array_module(self.data))
+
+    def __len__(self):
+        return len(self.data)
+
+    def size(self, dim=None):
+        return self.data.size if dim is None else self.data.shape[dim]
+
+    def numel(self):
+        return self.data.size
+
+    def __repr__(self):
+        grad = f", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.numpy()!r}, device='{self.device}'{grad})"
+
+    def numpy(self):
+        """The values as a NumPy array (copied from the GPU if needed)."""
+        return backend.to_device(self.data, "cpu")
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def detach(self):
+        return Tensor(self.data)
+
+    def to(self, device):
+        """A copy on 'cpu' or 'cuda' (itself if already there); gradients flow back across."""
+        moved = backend.to_device(self.data, device)
+        if moved is self.data:
+            return self
+        out = self._result(moved, (self,), "to")
+
+        def _backward():
+            self._accumulate(backend.to_device(out.grad, self.device))   # d(copy)/dx = 1
+        out._backward = _backward
+        return out
+
+    def float(self):
+        return self.astype(np.float32)
+
+    def double(self):
+        return self.astype(np.float64)
+
+    def astype(self, dtype):
+        out = self._result(self.data.astype(dtype), (self,), "astype")
+
+        def _backward():
+            self._accumulate(out.grad.astype(self.dtype))
+        out._backward = _backward
+        return out
+
+    # --- graph plumbing ----------------------------------------------------------------------
+    def _result(self, data, parents, op):
+        """Wrap an op's output; it joins the graph only if a parent needs a gradient."""
+        out = Tensor(data)
+        out._op = op
+        if _grad_enabled and any(p.requires_grad for p in parents):
+            out.requires_grad = True
+            out._parents = parents
+        return out
+
+    def _accumulate(self, grad):
+        """grad of self += grad. Never in place: a grad array may be shared with another tensor."""
+        if not self.requires_grad:
+            return
+        if grad.shape != self.shape:
+            raise RuntimeError(f"internal: gradient of shape {grad.shape} for a tensor of shape "
+                               f"{self.shape} (op {self._op!r})")
+        self.grad = grad if self.grad is None else self.grad + grad
+
+    def _lift(self, other):
+        """Turn a Python number or array into a Tensor on self's device, with self's dtype."""
+        if isinstance(other, Tensor):
+            if other.device != self.device:
+                raise ValueError(f"tensors on different devices: {self.device} and {other.device}")
+            return other
+        if backend.is_cupy_array(other) or isinstance(other, np.ndarray):
+            return Tensor(other)
+        return Tensor(self.xp.asarray(other, dtype=self.dtype))
+
+    def backward(self, grad=None):
+        """Fill .grad of every tensor this one depends on (leaves keep and accumulate theirs)."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a scalar, got shape {self.shape}")
+            grad = self.xp.ones_like(self.data)
+        grad = _as_array(grad).astype(self.dtype, copy=False)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
+
+        # Topological order by an iterative depth-first search: a U-Net's graph is deeper than
+        # Python's recursion limit. A node is appended after all of its parents.
+        order, visited, stack = [], set(), [(self, False)]
+        while stack:
+            node, parents_done = stack.pop()
+            if parents_done:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            stack.extend((p, False) for p in node._parents if id(p) not in visited)
+
+        for node in order:                    # intermediate grads start from zero on each call
+            if node._parents:
+                node.grad = None
+        self.grad = grad if self.grad is None else self.grad + grad
+        for node in reversed(order):
+            if node._parents and node.grad is not None:
+                node._backward()
+                node.grad = None              # free intermediate grads as soon as they are used
+
+    # --- elementwise arithmetic ---------------------------------------------------------------
+    def _check_broadcast(self, other, op):
+        try:
+            np.broadcast_shapes(self.shape, other.shape)
+        except ValueError:
+            raise ValueError(f"{op}: shapes {self.shape} and {other.shape} cannot be broadcast "
+                             f"together") from None
+
+    def __add__(self, other):
+        other = self._lift(other)
+        self._check_broadcast(other, "add")
+        out = self._result(self.data + other.data, (self, other), "add")
+
+        def _backward():
+            self._accumulate(unbroadcast(out.grad, self.shape))     # d(a+b)/da = 1
+            other._accumulate(unbroadcast(out.grad, other.shape))   # d(a+b)/db = 1
+        out._backward = _backward
+        return out
+
+    def __mul__(self, other):
+        other = self._lift(other)
+        self._check_broadcast(other, "mul")
+        out = self._result(self.data * other.data, (self, other), "mul")
+
+        def _backward():
+            if self.requires_grad:
+                self._accumulate(unbroadcast(out.grad * other.data, self.shape))   # d(a*b)/da = b
+            if other.requires_grad:
+                other._accumulate(unbroadcast(out.grad * self.data, other.shape))  # d(a*b)/db = a
+        out._backward = _backward
+        return out
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor):
+            raise TypeError("pow takes a scalar exponent; for a tensor exponent use exp(b * log(a))")
+        out = self._result(self.data ** exponent, (self,), "pow")
+
+        def _backward():
+            self._accumulate(out.grad * exponent * self.data ** (exponent - 1))  # d(x^n)/dx = n x^(n-1)
+        out._backward = _backward
+        return out
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __sub__(self, other):
+        return self + (-self._lift(other))
+
+    def __truediv__(self, other):
+        if isinstance(other, (int, float)):
+            return self * (1.0 / other)
+        return self * self._lift(other) ** -1.0
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def __rsub__(self, other):
+        return self._lift(other) - self
+
+    def __rtruediv__(self, other):
+        return self._lift(other) / self
+
+    def __matmul__(self, other):
+        return matmul(self, other)
+
+    # --- elementwise functions ----------------------------------------------------------------
+    def exp(self):
+        out = self._result(self.xp.exp(self.data), (self,), "exp")
+
+        def _backward():
+            self._accumulate(out.grad * out.data)              # d(e^x)/dx = e^x
+        out._backward = _backward
+        return out
+
+    def log(self):
+        out = self._result(self.xp.log(self.data), (self,), "log")
+
+        def _backward():
+            self._accumulate(out.grad / self.data)             # d(ln x)/dx = 1/x
+        out._backward = _backward
+        return out
+
+    def sqrt(self):
+        return self ** 0.5
+
+    def abs(self):
+        out = self._result(self.xp.abs(self.data), (self,), "abs")
+
+        def _backward():
+            self._accumulate(out.grad * self.xp.sign(self.data))   # d|x|/dx = sign(x)
+        out._backward = _backward
+        return out
+
+    def clip(self, min=None, max=None):
+        out = self._result(self.xp.clip(self.data, min, max), (self,), "clip")
+
+        def _backward():
+            inside = self.xp.ones(self.shape, dtype=bool)        # d clip/dx = 1 inside, 0 outside
+            if min is not None:
+                inside &= self.data >= min
+            if max is not None:
+                inside &= self.data <= max
+            self._accumulate(out.grad * inside)
+        out._backward = _backward
+        return out
+
+    clamp = clip
+
+    def relu(self):
+        out = self._result(self.xp.maximum(self.data, 0), (self,), "relu")
+
+        def _backward():
+            self._accumulate(out.grad * (self.data > 0))         # d relu/dx = [x > 0]
+        out._backward = _backward
+        return out
+
+    def sigmoid(self):
+        s = 0.5 * (self.xp.tanh(0.5 * self.data) + 1)            # = 1/(1+e^-x), without overflow
+        out = self._result(s.astype(self.dtype, copy=False), (self,), "sigmoid")
+
+        def _backward():
+            self._accumulate(out.grad * out.data * (1 - out.data))   # d s/dx = s (1 - s)
+        out._backward = _backward
+        return out
+
+    def tanh(self):
+        out = self._result(self.xp.tanh(self.data), (self,), "tanh")
+
+        def _backward():
+            self._accumulate(out.grad * (1 - out.data ** 2))     # d tanh/dx = 1 - tanh^2
+        out._backward = _backward
+        return out
+
+    def maximum(self, other):
+        other = self._lift(other)
+        return where(self.data >= other.data, self, other)
+
+    def minimum(self, other):
+        other = self._lift(other)
+        return where(self.data <= other.data, self, other)
+
+    # --- comparisons give plain boolean arrays (no gradient), for masks and `where` ----------
+    def __gt__(self, other):
+        return self.data > self._lift(other).data
+
+    def __lt__(self, other):
+        return self.data < self._lift(other).data
+
+    def __ge__(self, other):
+        return self.data >= self._lift(other).data
+
+    def __le__(self, other):
+        return self.data <= self._lift(other).data
+
+    # --- reductions ---------------------------------------------------------------------------
+    def sum(self, axis=None, keepdims=False):
+        out = self._result(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum")
+
+        def _backward():
+            grad = out.grad if keepdims else _restore_axes(out.grad, axis, self.ndim)
+            self._accumulate(self.xp.broadcast_to(grad, self.shape))    # d(sum x)/dx_i = 1
+        out._backward = _backward
+        return out
+
+    def _count(self, axis):
+        """How many elements a reduction over `axis` combines into one."""
+        return self.data.size if axis is None else int(np.prod([self.shape[a] for a in _axes(axis)]))
+
+    def mean(self, axis=None, keepdims=False):
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / self._count(axis))
+
+    def var(self, axis=None, keepdims=False, correction=1):
+        """Variance with Bessel's correction by default, as torch.var."""
+        count = self._count(axis)
+        centered = self - self.mean(axis=axis, keepdims=True)
+        return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / max(count - correction, 1))
+
+    def max(self, axis=None, keepdims=False):
+        """Maximum over an axis; the gradient goes to the first maximal element, as torch.max(dim)."""
+        xp = self.xp
+        flat = self.reshape(-1) if axis is None else self
+        ax = 0 if axis is None else axis % self.ndim
+        idx = xp.argmax(flat.data, axis=ax)
+        idx = xp.expand_dims(idx, ax)
+        onehot = xp.arange(flat.shape[ax]).reshape([-1 if i == ax else 1 for i in range(flat.ndim)]) == idx
+        picked = flat._result(xp.take_along_axis(flat.data, idx, axis=ax), (flat,), "max")
+
+        def _backward():
+            flat._accumulate(picked.grad * onehot)     # d max/dx_i = 1 for the argmax, 0 elsewhere
+        picked._backward = _backward
+        if not keepdims:
+            return picked.reshape(()) if axis is None else picked.squeeze(ax)
+        return picked.reshape((1,) * self.ndim) if axis is None else picked
+
+    # --- shape ops ----------------------------------------------------------------------------
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        out = self._result(self.data.reshape(shape), (self,), "reshape")
+
+        def _backward():
+            self._accumulate(out.grad.reshape(self.shape))
+        out._backward = _backward
+        return out
+
+    view = reshape
+
+    def flatten(self, start_dim=0):
+        return self.reshape(self.shape[:start_dim] + (-1,))
+
+    def squeeze(self, axis):
+        axis = axis % self.ndim
+        return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
+
+    def unsqueeze(self, axis):
+        axis = axis % (self.ndim + 1)
+        return self.reshape(self.shape[:axis] + (1,) + self.shape[axis:])
+
+    def permute(self, *dims):
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        out = self._result(self.data.transpose(dims), (self,), "permute")
+
+        def _backward():
+            self._accumulate(out.grad.transpose(np.argsort(dims)))   # undo the permutation
+        out._backward = _backward
+        return out
+
+    def transpose(self, dim0, dim1):
+        dims = list(range(self.ndim))
+        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+        return self.permute(dims)
+
+    @property
+    def T(self):
+        return self.permute(tuple(reversed(range(self.ndim))))
+
+    def __getitem__(self, index):
+        if isinstance(index, Tensor):
+            index = index.data
+        out = self._result(self.data[index], (self,), "getitem")
+
+        def _backward():
+            grad = self.xp.zeros_like(self.data)
+            backend.scatter_add(grad, index, out.grad)   # repeated integer indices add up
+            self._accumulate(grad)
+        out._backward = _backward
+        return out
+
+    def expand(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        shape = tuple(s if s != -1 else self.shape[i - len(shape) + self.ndim] for i, s in enumerate(shape))
+        out = self._result(self.xp.broadcast_to(self.data, shape), (self,), "expand")
+
+        def _backward():
+            self._accumulate(unbroadcast(out.grad, self.shape))
+        out._backward = _backward
+        return out
+
+
+def _axes(axis):
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def _restore_axes(grad, axis, ndim):
+    """Put back the axes that a reduction without keepdims removed, as size 1."""
+    if axis is None:
+        return grad.reshape((1,) * ndim)
+    kept = sorted(a % ndim for a in _axes(axis))
+    shape = list(grad.shape)
+    for a in kept:
+        shape.insert(a, 1)
+    return grad.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops of several tensors
+
+
+def where(condition, a, b):
+    """a where condition is true, else b; the gradient goes to whichever was chosen."""
+    a = a if isinstance(a, Tensor) else Tensor(a)
+    b = a._lift(b)
+    condition = condition.data if isinstance(condition, Tensor) else condition
+    a._check_broadcast(b, "where")
+    out = a._result(a.xp.where(condition, a.data, b.data), (a, b), "where")
+
+    def _backward():
+        zero = a.xp.zeros((), dtype=out.grad.dtype)
+        a._accumulate(unbroadcast(a.xp.where(condition, out.grad, zero), a.shape))
+        b._accumulate(unbroadcast(a.xp.where(condition, zero, out.grad), b.shape))
+    out._backward = _backward
+    return out
+
+
+def maximum(a, b):
+    return a.maximum(b)
+
+
+def matmul(a, b):
+    """Batched matrix product with broadcasting of batch axes, as torch.matmul (both >= 2-D)."""
+    b = a._lift(b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul needs tensors of at least 2 dimensions, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not fit "
+                         f"({a.shape[-1]} columns against {b.shape[-2]} rows)")
+    out = a._result(a.data @ b.data, (a, b), "matmul")
+
+    def _backward():
+        if a.requires_grad:   # d(AB)/dA: dA = dOut B^T
+            a._accumulate(unbroadcast(out.grad @ b.data.swapaxes(-1, -2), a.shape))
+        if b.requires_grad:   # d(AB)/dB: dB = A^T dOut
+            b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ out.grad, b.shape))
+    out._backward = _backward
+    return out
+
+
+def cat(tensors, dim=0):
+    """Join tensors along an existing axis."""
+    tensors = list(tensors)
+    first = tensors[0]
+    tensors = [first._lift(t) for t in tensors]
+    dim = dim % first.ndim
+    for t in tensors:
+        if t.ndim != first.ndim or t.shape[:dim] + t.shape[dim + 1:] != first.shape[:dim] + first.shape[dim + 1:]:
+            raise ValueError(f"cat along dim {dim}: shapes {first.shape} and {t.shape} do not fit")
+    out = first._result(first.xp.concatenate([t.data for t in tensors], axis=dim), tuple(tensors), "cat")
+    ends = np.cumsum([t.shape[dim] for t in tensors])
+
+    def _backward():
+        pieces = first.xp.split(out.grad, ends[:-1], axis=dim)   # each input gets its own slice
+        for t, piece in zip(tensors, pieces):
+            t._accumulate(piece)
+    out._backward = _backward
+    return out
+
+
+def stack(tensors, dim=0):
+    """Join tensors along a new axis."""
+    tensors = list(tensors)
+    dim = dim % (tensors[0].ndim + 1)
+    return cat([t.unsqueeze(dim) for t in tensors], dim)
+
+
+# Convenient module-level spellings of the methods
+def exp(x): return x.exp()
+def log(x): return x.log()
+def sqrt(x): return x.sqrt()
