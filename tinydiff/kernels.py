@@ -159,6 +159,31 @@ def conv2d_backward_weight(dout, x, kernel_hw, stride, padding):
     return conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding)
 
 
+
+def q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar):
+    mod = compiled_module(x0)
+    if mod is not None and hasattr(mod, "q_sample"):
+        return mod.q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+    return q_sample_ref(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+
+
+def ddpm_step(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond=None, guidance_scale=1.0):
+    mod = compiled_module(xt)
+    if mod is not None and hasattr(mod, "ddpm_step"):
+        return mod.ddpm_step(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond, guidance_scale)
+    return ddpm_step_ref(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond, guidance_scale)
+
+
+def ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, dir_coef,
+              sigma, clip_x0=False, eps_uncond=None, guidance_scale=1.0):
+    """Returns (x_prev, x0)."""
+    mod = compiled_module(xt)
+    if mod is not None and hasattr(mod, "ddim_step"):
+        return mod.ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev,
+                             dir_coef, sigma, clip_x0, eps_uncond, guidance_scale)
+    return ddim_step_ref(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev,
+                         dir_coef, sigma, clip_x0, eps_uncond, guidance_scale)
+
 # ---------------------------------------------------------------------------------------------
 # GELU (exact erf form, as PyTorch's default): gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
 # NumPy has no erf, so the reference fits one once: a Chebyshev series on [0, 6] through the
