@@ -146,6 +146,13 @@ def load_digits(split="train", image_size=16):
     return images, labels, 10
 
 
+def digits_split():
+    """(train_images, train_labels, test_images, test_labels): the fixed split, 16x16 in [-1, 1]."""
+    train_x, train_y, _ = load_digits("train")
+    test_x, test_y, _ = load_digits("test")
+    return train_x, train_y, test_x, test_y
+
+
 # ---------------------------------------------------------------------------------------------
 # The course's sprites: sprites_1788_16x16.npy (N, 16, 16, 3) + sprite_labels_nc_1788_16x16.npy
 
