@@ -1,0 +1,323 @@
+"""Checkpoints: weights in safetensors, and everything else needed to resume training exactly.
+
+No pickle anywhere: arrays go into safetensors files (a JSON header and raw bytes), the rest
+into JSON. Arrays are moved to the CPU first, so a GPU-trained checkpoint loads on a CPU and back.
+
+Weights, one file (for sharing, sampling, and PyTorch):
+    save_weights(model, "model.safetensors")          keys = model.state_dict() keys, PyTorch's
+    load_weights(model, "model.safetensors", strict=True)
+  In PyTorch: model.load_state_dict(safetensors.torch.load_file("model.safetensors")).
+  The metadata holds a sha256 of the tensors, checked on loading when present.
+
+Training state, a run folder:
+    save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, config=None, keep=1)
+    info = load_checkpoint(run_dir, model, optimizer=None, ema=None)  # {"step", "config", "extra"}
+    info = load_checkpoint(run_dir)           # only read step/config/extra, e.g. to build the model
+
+    run_dir/
+      checkpoint.json              the manifest: the complete checkpoints, oldest first, each with
+                                   its step, its folder, and every file's size and sha256
+      step-00001000/
+        model.safetensors          model weights (as save_weights)
+        ema.safetensors            EMA weights under the same keys (when an EMA is given)
+        train_state.safetensors    the arrays of the training state (optimizer moments)
+        train_state.json           the rest: step, model config, the CPU generator state
+                                   (backend.get_rng_state), optimizer hyper-parameters and step
+                                   counts, EMA decay, `extra` (epoch, scheduler step, data-loader
+                                   position, ...); an array appears as {"__tensor__": key}
+
+  Crash safety: every file is written to a temporary name, flushed, fsynced and renamed
+  (os.replace, atomic). A save writes a new folder, and only then replaces checkpoint.json; so
+  a crash at any moment leaves the previous checkpoint complete and named by the manifest.
+  Folders the manifest does not name (a crashed save, or older than `keep`) are removed by the
+  next save. Loading recomputes each file's sha256 and refuses one that changed or is missing.
+  The CUDA generator's state is not saved: exact resumption is guaranteed on the CPU.
+
+Every refusal is a CheckpointError (a ValueError) that names the file, and for a model that does
+not fit, the keys and shapes.
+"""
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
+
+from tinydiff import backend
+from tinydiff.tensor import Tensor
+
+FORMAT, VERSION = "tinydiff-checkpoint", 1
+MANIFEST = "checkpoint.json"
+STEP_DIR = re.compile(r"^step-\d{8}(-\d+)?$")     # our folders; nothing else is ever removed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, truncated, inconsistent, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, hashes, safetensors with the path in every error
+
+def _atomic_write(path, data):
+    """Write bytes to `path` so that it holds either the old or the new content, never a part."""
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(path):
+    """Make a rename durable: fsync the folder that holds it (not possible on every OS)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensors_digest(arrays):
+    """sha256 over names, dtypes, shapes and bytes of the arrays, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name], order="C")
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _to_cpu(value):
+    value = value.data if isinstance(value, Tensor) else value
+    return np.asarray(backend.to_device(value, "cpu"), order="C")   # (ascontiguousarray makes 0-d 1-d)
+
+
+def _safetensors_bytes(arrays, metadata=None):
+    metadata = {"format": "pt", "tinydiff.sha256": _tensors_digest(arrays), **(metadata or {})}
+    return safetensors.numpy.save(arrays, metadata=metadata)
+
+
+def read_safetensors(path):
+    """(arrays, metadata) of a safetensors file; CheckpointError naming the file if unreadable."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({err})") from err
+    digest = metadata.get("tinydiff.sha256")
+    if digest is not None and digest != _tensors_digest(arrays):
+        raise CheckpointError(f"{path}: corrupt: the tensors do not match the sha256 in its header")
+    return arrays, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+def save_weights(model, path, metadata=None):
+    """Write model.state_dict() (or a dict name -> Tensor/array) to a safetensors file, atomically."""
+    state = model.state_dict() if hasattr(model, "state_dict") else model
+    _atomic_write(str(path), _safetensors_bytes({k: _to_cpu(v) for k, v in state.items()}, metadata))
+
+
+def check_fits(arrays, model, path, strict=True):
+    """Refuse, naming keys and shapes, weights that do not fit the model's state_dict."""
+    own = {name: t.shape for name, t in model.state_dict().items()}
+    missing = [f"{k} {own[k]}" for k in own if k not in arrays]
+    unexpected = [f"{k} {arrays[k].shape}" for k in arrays if k not in own]
+    mismatched = [f"{k}: file {arrays[k].shape}, model {own[k]}"
+                  for k in own if k in arrays and arrays[k].shape != own[k]]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys (in the model, not the file): {', '.join(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys (in the file, not the model): {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + " | ".join(problems))
+
+
+def load_weights(model, path, strict=True):
+    """Load a safetensors weights file into `model` (onto its device, in its dtypes)."""
+    arrays, _ = read_safetensors(path)
+    check_fits(arrays, model, path, strict)
+    model.load_state_dict(arrays, strict=strict)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: a tree of dicts/lists/numbers with arrays in it -> JSON + a safetensors file
+
+def _split(tree, key, arrays):
+    """Copy of `tree` with each array replaced by {"__tensor__": key}; arrays[key] = the array."""
+    if isinstance(tree, dict):
+        for k in tree:
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint state: key {k!r} under {key!r} is not a string")
+        return {k: _split(v, f"{key}.{k}", arrays) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split(v, f"{key}.{i}", arrays) for i, v in enumerate(tree)]
+    if isinstance(tree, Tensor) or isinstance(tree, np.ndarray) or backend.is_cupy_array(tree):
+        arrays[key] = _to_cpu(tree)
+        return {"__tensor__": key}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def _join(tree, arrays):
+    """Inverse of _split."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return arrays[tree["__tensor__"]]
+        return {k: _join(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join(v, arrays) for v in tree]
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+
+def _read_manifest(run_dir):
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no checkpoint here (manifest not found)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") != VERSION or not manifest.get("checkpoints"):
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest of version {VERSION}")
+    return manifest
+
+
+def save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, config=None, keep=1):
+    """Save model, optimizer, EMA, generator state and `extra` as the run's newest checkpoint.
+
+    `config`: the JSON-able model config (to rebuild the model); `extra`: anything else to resume
+    (epoch, data-loader position, ...), JSON-able values and arrays. Keeps the newest `keep`.
+    """
+    step = int(step)
+    arrays = {}      # everything is serialised first: a value JSON cannot hold fails before any write
+    state = {"step": step, "config": config, "rng": backend.get_rng_state(),
+             "optimizer": _split(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
+             "ema_decay": ema.decay if ema is not None else None,
+             "extra": _split(extra, "extra", arrays)}
+    files = {"model.safetensors": _safetensors_bytes(
+                 {k: _to_cpu(v) for k, v in model.state_dict().items()}, {"step": str(step)}),
+             "train_state.safetensors": _safetensors_bytes(arrays, {"step": str(step)}),
+             "train_state.json": json.dumps(state, indent=1).encode()}
+    if ema is not None:
+        files["ema.safetensors"] = _safetensors_bytes(
+            {k: _to_cpu(v) for k, v in ema.state_dict().items()}, {"step": str(step)})
+
+    os.makedirs(run_dir, exist_ok=True)
+    has_manifest = os.path.exists(os.path.join(run_dir, MANIFEST))
+    old = _read_manifest(run_dir)["checkpoints"] if has_manifest else []
+    name, n = f"step-{step:08d}", 0
+    while os.path.exists(os.path.join(run_dir, name)):   # never overwrite a folder in use
+        n += 1
+        name = f"step-{step:08d}-{n}"
+    folder = os.path.join(run_dir, name)
+    os.makedirs(folder)
+    for filename, data in files.items():
+        _atomic_write(os.path.join(folder, filename), data)
+    _fsync_dir(run_dir)
+    entry = {"step": step, "dir": name,
+             "files": {f: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                       for f, d in files.items()}}
+
+    kept = (old + [entry])[-keep:]
+    manifest = {"format": FORMAT, "version": VERSION, "checkpoints": kept}
+    _atomic_write(os.path.join(run_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    # The new checkpoint is now the current one; remove the folders the manifest no longer names.
+    named = {c["dir"] for c in kept}
+    for d in os.listdir(run_dir):
+        if STEP_DIR.match(d) and d not in named:
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(run_dir, model=None, optimizer=None, ema=None, step=None, restore_rng=True):
+    """Restore the newest checkpoint (or the kept one at `step`) into the given objects.
+
+    Returns {"step", "config", "extra", "dir"}. With a model, also restores the CPU generator
+    (unless restore_rng=False); without one, only reads (e.g. the config to build the model).
+    """
+    manifest = _read_manifest(run_dir)
+    entries = [c for c in manifest["checkpoints"] if step is None or c["step"] == step]
+    if not entries:
+        raise CheckpointError(f"{run_dir}: no checkpoint at step {step} (kept: "
+                              f"{[c['step'] for c in manifest['checkpoints']]})")
+    entry = entries[-1]
+    folder = os.path.join(run_dir, entry["dir"])
+    for filename, expect in entry["files"].items():     # the files must be the ones we wrote
+        path = os.path.join(folder, filename)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing (named by {MANIFEST})")
+        size = os.path.getsize(path)
+        if size != expect["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {expect['bytes']} (truncated?)")
+        if _sha256_file(path) != expect["sha256"]:
+            raise CheckpointError(f"{path}: corrupt (sha256 differs from the manifest)")
+
+    path = os.path.join(folder, "train_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt JSON ({err})") from err
+    if state.get("step") != entry["step"]:
+        raise CheckpointError(f"{path}: step {state.get('step')} but the manifest says {entry['step']}")
+    arrays, _ = read_safetensors(os.path.join(folder, "train_state.safetensors"))
+    state = _join(state, arrays)
+
+    if model is not None:
+        load_weights(model, os.path.join(folder, "model.safetensors"))
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise CheckpointError(f"{path}: the checkpoint has no optimizer state")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit: {err}") from err
+    if ema is not None:
+        ema_path = os.path.join(folder, "ema.safetensors")
+        if "ema.safetensors" not in entry["files"]:
+            raise CheckpointError(f"{ema_path}: the checkpoint has no EMA weights")
+        ema_arrays, _ = read_safetensors(ema_path)
+        check_fits(ema_arrays, ema.model, ema_path)
+        ema.load_state_dict(ema_arrays)
+    if model is not None and restore_rng:
+        backend.set_rng_state(state["rng"])
+    return {"step": state["step"], "config": state["config"], "extra": state["extra"], "dir": folder}
