@@ -1,0 +1,223 @@
+"""How good are generated digits? Conditional accuracy and a Frechet distance, with a floor.
+
+A small CNN digits classifier, trained with tinydiff on the TRAIN split of the embedded digits
+(`scripts/train_digits_classifier.py`, weights shipped as `tinydiff/digits_classifier.safetensors`),
+scores a set of samples, each generated for a label y:
+
+  accuracy  the fraction of samples that the classifier puts in the class they were conditioned
+            on (argmax of its logits == y).
+  frechet   the Frechet distance between two Gaussians fitted to the classifier's penultimate
+            features (64 numbers per image, after the ReLU): the samples' and the held-out TEST
+            digits' (of the classes present in the samples). This is FID's formula (Heusel et al.
+            2017, arXiv:1706.08500) in a digits classifier's feature space instead of Inception's:
+                d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))
+  floor     the same distance between real digits and the same test digits: a subset of the
+            TRAIN split drawn with the samples' label counts (per class, without replacement;
+            all of a class's train digits when the samples ask for more), averaged over
+            FLOOR_DRAWS seeded draws. Train and test are disjoint, and the subset has the
+            samples' size, so the floor carries the same small-sample bias. A model that drew
+            perfectly from the training distribution would score about the floor.
+  ratio     frechet / floor: 1.0 is as close to the held-out digits as real training digits are.
+
+The test split is the one `tinydiff.data` holds out from diffusion training, so neither the
+classifier nor the diffusion model has seen the reference digits.
+
+Images are NCHW float in [0, 1], 1 x 16 x 16, as `tinydiff sample` writes them to samples.npz.
+"""
+import os
+
+import numpy as np
+
+from tinydiff import backend, data, nn
+from tinydiff import functional as F
+from tinydiff.tensor import Tensor, no_grad
+
+CLASSIFIER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.safetensors")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 16, 16)
+FLOOR_DRAWS = 5            # train subsets averaged into the floor
+FLOOR_SEED = 0
+
+
+class DigitsClassifier(nn.Module):
+    """(B, 1, 16, 16) in [-1, 1] -> 10 logits; `features` gives the 64 penultimate activations."""
+
+    def __init__(self, width=32, num_features=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)             # 16x16
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)     # 8x8 after the first pool
+        self.fc1 = nn.Linear(2 * width * 4 * 4, num_features)
+        self.fc2 = nn.Linear(num_features, NUM_CLASSES)
+
+    def features(self, x):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)                  # (B, w, 8, 8)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)                  # (B, 2w, 4, 4)
+        return F.relu(self.fc1(h.flatten(1)))                       # (B, 64)
+
+    def forward(self, x):
+        return self.fc2(self.features(x))                           # (B, 10)
+
+
+def load_classifier(path=CLASSIFIER_FILE, device="cpu"):
+    """The shipped classifier, in eval mode, on `device`."""
+    from safetensors.numpy import load_file
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the digits classifier is missing; "
+                                f"make it with: python scripts/train_digits_classifier.py")
+    model = DigitsClassifier()
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval()
+
+
+@no_grad()
+def classify(model, images01, batch_size=512):
+    """images (N, 1, 16, 16) in [0, 1] -> (logits (N, 10), features (N, 64)), NumPy float64."""
+    device = model.fc2.weight.device
+    logits, feats = [], []
+    for i in range(0, len(images01), batch_size):
+        x = np.asarray(images01[i:i + batch_size], dtype=np.float32) * 2 - 1   # [0,1] -> [-1,1]
+        h = model.features(Tensor(backend.to_device(x, device)))
+        logits.append(model.fc2(h).numpy())
+        feats.append(h.numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(feats).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Frechet distance between two Gaussians
+
+
+def gaussian_stats(feats):
+    """Mean and covariance (N-1 normalised, as FID) of features (N, D), in float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def sqrtm_psd(a):
+    """The symmetric square root of a symmetric positive semi-definite matrix, by eigh.
+    Round-off can make tiny eigenvalues negative: they are clipped to 0."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)).
+    S1 S2 is not symmetric, but it is similar to r S2 r with r = S1^(1/2) (multiply by r^-1 on the
+    left and r on the right), which is symmetric PSD: the same eigenvalues, so the same trace of
+    the square root, and eigh suffices (no scipy.linalg.sqrtm, no complex round-off)."""
+    r = sqrtm_psd(s1)
+    eig = np.linalg.eigvalsh((r @ s2 @ r + (r @ s2 @ r).T) / 2)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+
+
+def frechet_of_features(f1, f2):
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what we are given
+
+
+def check_samples(images, labels, name="samples"):
+    """Refuse anything that is not N x 1 x 16 x 16 float in [0, 1] with N integer labels 0..9.
+    `name` (a file name) is put in every message. Returns (images float32, labels int64)."""
+    if labels is None:
+        raise ValueError(f"{name}: no labels; a conditional accuracy needs the label each sample "
+                         f"was generated for ('labels', int, shape (N,))")
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{name}: images must have shape (N, 1, 16, 16) (NCHW digits), got {images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"{name}: need at least 2 images to fit a covariance, got {len(images)}")
+    if images.dtype.kind != "f":
+        raise TypeError(f"{name}: images must be floats in [0, 1], got dtype {images.dtype}")
+    if not np.isfinite(images).all():
+        raise ValueError(f"{name}: images contain {int((~np.isfinite(images)).sum())} NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{name}: image values must lie in [0, 1] (as `tinydiff sample` writes them), "
+                         f"got min {lo:.4g}, max {hi:.4g}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{name}: labels must be integers, got dtype {labels.dtype}")
+    if labels.shape != (len(images),):
+        raise ValueError(f"{name}: labels have shape {labels.shape}, expected ({len(images)},): "
+                         f"one label per image")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{name}: labels must be digits 0..9, got min {labels.min()}, max {labels.max()}")
+    return images.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
+
+
+def load_samples(path):
+    """(images, labels) from a samples.npz written by `tinydiff sample`, checked."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (make one with `tinydiff sample ... --out DIR`)")
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if "images" not in arrays:
+        raise ValueError(f"{path}: no 'images' array (found {sorted(arrays)})")
+    return check_samples(arrays["images"], arrays.get("labels"), name=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real digits, scored once
+
+
+def real_digits():
+    """(train_x, train_y, test_x, test_y): the embedded digits' fixed split, images in [0, 1]."""
+    train_x, train_y, test_x, test_y = data.digits_split()
+    to01 = lambda x: (np.asarray(x, dtype=np.float32) + 1) / 2                # [-1,1] -> [0,1]
+    return to01(train_x), np.asarray(train_y), to01(test_x), np.asarray(test_y)
+
+
+_real_cache = {}
+
+
+def _real_features(model):
+    key = id(model)
+    if key not in _real_cache:
+        train_x, train_y, test_x, test_y = real_digits()
+        _real_cache.clear()
+        _real_cache[key] = (classify(model, train_x)[1], train_y, classify(model, test_x)[1], test_y)
+    return _real_cache[key]
+
+
+def evaluate(images, labels, classifier=None, device="cpu", name="samples"):
+    """Score samples (N, 1, 16, 16) in [0, 1] generated for `labels` (N,). Returns a dict:
+    n, accuracy, per_class (label -> accuracy), frechet, floor, ratio, n_reference."""
+    images, labels = check_samples(images, labels, name)
+    model = classifier if classifier is not None else load_classifier(device=device)
+    logits, feats = classify(model, images)
+    train_f, train_y, test_f, test_y = _real_features(model)
+
+    accuracy = float((logits.argmax(axis=1) == labels).mean())
+    classes = np.unique(labels)
+    per_class = {int(c): float((logits[labels == c].argmax(axis=1) == c).mean()) for c in classes}
+
+    reference = test_f[np.isin(test_y, classes)]                   # held-out digits of these classes
+    frechet = frechet_of_features(feats, reference)
+
+    rng = np.random.default_rng(FLOOR_SEED)
+    floors = []
+    for _ in range(FLOOR_DRAWS):                                   # real train digits, same label counts
+        pick = np.concatenate([rng.permutation(np.flatnonzero(train_y == c))[:(labels == c).sum()]
+                               for c in classes])
+        floors.append(frechet_of_features(train_f[pick], reference))
+    floor = float(np.mean(floors))
+    return {"n": len(images), "accuracy": accuracy, "per_class": per_class, "frechet": frechet,
+            "floor": floor, "ratio": frechet / floor if floor > 0 else float("inf"),
+            "n_reference": len(reference)}
+
+
+def format_report(result, name="samples"):
+    """The evaluation as a few readable lines."""
+    per_class = "  ".join(f"{c}:{a:.0%}" for c, a in result["per_class"].items())
+    return (f"{name}: {result['n']} samples\n"
+            f"  conditional accuracy  {result['accuracy']:.1%}   ({per_class})\n"
+            f"  Frechet distance      {result['frechet']:.3f}   to {result['n_reference']} held-out test digits\n"
+            f"  real-data floor       {result['floor']:.3f}   (train digits with the same label counts, "
+            f"mean of {FLOOR_DRAWS} draws)\n"
+            f"  ratio                 {result['ratio']:.2f}x")
