@@ -7,8 +7,14 @@ from tinydiff import functional
 from tinydiff.backend import cuda_available, get_kernels, manual_seed, set_kernels
 from tinydiff.gradcheck import gradcheck
 from tinydiff.tensor import Tensor, cat, is_grad_enabled, matmul, no_grad, stack, where
+from tinydiff import optim
+from tinydiff.checkpoint import (CheckpointError, load_checkpoint, load_weights, save_checkpoint,
+                                 save_weights)
+from tinydiff.torch_import import load_torch_checkpoint
 
 F = functional
 
 __all__ = ["Tensor", "no_grad", "is_grad_enabled", "cat", "stack", "where", "matmul", "gradcheck",
            "functional", "F", "manual_seed", "set_kernels", "get_kernels", "cuda_available"]
+__all__ += ["optim", "save_weights", "load_weights", "save_checkpoint", "load_checkpoint",
+            "CheckpointError", "load_torch_checkpoint"]

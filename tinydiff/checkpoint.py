@@ -318,6 +318,7 @@ def load_checkpoint(run_dir, model=None, optimizer=None, ema=None, step=None, re
         ema_arrays, _ = read_safetensors(ema_path)
         check_fits(ema_arrays, ema.model, ema_path)
         ema.load_state_dict(ema_arrays)
+        ema.decay = state["ema_decay"]
     if model is not None and restore_rng:
         backend.set_rng_state(state["rng"])
     return {"step": state["step"], "config": state["config"], "extra": state["extra"], "dir": folder}
