@@ -7,7 +7,7 @@ right only on average.
 """
 import numpy as np
 
-from tinydiff.tensor import Tensor
+from tinydiff.tensor import Tensor, no_grad
 
 
 def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
@@ -23,7 +23,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
     weights = Tensor(out.xp.asarray(np.random.default_rng(seed).standard_normal(out.shape)))
 
     def objective():
-        return float((fn(*inputs).data * weights.data).sum())
+        with no_grad():                           # values only: no graph to build
+            return float((fn(*inputs).data * weights.data).sum())
 
     for x in inputs:
         x.grad = None
@@ -34,15 +35,14 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, seed=0):
             continue
         analytic = x.numpy() * 0 if x.grad is None else np.asarray(Tensor(x.grad).numpy(), dtype=np.float64)
         numeric = np.zeros(x.shape)
-        flat = x.data.reshape(-1)                 # a view: perturbing it perturbs x
-        for j in range(flat.size):
-            old = flat[j].item()
-            flat[j] = old + eps
+        for j in np.ndindex(x.shape):             # perturb x in place, one element at a time
+            old = x.data[j].item()
+            x.data[j] = old + eps
             plus = objective()
-            flat[j] = old - eps
+            x.data[j] = old - eps
             minus = objective()
-            flat[j] = old
-            numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
+            x.data[j] = old
+            numeric[j] = (plus - minus) / (2 * eps)
         err = np.abs(analytic - numeric) - (atol + rtol * np.abs(numeric))
         if err.max() > 0:
             worst = np.unravel_index(err.argmax(), x.shape)

@@ -64,6 +64,8 @@ def _as_array(data, dtype=None):
 
 
 class Tensor:
+    __array_ufunc__ = None     # ndarray * Tensor: NumPy hands the op to Tensor.__rmul__ (no object arrays)
+
     def __init__(self, data, requires_grad=False, dtype=None):
         self.data = _as_array(data, dtype)
         self.grad = None
@@ -141,12 +143,14 @@ class Tensor:
         return out
 
     def _accumulate(self, grad):
-        """grad of self += grad. Never in place: a grad array may be shared with another tensor."""
+        """grad of self += grad, in self's dtype. Never in place: a grad array may be shared with
+        another tensor, so a leaf (a parameter) takes its own copy, which an optimizer may update."""
         if not self.requires_grad:
             return
         if grad.shape != self.shape:
             raise RuntimeError(f"internal: gradient of shape {grad.shape} for a tensor of shape "
                                f"{self.shape} (op {self._op!r})")
+        grad = grad.astype(self.dtype, copy=not self._parents)
         self.grad = grad if self.grad is None else self.grad + grad
 
     def _lift(self, other):
@@ -157,7 +161,8 @@ class Tensor:
             return other
         if backend.is_cupy_array(other) or isinstance(other, np.ndarray):
             return Tensor(other)
-        return Tensor(self.xp.asarray(other, dtype=self.dtype))
+        dtype = self.dtype if self.dtype.kind == "f" else None   # int tensor * 0.5 must not round 0.5
+        return Tensor(self.xp.asarray(other, dtype=dtype))
 
     def backward(self, grad=None):
         """Fill .grad of every tensor this one depends on (leaves keep and accumulate theirs)."""
@@ -188,7 +193,7 @@ class Tensor:
         for node in order:                    # intermediate grads start from zero on each call
             if node._parents:
                 node.grad = None
-        self.grad = grad if self.grad is None else self.grad + grad
+        self._accumulate(grad)
         for node in reversed(order):
             if node._parents and node.grad is not None:
                 node._backward()
@@ -258,6 +263,9 @@ class Tensor:
 
     def __matmul__(self, other):
         return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return matmul(self._lift(other), self)
 
     # --- elementwise functions ----------------------------------------------------------------
     def exp(self):
@@ -368,8 +376,11 @@ class Tensor:
     def var(self, axis=None, keepdims=False, correction=1):
         """Variance with Bessel's correction by default, as torch.var."""
         count = self._count(axis)
+        if count - correction <= 0:    # torch returns NaN here; a shape mistake should not
+            raise ValueError(f"var: {count} element(s) per reduction of shape {self.shape} over axis "
+                             f"{axis} leave nothing after correction={correction}")
         centered = self - self.mean(axis=axis, keepdims=True)
-        return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / max(count - correction, 1))
+        return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / (count - correction))
 
     def max(self, axis=None, keepdims=False):
         """Maximum over an axis; the gradient goes to the first maximal element, as torch.max(dim)."""
@@ -413,6 +424,7 @@ class Tensor:
 
     def permute(self, *dims):
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        dims = tuple(d % self.ndim for d in dims)                    # -1 -> ndim-1, for argsort below
         out = self._result(self.data.transpose(dims), (self,), "permute")
 
         def _backward():
@@ -434,9 +446,12 @@ class Tensor:
             index = index.data
         out = self._result(self.data[index], (self,), "getitem")
 
-        def _backward():
+        def _backward():                                 # d x[i]/dx_j = [i == j]
             grad = self.xp.zeros_like(self.data)
-            backend.scatter_add(grad, index, out.grad)   # repeated integer indices add up
+            if _is_basic(index):
+                grad[index] = out.grad                   # slices pick each element at most once
+            else:
+                backend.scatter_add(grad, index, out.grad)   # repeated integer indices add up
             self._accumulate(grad)
         out._backward = _backward
         return out
@@ -456,6 +471,12 @@ def _axes(axis):
     return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
+def _is_basic(index):
+    """True for an index of ints and slices only (no arrays), which cannot pick an element twice."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in parts)
+
+
 def _restore_axes(grad, axis, ndim):
     """Put back the axes that a reduction without keepdims removed, as size 1."""
     if axis is None:
@@ -473,7 +494,8 @@ def _restore_axes(grad, axis, ndim):
 
 def where(condition, a, b):
     """a where condition is true, else b; the gradient goes to whichever was chosen."""
-    a = a if isinstance(a, Tensor) else Tensor(a)
+    if not isinstance(a, Tensor):                                # where(mask, 0.0, x): 0.0 joins x
+        a = b._lift(a) if isinstance(b, Tensor) else Tensor(a)
     b = a._lift(b)
     condition = condition.data if isinstance(condition, Tensor) else condition
     a._check_broadcast(b, "where")
