@@ -30,9 +30,22 @@ def _from_pair(name, inputs, out, cache, backward):
 
 
 def _check_float(name, **tensors):
-    for arg, t in tensors.items():
-        if t is not None and t.dtype.kind != "f":
+    """Float tensors on one device: a mix-up fails here, naming the argument, not inside a kernel."""
+    given = {arg: t for arg, t in tensors.items() if t is not None}
+    for arg, t in given.items():
+        if t.dtype.kind != "f":
             raise TypeError(f"{name}: {arg} must be a float tensor, got dtype {t.dtype}")
+    devices = {arg: t.device for arg, t in given.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{name}: tensors on different devices: {devices}")
+
+
+def _check_channels(name, x, **params):
+    """weight and bias of a norm layer hold one value per channel: shape (C,)."""
+    for arg, t in params.items():
+        if t is not None and t.shape != (x.shape[1],):
+            raise ValueError(f"{name}: {arg} shape {t.shape} should be ({x.shape[1]},) "
+                             f"for input shape {x.shape}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +212,12 @@ def _scatter_taps(dcols, x_shape, kh, kw, stride, padding):
     xp = backend.get_array_module(dcols)
     n, c, h, w = x_shape
     oh, ow = dcols.shape[4:]
-    dx = xp.zeros((n, c, max(h + 2 * padding, (oh - 1) * stride + kh),
-                   max(w + 2 * padding, (ow - 1) * stride + kw)), dtype=dcols.dtype)
+    sh, sw = _pair(stride)
+    dx = xp.zeros((n, c, max(h + 2 * padding, (oh - 1) * sh + kh),
+                   max(w + 2 * padding, (ow - 1) * sw + kw)), dtype=dcols.dtype)
     for u in range(kh):
         for v in range(kw):
-            dx[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride] += dcols[:, :, u, v]
+            dx[:, :, u:u + sh * oh:sh, v:v + sw * ow:sw] += dcols[:, :, u, v]
     return dx[:, :, padding:padding + h, padding:padding + w]
 
 
@@ -212,7 +226,8 @@ def _windows(x, kh, kw, stride, padding, pad_value):
     xp = backend.get_array_module(x)
     if padding:
         x = xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=pad_value)
-    cols = kernels.im2col(x, kh, kw, stride, 0)                  # (N, OH, OW, C, kh, kw)
+    sh, sw = _pair(stride)
+    cols = kernels.im2col(x, kh, kw, 1, 0)[:, ::sh, ::sw]        # (N, OH, OW, C, kh, kw)
     n, oh, ow, c = cols.shape[:4]
     return cols.transpose(0, 3, 1, 2, 4, 5).reshape(n, c, oh, ow, kh * kw)
 
@@ -237,8 +252,8 @@ def _check_pool(name, x, kernel_size, stride, padding):
     if x.ndim != 4:
         raise ValueError(f"{name}: input must be 4-D (N, C, H, W), got shape {x.shape}")
     kh, kw = _pair(kernel_size)
-    stride = kh if stride is None else stride
-    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
+    stride = (kh, kw) if stride is None else _pair(stride)       # default: windows do not overlap
+    if kh < 1 or kw < 1 or min(stride) < 1 or padding < 0:
         raise ValueError(f"{name}: bad kernel_size {kernel_size}, stride {stride} or padding {padding}")
     if padding * 2 > min(kh, kw):
         raise ValueError(f"{name}: padding {padding} must be at most half the kernel size {(kh, kw)}")
@@ -287,8 +302,10 @@ def upsample_nearest2d(input, scale_factor=2):
     return out
 
 
-def pad(input, pad, value=0.0):
+def pad(input, pad, mode="constant", value=0.0):
     """Constant padding; `pad` lists (before, after) pairs from the last axis backwards, as PyTorch."""
+    if mode != "constant":
+        raise ValueError(f"pad: only mode 'constant' is implemented, got {mode!r}")
     if len(pad) % 2 or len(pad) // 2 > input.ndim:
         raise ValueError(f"pad: needs pairs for at most {input.ndim} axes, got {pad}")
     widths = [(0, 0)] * input.ndim
@@ -323,7 +340,8 @@ def group_norm_forward(x, num_groups, w, b, eps):
     inv_std = 1 / backend.get_array_module(x).sqrt(xg.var(axis=2, keepdims=True) + eps)
     xhat = ((xg - mean) * inv_std).reshape(x.shape)
     shape = (1, c) + (1,) * (x.ndim - 2)
-    out = xhat * w.reshape(shape) + b.reshape(shape) if w is not None else xhat
+    out = xhat * w.reshape(shape) if w is not None else xhat
+    out = out + b.reshape(shape) if b is not None else out
     return out, (xhat, inv_std, w, num_groups)
 
 
@@ -341,6 +359,8 @@ def group_norm_backward(dout, cache, needs):
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if input.ndim < 2 or input.shape[1] % num_groups:
         raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of shape {input.shape}")
+    _check_float("group_norm", input=input, weight=weight, bias=bias)
+    _check_channels("group_norm", input, weight=weight, bias=bias)
     out, cache = group_norm_forward(input.data, num_groups, None if weight is None else weight.data,
                                     None if bias is None else bias.data, eps)
     return _from_pair("group_norm", (input, weight, bias), out, cache, group_norm_backward)
@@ -363,7 +383,8 @@ def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, e
         mean, var = running_mean.reshape(shape), running_var.reshape(shape)
     inv_std = 1 / xp.sqrt(var + eps)
     xhat = (x - mean) * inv_std
-    out = xhat * w.reshape(shape) + b.reshape(shape) if w is not None else xhat
+    out = xhat * w.reshape(shape) if w is not None else xhat
+    out = out + b.reshape(shape) if b is not None else out
     return out, (xhat, inv_std, w, training, axes)
 
 
@@ -387,6 +408,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
     if training and input.size() // input.shape[1] <= 1:
         raise ValueError(f"batch_norm: training needs more than one value per channel, got shape {input.shape}")
+    _check_float("batch_norm", input=input, running_mean=running_mean, running_var=running_var,
+                 weight=weight, bias=bias)
+    _check_channels("batch_norm", input, running_mean=running_mean, running_var=running_var,
+                    weight=weight, bias=bias)
     raw = [None if t is None else t.data for t in (running_mean, running_var, weight, bias)]
     out, cache = batch_norm_forward(input.data, *raw, training, momentum, eps)
     return _from_pair("batch_norm", (input, weight, bias), out, cache, batch_norm_backward)
