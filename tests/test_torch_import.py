@@ -70,6 +70,9 @@ def test_stride_past_the_storage_is_refused(tmp_path):
     path = fake_pth(tmp_path / "bad.pth", payload, [("0", np.zeros(4, np.float32).tobytes())])
     with pytest.raises(pickle.UnpicklingError, match="reads past its storage"):
         load_torch_checkpoint(path)
+    short = fake_pth(tmp_path / "short.pth", payload, [("0", np.zeros(3, np.float32).tobytes())])
+    with pytest.raises(pickle.UnpicklingError, match=r"short\.pth: storage data/0 has 12 bytes"):
+        load_torch_checkpoint(short)
 
 
 def test_legacy_and_non_state_dicts_are_refused_clearly(tmp_path):

@@ -224,10 +224,14 @@ def _read_manifest(run_dir):
 def save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, config=None, keep=1):
     """Save model, optimizer, EMA, generator state and `extra` as the run's newest checkpoint.
 
-    `config`: the JSON-able model config (to rebuild the model); `extra`: anything else to resume
-    (epoch, data-loader position, ...), JSON-able values and arrays. Keeps the newest `keep`.
+    `step`: optimizer steps done (resume with `range(info["step"], total)`); `config`: the
+    JSON-able model config (to rebuild the model); `extra`: anything else to resume (epoch,
+    data-loader position, ...), JSON values and arrays (tuples come back as lists).
+    Keeps the newest `keep` checkpoints. Returns the new checkpoint's folder.
     """
     step = int(step)
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
     arrays = {}      # everything is serialised first: a value JSON cannot hold fails before any write
     state = {"step": step, "config": config, "rng": backend.get_rng_state(),
              "optimizer": _split(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
@@ -260,11 +264,14 @@ def save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, confi
     kept = (old + [entry])[-keep:]
     manifest = {"format": FORMAT, "version": VERSION, "checkpoints": kept}
     _atomic_write(os.path.join(run_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-    # The new checkpoint is now the current one; remove the folders the manifest no longer names.
+    # The new checkpoint is now the current one. Remove the folders the manifest no longer names,
+    # and a temporary manifest a killed process may have left.
     named = {c["dir"] for c in kept}
     for d in os.listdir(run_dir):
         if STEP_DIR.match(d) and d not in named:
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+        elif d.startswith(MANIFEST + ".tmp-"):
+            os.remove(os.path.join(run_dir, d))
     return folder
 
 

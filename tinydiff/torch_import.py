@@ -115,12 +115,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             dtype, convert = STORAGE_DTYPES[storage_type.name]
             dtype = np.dtype(dtype).newbyteorder("<" if self.byteorder == "little" else ">")
             try:
-                raw = self.zf.read(f"{self.prefix}data/{key}")
+                info = self.zf.getinfo(f"{self.prefix}data/{key}")
             except KeyError:
                 raise pickle.UnpicklingError(f"{self.path}: storage data/{key} is missing") from None
-            if len(raw) != numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"{self.path}: storage data/{key} has {len(raw)} bytes, "
-                                             f"expected {numel} x {dtype.itemsize}")
+            if info.file_size != numel * dtype.itemsize:   # checked before reading a byte of it
+                raise pickle.UnpicklingError(f"{self.path}: storage data/{key} has {info.file_size} "
+                                             f"bytes, expected {numel} x {dtype.itemsize}")
+            raw = self.zf.read(info)
             flat = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))  # native order
             self.storages[key] = convert(flat) if convert else flat
         return self.storages[key]
