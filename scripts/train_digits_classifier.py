@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 import tinydiff
+from tinydiff.checkpoint import save_weights
 from tinydiff import functional as F
 from tinydiff.evaluate import CLASSIFIER_FILE, DigitsClassifier, classify, real_digits
 from tinydiff.optim import Adam, cosine_with_warmup
@@ -83,14 +84,12 @@ def main(argv=None):
 
     if acc < MIN_TEST_ACCURACY:
         raise SystemExit(f"test accuracy {acc:.2%} is below {MIN_TEST_ACCURACY:.0%}: weights not written")
-    from safetensors.numpy import save_file
-    state = {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
     recipe = {"script": "scripts/train_digits_classifier.py", "seed": str(args.seed),
               "epochs": str(args.epochs), "batch_size": str(BATCH_SIZE), "lr": str(LR),
               "max_shift": str(MAX_SHIFT), "pixel_noise": str(PIXEL_NOISE),
               "train_digits": str(len(train_x)), "test_digits": str(len(test_x)),
               "test_accuracy": f"{acc:.4f}"}
-    save_file(state, args.out, metadata=recipe)
+    save_weights(model, args.out, metadata=recipe)
     print(f"wrote {args.out} (test accuracy {acc:.2%})")
 
 

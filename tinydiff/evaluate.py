@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from tinydiff import backend, data, nn
+from tinydiff.checkpoint import load_weights
 from tinydiff import functional as F
 from tinydiff.tensor import Tensor, no_grad
 
@@ -60,12 +61,10 @@ class DigitsClassifier(nn.Module):
 
 def load_classifier(path=CLASSIFIER_FILE, device="cpu"):
     """The shipped classifier, in eval mode, on `device`."""
-    from safetensors.numpy import load_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: the digits classifier is missing; "
                                 f"make it with: python scripts/train_digits_classifier.py")
-    model = DigitsClassifier()
-    model.load_state_dict(load_file(path))
+    model = load_weights(DigitsClassifier(), path)
     return model.to(device).eval()
 
 
