@@ -165,6 +165,8 @@ class NoiseSchedule:
         of 1, so the model sees images that are less noisy than the ones the sampler (which
         assumes eq. 4) produces. We follow eq. 4; the fused kernel does the arithmetic.
         """
+        xp = backend.get_array_module(x0)                # the compiled kernel takes C-contiguous arrays
+        x0, eps = xp.ascontiguousarray(x0), xp.ascontiguousarray(eps)
         return kernels.q_sample(x0, eps, self.coef("sqrt_alpha_bar", t, x0),
                                 self.coef("sqrt_one_minus_alpha_bar", t, x0))
 
