@@ -1,4 +1,375 @@
-// Placeholder module until the C++ kernels land: it exposes no kernel, so tinydiff uses the
-// NumPy reference everywhere.
+// bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
+// arguments, allocate the outputs and call a kernel with the GIL released; the math is in
+// conv2d_cpu.cpp, diffusion_steps_cpu.cpp and gelu_cpu.cpp.
+//
+// Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
+// order, with the dtype of the first array argument. Anything else raises TypeError or
+// ValueError naming the argument: nothing is cast or copied behind the caller's back.
+// tinydiff._C_cuda (bind_cuda.cpp) has the same functions with the same arguments.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-PYBIND11_MODULE(_C, m) { m.doc() = "tinydiff C++ kernels (none built yet)"; }
+
+#include <string>
+#include <vector>
+
+#include "kernels_cpu.h"
+
+namespace py = pybind11;
+using td::ConvShape;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+
+static std::string repr_type(const py::handle& obj) { return py::str(py::type::of(obj).attr("__name__")); }
+
+// The array `obj` as float32 ('f') or float64 ('d'), C-contiguous etc., with `ndim` axes (-1: any >= 1).
+static py::array array_arg(const py::object& obj, const char* fn, const char* name, int ndim) {
+    const std::string where = std::string(fn) + ": " + name;
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(where + " must be a numpy.ndarray, got " + repr_type(obj));
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    const py::dtype dt = a.dtype();
+    const uint16_t one = 1;
+    const char bo = dt.byteorder(), native_bo = *reinterpret_cast<const char*>(&one) == 1 ? '<' : '>';
+    const bool native = bo == '=' || bo == '|' || bo == native_bo;
+    if ((dt.num() != py::dtype::num_of<float>() && dt.num() != py::dtype::num_of<double>()) || !native)
+        throw py::type_error(where + " must be a float32 or float64 array in native byte order, got dtype " +
+                             std::string(py::str(dt)));
+    if (ndim >= 0 && a.ndim() != ndim)
+        throw py::value_error(where + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                              std::string(py::str(obj.attr("shape"))));
+    if (ndim < 0 && a.ndim() < 1)
+        throw py::value_error(where + " must have at least one dimension (the batch), got a 0-d array");
+    if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+        throw py::value_error(where + " must be C-contiguous (use numpy.ascontiguousarray)");
+    if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+        throw py::value_error(where + " must be aligned to its dtype");
+    if (a.size() == 0)
+        throw py::value_error(where + " is empty (shape " + std::string(py::str(obj.attr("shape"))) + ")");
+    return a;
+}
+
+static void same_dtype(const py::array& a, const py::array& first, const char* fn, const char* name,
+                       const char* first_name) {
+    if (a.dtype().num() != first.dtype().num())
+        throw py::type_error(std::string(fn) + ": " + name + " has dtype " + std::string(py::str(a.dtype())) +
+                             " but " + first_name + " has " + std::string(py::str(first.dtype())));
+}
+
+static void same_shape(const py::array& a, const py::array& first, const char* fn, const char* name,
+                       const char* first_name) {
+    bool same = a.ndim() == first.ndim();
+    for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == first.shape(i);
+    if (same) return;
+    throw py::value_error(std::string(fn) + ": " + name + " has shape " + std::string(py::str(a.attr("shape"))) +
+                          " but " + first_name + " has shape " + std::string(py::str(first.attr("shape"))));
+}
+
+// A Python int (or NumPy integer), not a bool or float, within [lo, 2^30].
+static int64_t int_arg(const py::handle& obj, const char* fn, const char* name, int64_t lo) {
+    if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string(fn) + ": " + name + " must be an int, got " + repr_type(obj));
+    const long long v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr())).cast<long long>();
+    if (v < lo || v > (int64_t(1) << 30))
+        throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::to_string(lo) +
+                              ", 2**30], got " + std::to_string(v));
+    return v;
+}
+
+static std::pair<int64_t, int64_t> pair_arg(const py::object& obj, const char* fn, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj) || py::len(obj) != 2)
+        throw py::type_error(std::string(fn) + ": " + name + " must be a pair of ints, got " +
+                             std::string(py::repr(obj)));
+    auto seq = py::reinterpret_borrow<py::sequence>(obj);
+    return {int_arg(seq[0], fn, name, 1), int_arg(seq[1], fn, name, 1)};
+}
+
+static int version_arg(const py::object& obj, const char* fn) {
+    if (!py::isinstance<py::str>(obj))
+        throw py::type_error(std::string(fn) + ": version must be a str, got " + repr_type(obj));
+    const std::string version = obj.cast<std::string>();
+    for (int i = 0; i < td::CONV2D_NUM_VERSIONS; ++i)
+        if (version == td::CONV2D_VERSIONS[i]) return i;
+    throw py::value_error(std::string(fn) + ": unknown version '" + version + "'; see conv2d_versions()");
+}
+
+// (H + 2p - k) / s + 1, after checking that the kernel fits the padded input
+static int64_t conv_out(int64_t size, int64_t k, int64_t s, int64_t p, const char* fn, const char* what) {
+    if (size + 2 * p < k)
+        throw py::value_error(std::string(fn) + ": kernel size " + std::to_string(k) + " is larger than the padded " +
+                              what + " " + std::to_string(size + 2 * p));
+    return (size + 2 * p - k) / s + 1;
+}
+
+static bool is_f32(const py::array& a) { return a.dtype().num() == py::dtype::num_of<float>(); }
+
+template <typename T> static const T* ptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+// ---------------------------------------------------------------------------------------------
+// Convolution
+
+template <typename T>
+static py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s, int v) {
+    py::array_t<T> out({s.N, s.O, s.OH, s.OW});
+    const T* bias = b.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(b));
+    T* o = out.mutable_data();
+    py::gil_scoped_release release;
+    td::conv2d_forward_cpu<T>(o, ptr<T>(x), ptr<T>(w), bias, s, v);
+    return out;
+}
+
+static py::array conv2d_forward(const py::object& x_, const py::object& w_, const py::object& b_,
+                                const py::object& stride, const py::object& padding, const py::object& version) {
+    const char* fn = "conv2d_forward";
+    py::array x = array_arg(x_, fn, "x", 4), w = array_arg(w_, fn, "w", 4);
+    same_dtype(w, x, fn, "w", "x");
+    ConvShape s{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
+                int_arg(stride, fn, "stride", 1), int_arg(padding, fn, "padding", 0), 0, 0};
+    if (w.shape(1) != s.C)
+        throw py::value_error(std::string(fn) + ": w has " + std::to_string(w.shape(1)) + " input channels but x has " +
+                              std::to_string(s.C));
+    if (!b_.is_none()) {
+        py::array b = array_arg(b_, fn, "b", 1);
+        same_dtype(b, x, fn, "b", "x");
+        if (b.shape(0) != s.O)
+            throw py::value_error(std::string(fn) + ": b has " + std::to_string(b.shape(0)) + " values but w has " +
+                                  std::to_string(s.O) + " output channels");
+    }
+    s.OH = conv_out(s.H, s.kh, s.stride, s.pad, fn, "input height");
+    s.OW = conv_out(s.W, s.kw, s.stride, s.pad, fn, "input width");
+    const int v = version_arg(version, fn);
+    return is_f32(x) ? conv2d_forward_t<float>(x, w, b_, s, v) : conv2d_forward_t<double>(x, w, b_, s, v);
+}
+
+template <typename T>
+static py::array conv2d_backward_input_t(const py::array& dout, const py::array& w, const ConvShape& s, int v) {
+    py::array_t<T> dx({s.N, s.C, s.H, s.W});
+    T* d = dx.mutable_data();
+    py::gil_scoped_release release;
+    td::conv2d_backward_input_cpu<T>(d, ptr<T>(dout), ptr<T>(w), s, v);
+    return dx;
+}
+
+static py::array conv2d_backward_input(const py::object& dout_, const py::object& w_, const py::object& input_hw,
+                                       const py::object& stride, const py::object& padding, const py::object& version) {
+    const char* fn = "conv2d_backward_input";
+    py::array dout = array_arg(dout_, fn, "dout", 4), w = array_arg(w_, fn, "w", 4);
+    same_dtype(w, dout, fn, "w", "dout");
+    auto [H, W] = pair_arg(input_hw, fn, "input_hw");
+    ConvShape s{dout.shape(0), w.shape(1), H, W, dout.shape(1), w.shape(2), w.shape(3),
+                int_arg(stride, fn, "stride", 1), int_arg(padding, fn, "padding", 0), dout.shape(2), dout.shape(3)};
+    if (w.shape(0) != s.O)
+        throw py::value_error(std::string(fn) + ": w has " + std::to_string(w.shape(0)) + " output channels but dout has " +
+                              std::to_string(s.O));
+    if (conv_out(H, s.kh, s.stride, s.pad, fn, "input height") != s.OH ||
+        conv_out(W, s.kw, s.stride, s.pad, fn, "input width") != s.OW)
+        throw py::value_error(std::string(fn) + ": input_hw (" + std::to_string(H) + ", " + std::to_string(W) +
+                              ") does not give dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
+                              " with this kernel, stride and padding");
+    const int v = version_arg(version, fn);
+    return is_f32(dout) ? conv2d_backward_input_t<float>(dout, w, s, v) : conv2d_backward_input_t<double>(dout, w, s, v);
+}
+
+template <typename T>
+static py::array conv2d_backward_weight_t(const py::array& dout, const py::array& x, const ConvShape& s, int v) {
+    py::array_t<T> dw({s.O, s.C, s.kh, s.kw});
+    T* d = dw.mutable_data();
+    py::gil_scoped_release release;
+    td::conv2d_backward_weight_cpu<T>(d, ptr<T>(dout), ptr<T>(x), s, v);
+    return dw;
+}
+
+static py::array conv2d_backward_weight(const py::object& dout_, const py::object& x_, const py::object& kernel_hw,
+                                        const py::object& stride, const py::object& padding, const py::object& version) {
+    const char* fn = "conv2d_backward_weight";
+    py::array dout = array_arg(dout_, fn, "dout", 4), x = array_arg(x_, fn, "x", 4);
+    same_dtype(x, dout, fn, "x", "dout");
+    auto [kh, kw] = pair_arg(kernel_hw, fn, "kernel_hw");
+    ConvShape s{x.shape(0), x.shape(1), x.shape(2), x.shape(3), dout.shape(1), kh, kw,
+                int_arg(stride, fn, "stride", 1), int_arg(padding, fn, "padding", 0), dout.shape(2), dout.shape(3)};
+    if (dout.shape(0) != s.N)
+        throw py::value_error(std::string(fn) + ": dout has batch " + std::to_string(dout.shape(0)) + " but x has " +
+                              std::to_string(s.N));
+    if (conv_out(s.H, kh, s.stride, s.pad, fn, "input height") != s.OH ||
+        conv_out(s.W, kw, s.stride, s.pad, fn, "input width") != s.OW)
+        throw py::value_error(std::string(fn) + ": dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
+                              " is not the output size of x with this kernel, stride and padding");
+    const int v = version_arg(version, fn);
+    return is_f32(x) ? conv2d_backward_weight_t<float>(dout, x, s, v) : conv2d_backward_weight_t<double>(dout, x, s, v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diffusion steps: x-like arrays share the shape and dtype of the first; coefficients are (batch,)
+
+static py::array like_arg(const py::object& obj, const py::array& first, const char* fn, const char* name,
+                          const char* first_name) {
+    py::array a = array_arg(obj, fn, name, -1);
+    same_dtype(a, first, fn, name, first_name);
+    same_shape(a, first, fn, name, first_name);
+    return a;
+}
+
+static py::array coef_arg(const py::object& obj, const py::array& first, const char* fn, const char* name,
+                          const char* first_name) {
+    py::array a = array_arg(obj, fn, name, 1);
+    same_dtype(a, first, fn, name, first_name);
+    if (a.shape(0) != first.shape(0))
+        throw py::value_error(std::string(fn) + ": " + name + " has " + std::to_string(a.shape(0)) +
+                              " values but the batch of " + first_name + " is " + std::to_string(first.shape(0)));
+    return a;
+}
+
+static double float_arg(const py::object& obj, const char* fn, const char* name) {
+    if (PyBool_Check(obj.ptr()) || !(PyFloat_Check(obj.ptr()) || PyIndex_Check(obj.ptr()) || py::isinstance(obj, py::module_::import("numpy").attr("floating"))))
+        throw py::type_error(std::string(fn) + ": " + name + " must be a number, got " + repr_type(obj));
+    return py::cast<double>(py::float_(obj));
+}
+
+static bool bool_arg(const py::object& obj, const char* fn, const char* name) {
+    if (!PyBool_Check(obj.ptr()) && !py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+        throw py::type_error(std::string(fn) + ": " + name + " must be a bool, got " + repr_type(obj));
+    return obj.cast<bool>();
+}
+
+template <typename T>
+static py::array q_sample_t(const py::array& x0, const py::array& eps, const py::array& sa, const py::array& sb) {
+    py::array_t<T> xt(x0.request().shape);
+    T* out = xt.mutable_data();
+    const int64_t batch = x0.shape(0), per = x0.size() / batch;
+    py::gil_scoped_release release;
+    td::q_sample_cpu<T>(out, ptr<T>(x0), ptr<T>(eps), ptr<T>(sa), ptr<T>(sb), batch, per);
+    return xt;
+}
+
+static py::array q_sample(const py::object& x0_, const py::object& eps_, const py::object& sa_, const py::object& sb_) {
+    const char* fn = "q_sample";
+    py::array x0 = array_arg(x0_, fn, "x0", -1);
+    py::array eps = like_arg(eps_, x0, fn, "eps", "x0");
+    py::array sa = coef_arg(sa_, x0, fn, "sqrt_alpha_bar", "x0");
+    py::array sb = coef_arg(sb_, x0, fn, "sqrt_one_minus_alpha_bar", "x0");
+    return is_f32(x0) ? q_sample_t<float>(x0, eps, sa, sb) : q_sample_t<double>(x0, eps, sa, sb);
+}
+
+template <typename T>
+static py::array ddpm_step_t(const std::vector<py::array>& a, const py::array* eps_uncond, double scale) {
+    const py::array& xt = a[0];
+    py::array_t<T> x_prev(xt.request().shape);
+    T* out = x_prev.mutable_data();
+    const T* eu = eps_uncond ? ptr<T>(*eps_uncond) : nullptr;
+    const int64_t batch = xt.shape(0), per = xt.size() / batch;
+    py::gil_scoped_release release;
+    td::ddpm_step_cpu<T>(out, ptr<T>(a[0]), ptr<T>(a[1]), ptr<T>(a[2]), ptr<T>(a[3]), ptr<T>(a[4]), ptr<T>(a[5]),
+                         eu, T(scale), batch, per);
+    return x_prev;
+}
+
+static py::array ddpm_step(const py::object& xt_, const py::object& eps_, const py::object& z_, const py::object& coef_x,
+                           const py::object& coef_eps, const py::object& sigma, const py::object& eps_uncond_,
+                           const py::object& guidance_scale) {
+    const char* fn = "ddpm_step";
+    py::array xt = array_arg(xt_, fn, "xt", -1);
+    std::vector<py::array> a{xt, like_arg(eps_, xt, fn, "eps", "xt"), like_arg(z_, xt, fn, "z", "xt"),
+                             coef_arg(coef_x, xt, fn, "coef_x", "xt"), coef_arg(coef_eps, xt, fn, "coef_eps", "xt"),
+                             coef_arg(sigma, xt, fn, "sigma", "xt")};
+    py::array eu;
+    if (!eps_uncond_.is_none()) eu = like_arg(eps_uncond_, xt, fn, "eps_uncond", "xt");
+    const double scale = float_arg(guidance_scale, fn, "guidance_scale");
+    const py::array* eup = eps_uncond_.is_none() ? nullptr : &eu;
+    return is_f32(xt) ? ddpm_step_t<float>(a, eup, scale) : ddpm_step_t<double>(a, eup, scale);
+}
+
+template <typename T>
+static py::tuple ddim_step_t(const std::vector<py::array>& a, bool clip, const py::array* eps_uncond, double scale) {
+    const py::array& xt = a[0];
+    py::array_t<T> x_prev(xt.request().shape), x0(xt.request().shape);
+    T* out = x_prev.mutable_data();
+    T* out_x0 = x0.mutable_data();
+    const T* eu = eps_uncond ? ptr<T>(*eps_uncond) : nullptr;
+    const int64_t batch = xt.shape(0), per = xt.size() / batch;
+    {
+        py::gil_scoped_release release;
+        td::ddim_step_cpu<T>(out, out_x0, ptr<T>(a[0]), ptr<T>(a[1]), ptr<T>(a[2]), ptr<T>(a[3]), ptr<T>(a[4]),
+                             ptr<T>(a[5]), ptr<T>(a[6]), ptr<T>(a[7]), clip, eu, T(scale), batch, per);
+    }
+    return py::make_tuple(x_prev, x0);
+}
+
+static py::tuple ddim_step(const py::object& xt_, const py::object& eps_, const py::object& z_, const py::object& sa,
+                           const py::object& sb, const py::object& sa_prev, const py::object& dir_coef,
+                           const py::object& sigma, const py::object& clip_x0, const py::object& eps_uncond_,
+                           const py::object& guidance_scale) {
+    const char* fn = "ddim_step";
+    py::array xt = array_arg(xt_, fn, "xt", -1);
+    std::vector<py::array> a{xt, like_arg(eps_, xt, fn, "eps", "xt"), like_arg(z_, xt, fn, "z", "xt"),
+                             coef_arg(sa, xt, fn, "sqrt_alpha_bar", "xt"),
+                             coef_arg(sb, xt, fn, "sqrt_one_minus_alpha_bar", "xt"),
+                             coef_arg(sa_prev, xt, fn, "sqrt_alpha_bar_prev", "xt"),
+                             coef_arg(dir_coef, xt, fn, "dir_coef", "xt"), coef_arg(sigma, xt, fn, "sigma", "xt")};
+    const bool clip = bool_arg(clip_x0, fn, "clip_x0");
+    py::array eu;
+    if (!eps_uncond_.is_none()) eu = like_arg(eps_uncond_, xt, fn, "eps_uncond", "xt");
+    const double scale = float_arg(guidance_scale, fn, "guidance_scale");
+    const py::array* eup = eps_uncond_.is_none() ? nullptr : &eu;
+    return is_f32(xt) ? ddim_step_t<float>(a, clip, eup, scale) : ddim_step_t<double>(a, clip, eup, scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU
+
+template <typename T>
+static py::array gelu_forward_t(const py::array& x) {
+    py::array_t<T> out(x.request().shape);
+    T* o = out.mutable_data();
+    py::gil_scoped_release release;
+    td::gelu_forward_cpu<T>(o, ptr<T>(x), x.size());
+    return out;
+}
+
+static py::array gelu_forward(const py::object& x_) {
+    py::array x = array_arg(x_, "gelu_forward", "x", -1);
+    return is_f32(x) ? gelu_forward_t<float>(x) : gelu_forward_t<double>(x);
+}
+
+template <typename T>
+static py::array gelu_backward_t(const py::array& dout, const py::array& x) {
+    py::array_t<T> dx(x.request().shape);
+    T* d = dx.mutable_data();
+    py::gil_scoped_release release;
+    td::gelu_backward_cpu<T>(d, ptr<T>(dout), ptr<T>(x), x.size());
+    return dx;
+}
+
+static py::array gelu_backward(const py::object& dout_, const py::object& x_) {
+    const char* fn = "gelu_backward";
+    py::array dout = array_arg(dout_, fn, "dout", -1);
+    py::array x = like_arg(x_, dout, fn, "x", "dout");
+    return is_f32(x) ? gelu_backward_t<float>(dout, x) : gelu_backward_t<double>(dout, x);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU";
+    m.def("conv2d_versions", [] {
+        py::list names;
+        for (const char* name : td::CONV2D_VERSIONS) names.append(name);
+        return names;
+    }, "The convolution versions, fastest (the default) first.");
+    const char* v0 = td::CONV2D_VERSIONS[0];
+    m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("stride"),
+          py::arg("padding"), py::arg("version") = v0, "x (N,C,H,W), w (O,C,kh,kw), b (O,) or None -> (N,O,OH,OW)");
+    m.def("conv2d_backward_input", &conv2d_backward_input, py::arg("dout"), py::arg("w"), py::arg("input_hw"),
+          py::arg("stride"), py::arg("padding"), py::arg("version") = v0, "dout (N,O,OH,OW), w (O,C,kh,kw) -> dx (N,C,H,W)");
+    m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("dout"), py::arg("x"), py::arg("kernel_hw"),
+          py::arg("stride"), py::arg("padding"), py::arg("version") = v0, "dout (N,O,OH,OW), x (N,C,H,W) -> dw (O,C,kh,kw)");
+    m.def("q_sample", &q_sample, py::arg("x0"), py::arg("eps"), py::arg("sqrt_alpha_bar"),
+          py::arg("sqrt_one_minus_alpha_bar"), "DDPM eq. 4");
+    m.def("ddpm_step", &ddpm_step, py::arg("xt"), py::arg("eps"), py::arg("z"), py::arg("coef_x"), py::arg("coef_eps"),
+          py::arg("sigma"), py::arg("eps_uncond") = py::none(), py::arg("guidance_scale") = 1.0, "DDPM eq. 11");
+    m.def("ddim_step", &ddim_step, py::arg("xt"), py::arg("eps"), py::arg("z"), py::arg("sqrt_alpha_bar"),
+          py::arg("sqrt_one_minus_alpha_bar"), py::arg("sqrt_alpha_bar_prev"), py::arg("dir_coef"), py::arg("sigma"),
+          py::arg("clip_x0") = false, py::arg("eps_uncond") = py::none(), py::arg("guidance_scale") = 1.0,
+          "DDIM eq. 12 -> (x_prev, x0)");
+    m.def("gelu_forward", &gelu_forward, py::arg("x"));
+    m.def("gelu_backward", &gelu_backward, py::arg("dout"), py::arg("x"));
+}

@@ -1,0 +1,381 @@
+// conv2d_cpu.cpp: 2-D convolution on the CPU (NCHW, groups 1), forward and both backward passes.
+//
+//   forward          out[n,o,i,j] = b[o] + sum_{c,u,v} w[o,c,u,v] * x_pad[n,c, s*i+u, s*j+v]
+//   backward input   dx[n,c,h,w]  = sum over (o,i,j,u,v) with s*i+u = h+p, s*j+v = w+p of w[o,c,u,v] * dout[n,o,i,j]
+//   backward weight  dw[o,c,u,v]  = sum_{n,i,j} dout[n,o,i,j] * x_pad[n,c, s*i+u, s*j+v]
+// (x_pad: x with p zeros around; s the stride). The transposed convolution needs no kernel of its
+// own: its forward is backward input, its backward input is forward (see tinydiff/functional.py).
+// Specification: conv2d_*_ref in tinydiff/kernels.py (im2col + one matrix product, in NumPy).
+//
+// Versions (td::CONV2D_VERSIONS, the first is the default):
+//   "gemm"    im2col + our cache-blocked, register-blocked GEMM (gemm_cpu.h). The im2col matrix
+//             is never built: each NR-column panel of it is packed straight from a padded copy of
+//             the image, as contiguous row copies. Backward input at stride 1 is the forward of the
+//             padded dout with the flipped kernel; at stride > 1 it is a GEMM followed by a col2im
+//             scatter. Backward weight copies dout and x to channels-last, so that both of its
+//             GEMM operands are again packed by contiguous copies.
+//   "direct"  the definitions above as plain loops, OpenMP over independent outputs. Slow, readable.
+//
+// Test:      python -m pytest tests/test_kernels_cpu.py -q    (every version against the reference)
+// Benchmark: python benchmarks/bench_conv.py [--quick]        (the ContextUnet shapes, vs NumPy, PyTorch)
+#include <algorithm>
+#include <cstring>
+
+#include <omp.h>
+
+#include "gemm_cpu.h"
+#include "kernels_cpu.h"
+
+namespace td {
+
+// ---------------------------------------------------------------------------------------------
+// Version "direct"
+
+template <typename T>
+void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+    const int64_t C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t o = 0; o < s.O; ++o)
+            for (int64_t i = 0; i < s.OH; ++i)
+                for (int64_t j = 0; j < s.OW; ++j) {
+                    T sum = 0;
+                    for (int64_t c = 0; c < C; ++c)
+                        for (int64_t u = 0; u < kh; ++u) {
+                            const int64_t h = i * s.stride - s.pad + u;
+                            if (h < 0 || h >= H) continue;            // zero padding
+                            for (int64_t v = 0; v < kw; ++v) {
+                                const int64_t wi = j * s.stride - s.pad + v;
+                                if (wi < 0 || wi >= W) continue;
+                                sum += w[((o * C + c) * kh + u) * kw + v] * x[((n * C + c) * H + h) * W + wi];
+                            }
+                        }
+                    out[((n * s.O + o) * s.OH + i) * s.OW + j] = sum + (b ? b[o] : T(0));
+                }
+}
+
+template <typename T>
+void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s) {
+    const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, OH = s.OH, OW = s.OW;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = 0; h < s.H; ++h)
+                for (int64_t wi = 0; wi < s.W; ++wi) {
+                    T sum = 0;                             // gather every (i, u) with s*i + u = h + p
+                    for (int64_t o = 0; o < O; ++o)
+                        for (int64_t u = 0; u < kh; ++u) {
+                            const int64_t a = h + s.pad - u;
+                            if (a < 0 || a % s.stride || a / s.stride >= OH) continue;
+                            for (int64_t v = 0; v < kw; ++v) {
+                                const int64_t bb = wi + s.pad - v;
+                                if (bb < 0 || bb % s.stride || bb / s.stride >= OW) continue;
+                                sum += w[((o * C + c) * kh + u) * kw + v] *
+                                       dout[((n * O + o) * OH + a / s.stride) * OW + bb / s.stride];
+                            }
+                        }
+                    dx[((n * C + c) * s.H + h) * s.W + wi] = sum;
+                }
+}
+
+template <typename T>
+void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    const int64_t C = s.C, H = s.H, W = s.W, O = s.O, kh = s.kh, kw = s.kw;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t u = 0; u < kh; ++u)
+                for (int64_t v = 0; v < kw; ++v) {
+                    T sum = 0;
+                    for (int64_t n = 0; n < s.N; ++n)
+                        for (int64_t i = 0; i < s.OH; ++i) {
+                            const int64_t h = i * s.stride - s.pad + u;
+                            if (h < 0 || h >= H) continue;
+                            for (int64_t j = 0; j < s.OW; ++j) {
+                                const int64_t wi = j * s.stride - s.pad + v;
+                                if (wi < 0 || wi >= W) continue;
+                                sum += dout[((n * O + o) * s.OH + i) * s.OW + j] * x[((n * C + c) * H + h) * W + wi];
+                            }
+                        }
+                    dw[((o * C + c) * kh + u) * kw + v] = sum;
+                }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version "gemm": layout helpers
+
+// xp[m, i, j] = x[m, i - ph, j - pw] inside x, else 0, for m < count images (N*C) of H x W.
+// ph, pw may be negative (then the copy crops); Hp x Wp need not cover all of x.
+template <typename T>
+void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t Hp, int64_t Wp,
+                int64_t ph, int64_t pw) {
+    const int64_t j_lo = std::max<int64_t>(0, pw), j_hi = std::min(Wp, W + pw);   // columns that hold x
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t m = 0; m < count; ++m)
+        for (int64_t i = 0; i < Hp; ++i) {
+            T* dst = xp + (m * Hp + i) * Wp;
+            const int64_t h = i - ph;
+            if (h < 0 || h >= H || j_lo >= j_hi) { std::fill(dst, dst + Wp, T(0)); continue; }
+            std::fill(dst, dst + j_lo, T(0));
+            std::memcpy(dst + j_lo, x + (m * H + h) * W + (j_lo - pw), (j_hi - j_lo) * sizeof(T));
+            std::fill(dst + j_hi, dst + Wp, T(0));
+        }
+}
+
+// Channels-last copy of N images (C, H, W) into (Hp, Wp, C), shifted by (ph, pw), zeros around:
+// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. Tiles of 16 x 16 keep both sides in the L1 cache.
+template <typename T>
+void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
+                      int64_t Wp, int64_t ph, int64_t pw) {
+    const int64_t HW = H * W;
+    if (Hp != H || Wp != W || ph != 0 || pw != 0) std::fill(xt, xt + N * Hp * Wp * C, T(0));
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t q0 = 0; q0 < HW; q0 += 16) {
+            T* rows[16];                                    // where the pixels q0.. start in xt
+            const int64_t q_end = std::min(q0 + 16, HW);
+            for (int64_t q = q0; q < q_end; ++q) {
+                const int64_t i = q / W + ph, j = q % W + pw;
+                rows[q - q0] = (i >= 0 && i < Hp && j >= 0 && j < Wp) ? xt + ((n * Hp + i) * Wp + j) * C : nullptr;
+            }
+            for (int64_t c0 = 0; c0 < C; c0 += 16)
+                for (int64_t q = q0; q < q_end; ++q) {
+                    if (!rows[q - q0]) continue;
+                    for (int64_t c = c0; c < std::min(c0 + 16, C); ++c)
+                        rows[q - q0][c] = x[(n * C + c) * HW + q];
+                }
+        }
+}
+
+// out (N, M, OH, OW) += A (M x C*kh*kw, packed) @ im2col(xp), for xp (N, C, Hp, Wp) already padded:
+// the forward convolution without its padding. Columns of the GEMM are output pixels (n, i, j).
+template <typename T>
+void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t N, int64_t C,
+                      int64_t Hp, int64_t Wp, int64_t kh, int64_t kw, int64_t stride, int64_t OH, int64_t OW) {
+    constexpr int NR = gemm_nr<T>();
+    const int64_t P = OH * OW, npix = N * P;
+
+    // B[(c,u,v)][(n,i,j)] = xp[n, c, s*i+u, s*j+v]: the panel's pixels lie in runs along output
+    // rows; for each k, each run is a copy of a piece of one row of xp.
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {
+        int64_t run_col[NR], run_len[NR];
+        const T* run_src[NR];
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {
+            const int64_t n = j / P, i = (j % P) / OW, jj = j % OW, len = std::min(OW - jj, j_end - j);
+            run_col[nruns] = j - j0;
+            run_len[nruns] = len;
+            run_src[nruns] = xp + (n * C * Hp + i * stride) * Wp + jj * stride;
+            j += len;
+        }
+        int64_t c = k0 / (kh * kw), u = (k0 / kw) % kh, v = k0 % kw;
+        for (int64_t kk = 0; kk < kc; ++kk) {
+            T* __restrict d = dst + kk * NR;
+            const int64_t offset = (c * Hp + u) * Wp + v;
+            for (int r = 0; r < nruns; ++r) {
+                const T* __restrict src = run_src[r] + offset;
+                T* __restrict dr = d + run_col[r];
+                if (stride == 1)
+                    for (int64_t t = 0; t < run_len[r]; ++t) dr[t] = src[t];
+                else
+                    for (int64_t t = 0; t < run_len[r]; ++t) dr[t] = src[t * stride];
+            }
+            for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
+            if (++v == kw) { v = 0; if (++u == kh) { u = 0; ++c; } }
+        }
+    };
+    // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {
+        const int64_t rows = std::min<int64_t>(GEMM_MR, M - i0);
+        for (int64_t j = j0; j < j_end;) {
+            const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
+            for (int64_t i = 0; i < rows; ++i) {
+                T* __restrict dst = out + (n * M + i0 + i) * P + p;
+                const T* __restrict src = tile + i * NR + (j - j0);
+                for (int64_t t = 0; t < len; ++t) dst[t] += src[t];
+            }
+            j += len;
+        }
+    };
+    gemm_packed_a<T>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version "gemm": the three passes
+
+template <typename T>
+void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+    const int64_t K = s.C * s.kh * s.kw, P = s.OH * s.OW;
+    const int64_t Hp = (s.OH - 1) * s.stride + s.kh, Wp = (s.OW - 1) * s.stride + s.kw;
+    AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, GEMM_MR) * GEMM_MR * K);
+    pad_images(xp.data, x, s.N * s.C, s.H, s.W, Hp, Wp, s.pad, s.pad);
+    pack_a<T>(s.O, K, [&](int64_t o, int64_t k) { return w[o * K + k]; }, a.data);   // A = w (O x C*kh*kw)
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < s.N; ++n)                                               // out = b
+        for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
+    conv_gemm_padded(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
+}
+
+template <typename T>
+void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s) {
+    const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, taps = kh * kw;
+    std::fill_n(dx, s.N * C * s.H * s.W, T(0));
+    if (s.stride == 1) {
+        // dx[n,c,h,w] = sum_{o,u,v} w[o,c,u,v] dout[n,o,h+p-u,w+p-v]: a stride-1 convolution of dout,
+        // padded by k-1-p, with the kernel flipped and its channels swapped:
+        //   A[c][(o,u,v)] = w[o, c, kh-1-u, kw-1-v]
+        const int64_t Hp = s.H + kh - 1, Wp = s.W + kw - 1;
+        AlignedBuffer<T> dp(s.N * O * Hp * Wp), a(ceil_div(C, GEMM_MR) * GEMM_MR * O * taps);
+        pad_images(dp.data, dout, s.N * O, s.OH, s.OW, Hp, Wp, kh - 1 - s.pad, kw - 1 - s.pad);
+        pack_a<T>(C, O * taps, [&](int64_t c, int64_t k) {
+            const int64_t o = k / taps, u = kh - 1 - (k / kw) % kh, v = kw - 1 - k % kw;
+            return w[((o * C + c) * kh + u) * kw + v];
+        }, a.data);
+        conv_gemm_padded(dx, a.data, C, dp.data, s.N, O, Hp, Wp, kh, kw, 1, s.H, s.W);
+        return;
+    }
+    // Stride > 1: dcols[(c,u,v)][(n,i,j)] = sum_o w[o,c,u,v] dout[n,o,i,j]   (A = w^T, B = dout)
+    // then col2im: dx[n, c, s*i+u-p, s*j+v-p] += dcols, done tile by tile in `store`.
+    constexpr int NR = gemm_nr<T>();
+    const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P;
+    AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O);
+    pack_a<T>(M, O, [&](int64_t row, int64_t o) { return w[o * M + row]; }, a.data);
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {   // B[o][(n,i,j)]
+        for (int64_t kk = 0; kk < kc; ++kk) {
+            T* __restrict d = dst + kk * NR;
+            for (int64_t j = j0; j < j_end;) {                          // runs within one sample
+                const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
+                const T* __restrict src = dout + (n * O + k0 + kk) * P + p;
+                for (int64_t t = 0; t < len; ++t) d[j - j0 + t] = src[t];
+                j += len;
+            }
+            for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
+        }
+    };
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
+        for (int64_t r = 0; r < std::min<int64_t>(GEMM_MR, M - i0); ++r) {
+            const int64_t c = (i0 + r) / taps, u = (i0 + r) / kw % kh, v = (i0 + r) % kw;
+            for (int64_t j = j0; j < j_end; ++j) {
+                const int64_t n = j / P, h = (j % P) / s.OW * s.stride + u - s.pad;
+                const int64_t wi = (j % s.OW) * s.stride + v - s.pad;
+                if (h >= 0 && h < s.H && wi >= 0 && wi < s.W)
+                    dx[((n * C + c) * s.H + h) * s.W + wi] += tile[r * NR + (j - j0)];
+            }
+        }
+    };
+    if (kh <= s.stride && kw <= s.stride) {
+        // the taps do not overlap: every dx element comes from one (pixel, tap), so panels of
+        // pixels can go to any thread
+        gemm_packed_a<T>(M, O, a.data, 0, npix, pack_b, store, true);
+    } else {
+        // overlapping taps: one thread per sample, so that no two threads add into one dx element
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t n = 0; n < s.N; ++n)
+            gemm_packed_a<T>(M, O, a.data, n * P, (n + 1) * P, pack_b, store, false);
+    }
+}
+
+// dw[o][(u,v,c)] = sum over pixels q = (n,i,j) of dout[n,o,i,j] * xp[n, c, s*i+u, s*j+v]: a GEMM with
+// M = O, N = taps*C, K = pixels. Both operands run along pixels in NCHW, so they are first copied
+// to channels-last, dt[q][o] and xt[n][h][w][c]; then A[q][o-panel] and B[q][(u,v,c)-panel] are
+// contiguous copies. Each thread takes a range of pixels and sums into its own dw; they are added
+// (and put back in (c,u,v) order) at the end.
+template <typename T>
+void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    constexpr int NR = gemm_nr<T>(), MR = GEMM_MR;
+    const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, ntaps = kh * kw * C;
+    const int64_t Hp = (s.OH - 1) * s.stride + kh, Wp = (s.OW - 1) * s.stride + kw;
+    const int64_t npix = s.N * s.OH * s.OW, m_pad = ceil_div(O, MR) * MR, n_pad = ceil_div(ntaps, NR) * NR;
+    const int nthreads = omp_get_max_threads();
+    AlignedBuffer<T> dt(npix * O), xt(s.N * Hp * Wp * C);
+    AlignedBuffer<T> a(int64_t(nthreads) * m_pad * GEMM_KC), partial(int64_t(nthreads) * m_pad * n_pad);
+    to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, s.OH, s.OW, 0, 0);
+    to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);
+    std::fill_n(partial.data, int64_t(nthreads) * m_pad * n_pad, T(0));
+
+    // the taps of a B panel, as runs of channels at one (u, v): offset into xt from a pixel's corner
+    const int64_t n_panels = n_pad / NR;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        T* a_block = a.data + int64_t(t) * m_pad * GEMM_KC;
+        T* c_mine = partial.data + int64_t(t) * m_pad * n_pad;
+        alignas(64) T b_panel[GEMM_KC * NR];
+        alignas(64) T tile[MR * NR];
+        const int64_t q_begin = npix * t / team, q_end = npix * (t + 1) / team;
+        for (int64_t k0 = q_begin; k0 < q_end; k0 += GEMM_KC) {
+            const int64_t kc = std::min(GEMM_KC, q_end - k0);
+            for (int64_t kk = 0; kk < kc; ++kk)                          // A block: dt[q][o], panels of MR o's
+                for (int64_t o = 0; o < m_pad; ++o)
+                    a_block[(o / MR) * kc * MR + kk * MR + o % MR] = o < O ? dt.data[(k0 + kk) * O + o] : T(0);
+            for (int64_t jp = 0; jp < n_panels; ++jp) {
+                int64_t run_col[NR], run_len[NR], run_off[NR];
+                int nruns = 0;
+                const int64_t j0 = jp * NR, j_end = std::min(j0 + NR, ntaps);
+                for (int64_t j = j0; j < j_end; ++nruns) {               // taps j = (u*kw + v)*C + c
+                    const int64_t uv = j / C, c = j % C, len = std::min(C - c, j_end - j);
+                    run_col[nruns] = j - j0;
+                    run_len[nruns] = len;
+                    run_off[nruns] = ((uv / kw) * Wp + uv % kw) * C + c;
+                    j += len;
+                }
+                for (int64_t kk = 0; kk < kc; ++kk) {                    // B panel: xt at each pixel's taps
+                    const int64_t q = k0 + kk, n = q / (s.OH * s.OW), i = q / s.OW % s.OH, j = q % s.OW;
+                    const T* corner = xt.data + ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
+                    T* __restrict d = b_panel + kk * NR;
+                    for (int r = 0; r < nruns; ++r) {
+                        const T* __restrict src = corner + run_off[r];
+                        for (int64_t tt = 0; tt < run_len[r]; ++tt) d[run_col[r] + tt] = src[tt];
+                    }
+                    for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
+                }
+                for (int64_t ip = 0; ip < m_pad / MR; ++ip) {
+                    gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, b_panel, tile);
+                    for (int r = 0; r < MR; ++r) {
+                        T* __restrict dst = c_mine + (ip * MR + r) * n_pad + j0;
+                        for (int jj = 0; jj < NR; ++jj) dst[jj] += tile[r * NR + jj];
+                    }
+                }
+            }
+        }
+    }
+    // dw[o, c, u, v] = sum over threads of partial[o][(u*kw + v)*C + c]
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t uv = 0; uv < kh * kw; ++uv) {
+                T sum = 0;
+                for (int t = 0; t < nthreads; ++t) sum += partial.data[(int64_t(t) * m_pad + o) * n_pad + uv * C + c];
+                dw[(o * C + c) * kh * kw + uv] = sum;
+            }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers: pick a version (an index into CONV2D_VERSIONS)
+
+template <typename T>
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, int version) {
+    if (version == 0) conv2d_forward_gemm(out, x, w, b, s);
+    else conv2d_forward_direct(out, x, w, b, s);
+}
+
+template <typename T>
+void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, int version) {
+    if (version == 0) conv2d_backward_input_gemm(dx, dout, w, s);
+    else conv2d_backward_input_direct(dx, dout, w, s);
+}
+
+template <typename T>
+void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, int version) {
+    if (version == 0) conv2d_backward_weight_gemm(dw, dout, x, s);
+    else conv2d_backward_weight_direct(dw, dout, x, s);
+}
+
+#define TD_INSTANTIATE(T)                                                                              \
+    template void conv2d_forward_cpu<T>(T*, const T*, const T*, const T*, const ConvShape&, int);    \
+    template void conv2d_backward_input_cpu<T>(T*, const T*, const T*, const ConvShape&, int);       \
+    template void conv2d_backward_weight_cpu<T>(T*, const T*, const T*, const ConvShape&, int);
+TD_INSTANTIATE(float)
+TD_INSTANTIATE(double)
+
+}  // namespace td

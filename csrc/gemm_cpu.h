@@ -1,0 +1,137 @@
+// gemm_cpu.h: the matrix multiply behind the fast convolution (conv2d_cpu.cpp), our own, no BLAS.
+//
+//   C (M x N) += A (M x K) @ B (K x N)
+//
+// It follows Goto & van de Geijn, "Anatomy of high-performance matrix multiplication" (2008) and
+// BLIS: A is packed into panels of MR rows and B into panels of NR columns, both stored k-major
+// (a[k][MR], b[k][NR]), so that the micro-kernel reads both with unit stride. The micro-kernel
+// keeps an MR x NR tile of C in vector registers for a whole block of KC steps of k (register
+// blocking); KC is chosen so that one B panel (KC x NR) stays in the L1 cache while all the A
+// panels stream past it from L2. Each multiply-add of the tile is a vector FMA.
+//
+// The convolutions never build the matrices A and B: they pass a `pack_b` function that writes
+// one B panel straight from the image (im2col, one panel at a time), and a `store` function that
+// adds a finished tile of C wherever it belongs (an NCHW output, or a col2im scatter).
+//
+// Vectors are GCC/Clang vector extensions, not intrinsics: the same code compiles to AVX-512
+// (16 floats, 32 registers), AVX2 (8 floats, 16 registers) or SSE2, with a tile size to match.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+namespace td {
+
+#if defined(__AVX512F__)
+constexpr int VEC_BYTES = 64;   // zmm: 16 floats or 8 doubles; 32 registers
+constexpr int GEMM_MR = 8;      // tile 8 x 2 vectors: 16 accumulators + 2 B vectors + 1 broadcast
+#elif defined(__AVX__)
+constexpr int VEC_BYTES = 32;   // ymm; 16 registers
+constexpr int GEMM_MR = 6;      // tile 6 x 2 vectors: 12 accumulators
+#else
+constexpr int VEC_BYTES = 16;   // xmm; 16 registers
+constexpr int GEMM_MR = 6;
+#endif
+constexpr int GEMM_NV = 2;          // vectors per tile row
+constexpr int64_t GEMM_KC = 256;    // k steps per packed block: a B panel is 32 KiB with AVX-512
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(VEC_BYTES))); };
+template <typename T> using Vec = typename VecOf<T>::type;
+
+template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int(sizeof(T)); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A block of memory aligned for vector loads (freed when it goes out of scope).
+template <typename T>
+struct AlignedBuffer {
+    T* data;
+    explicit AlignedBuffer(int64_t count) {
+        size_t bytes = (size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+        data = static_cast<T*>(std::aligned_alloc(64, bytes));
+        if (!data) throw std::bad_alloc();
+    }
+    ~AlignedBuffer() { std::free(data); }
+    AlignedBuffer(const AlignedBuffer&) = delete;
+    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// tile (MR x NR, row-major) = a (kc x MR, k-major) @ b (kc x NR, k-major).
+// The compiler keeps acc in registers: MR * GEMM_NV vector FMAs per step of k.
+template <typename T>
+void gemm_micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict tile) {
+    using V = Vec<T>;
+    constexpr int MR = GEMM_MR, NV = GEMM_NV, L = VEC_BYTES / int(sizeof(T));
+    V acc[MR][NV] = {};
+    for (int64_t k = 0; k < kc; ++k) {
+        V bk[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) bk[v] = *reinterpret_cast<const V*>(b + k * NV * L + v * L);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+            V ai = a[k * MR + i] - V{};          // broadcast (x - 0 == x, so no add is emitted)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[i][v] += ai * bk[v];   // FMA
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + (i * NV + v) * L) = acc[i][v];
+}
+
+// Pack all of A (M x K), given element-wise by a_at(i, k), for gemm_packed_a: K is cut into
+// blocks of GEMM_KC, and each block into panels of MR rows, k-major; rows past M are zero.
+// The panel of rows ip*MR.. for the block starting at k0 is at  k0 * M_pad + ip * kc * MR.
+template <typename T, typename AAt>
+void pack_a(int64_t M, int64_t K, AAt a_at, T* a_packed) {
+    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t kb = 0; kb < ceil_div(K, GEMM_KC); ++kb)
+        for (int64_t ip = 0; ip < m_panels; ++ip) {
+            const int64_t k0 = kb * GEMM_KC, kc = std::min(GEMM_KC, K - k0);
+            T* dst = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
+            for (int64_t kk = 0; kk < kc; ++kk)
+                for (int i = 0; i < GEMM_MR; ++i) {
+                    const int64_t row = ip * GEMM_MR + i;
+                    dst[kk * GEMM_MR + i] = row < M ? a_at(row, k0 + kk) : T(0);
+                }
+        }
+}
+
+// C += A @ B over the columns [j_begin, j_end) of C, with A packed by pack_a.
+//   pack_b(j0, j1, k0, kc, dst): dst[kk * NR + j] = B[k0 + kk][j0 + j] for the columns j0 + j < j1,
+//                                zero for the rest of the NR
+//   store(i0, j0, j1, tile):     add the MR x NR tile into C at rows i0.. (below M), columns j0..j1
+// One B panel at a time, in parallel over the panels when `parallel` (the panels of C are
+// disjoint, so the threads never write to the same place unless `store` makes them).
+template <typename T, typename PackB, typename Store>
+void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int64_t j_end,
+                   PackB pack_b, Store store, bool parallel) {
+    constexpr int NR = gemm_nr<T>();
+    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR;
+    const int64_t n_panels = ceil_div(j_end - j_begin, NR);
+#pragma omp parallel if (parallel)
+    {
+        alignas(64) T b_panel[GEMM_KC * NR];     // 32 KiB on each thread's stack
+        alignas(64) T tile[GEMM_MR * NR];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t jp = 0; jp < n_panels; ++jp) {
+            const int64_t j0 = j_begin + jp * NR, j1 = std::min<int64_t>(j0 + NR, j_end);
+            for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+                const int64_t kc = std::min(GEMM_KC, K - k0);
+                pack_b(j0, j1, k0, kc, b_panel);
+                for (int64_t ip = 0; ip < m_panels; ++ip) {
+                    gemm_micro_kernel<T>(kc, a_packed + k0 * m_pad + ip * kc * GEMM_MR, b_panel, tile);
+                    store(ip * GEMM_MR, j0, j1, tile);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace td

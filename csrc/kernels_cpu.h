@@ -1,0 +1,59 @@
+// kernels_cpu.h: the C++ kernels of tinydiff._C, as the bindings (bind_cpu.cpp) see them.
+// Arrays are C-contiguous, NCHW; outputs first, then inputs, then sizes. Each kernel writes
+// every element of its output. Templates are instantiated for float and double.
+#pragma once
+
+#include <cstdint>
+
+namespace td {
+
+// ---------------------------------------------------------------------------------------------
+// conv2d_cpu.cpp
+//   out[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * x_pad[n, c, s*i + u, s*j + v]
+
+struct ConvShape {
+    int64_t N, C, H, W;     // input x (N, C, H, W)
+    int64_t O, kh, kw;      // weight w (O, C, kh, kw)
+    int64_t stride, pad;    // the same along H and W
+    int64_t OH, OW;         // output (N, O, OH, OW), OH = (H + 2 pad - kh) / stride + 1
+};
+
+// The versions, fastest first; the bindings accept their names, and tests loop over all of them.
+constexpr const char* CONV2D_VERSIONS[] = {"gemm", "direct"};
+constexpr int CONV2D_NUM_VERSIONS = 2;
+
+// out (N, O, OH, OW) <- x (N, C, H, W), w (O, C, kh, kw), b (O,) or nullptr
+template <typename T>
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, int version);
+// dx (N, C, H, W) <- dout (N, O, OH, OW), w (O, C, kh, kw)
+template <typename T>
+void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, int version);
+// dw (O, C, kh, kw) <- dout (N, O, OH, OW), x (N, C, H, W)
+template <typename T>
+void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, int version);
+
+// ---------------------------------------------------------------------------------------------
+// diffusion_steps_cpu.cpp: one pass over memory; coefficient arrays have one value per sample,
+// and each sample holds `per_sample` contiguous elements (numel = batch * per_sample).
+// eps_uncond == nullptr: no guidance; else eps is the conditional prediction (CFG is fused in).
+
+template <typename T>
+void q_sample_cpu(T* xt, const T* x0, const T* eps, const T* sqrt_alpha_bar,
+                  const T* sqrt_one_minus_alpha_bar, int64_t batch, int64_t per_sample);
+template <typename T>
+void ddpm_step_cpu(T* x_prev, const T* xt, const T* eps, const T* z, const T* coef_x,
+                   const T* coef_eps, const T* sigma, const T* eps_uncond, T guidance_scale,
+                   int64_t batch, int64_t per_sample);
+template <typename T>
+void ddim_step_cpu(T* x_prev, T* x0, const T* xt, const T* eps, const T* z, const T* sqrt_alpha_bar,
+                   const T* sqrt_one_minus_alpha_bar, const T* sqrt_alpha_bar_prev,
+                   const T* dir_coef, const T* sigma, bool clip_x0, const T* eps_uncond,
+                   T guidance_scale, int64_t batch, int64_t per_sample);
+
+// ---------------------------------------------------------------------------------------------
+// gelu_cpu.cpp: exact GELU, gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+
+template <typename T> void gelu_forward_cpu(T* out, const T* x, int64_t n);
+template <typename T> void gelu_backward_cpu(T* dx, const T* dout, const T* x, int64_t n);
+
+}  // namespace td
