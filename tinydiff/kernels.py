@@ -131,6 +131,12 @@ def ddim_step_ref(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alp
 # Dispatch: the compiled kernel for the array's device when built and selected, else the reference
 
 
+def _contiguous(*arrays):
+    """The compiled kernels take C-contiguous arrays only; autograd hands them views (the slices
+    of cat's backward, transposes), so copy those here, in the open, and nothing else."""
+    return [a if a is None else _xp(a).ascontiguousarray(a) for a in arrays]
+
+
 def compiled_module(array):
     """The compiled kernel module for this array's device, or None for the reference."""
     if backend.get_kernels() != "native":
@@ -141,21 +147,21 @@ def compiled_module(array):
 def conv2d_forward(x, w, b, stride, padding):
     mod = compiled_module(x)
     if mod is not None and hasattr(mod, "conv2d_forward"):
-        return mod.conv2d_forward(x, w, b, stride, padding)
+        return mod.conv2d_forward(*_contiguous(x, w, b), stride, padding)
     return conv2d_forward_ref(x, w, b, stride, padding)
 
 
 def conv2d_backward_input(dout, w, input_hw, stride, padding):
     mod = compiled_module(dout)
     if mod is not None and hasattr(mod, "conv2d_backward_input"):
-        return mod.conv2d_backward_input(dout, w, tuple(input_hw), stride, padding)
+        return mod.conv2d_backward_input(*_contiguous(dout, w), tuple(input_hw), stride, padding)
     return conv2d_backward_input_ref(dout, w, input_hw, stride, padding)
 
 
 def conv2d_backward_weight(dout, x, kernel_hw, stride, padding):
     mod = compiled_module(dout)
     if mod is not None and hasattr(mod, "conv2d_backward_weight"):
-        return mod.conv2d_backward_weight(dout, x, tuple(kernel_hw), stride, padding)
+        return mod.conv2d_backward_weight(*_contiguous(dout, x), tuple(kernel_hw), stride, padding)
     return conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding)
 
 
@@ -225,12 +231,12 @@ def gelu_backward_ref(dout, x):
 def gelu_forward(x):
     mod = compiled_module(x)
     if mod is not None and hasattr(mod, "gelu_forward"):
-        return mod.gelu_forward(x)
+        return mod.gelu_forward(*_contiguous(x))
     return gelu_forward_ref(x)
 
 
 def gelu_backward(dout, x):
     mod = compiled_module(x)
     if mod is not None and hasattr(mod, "gelu_backward"):
-        return mod.gelu_backward(dout, x)
+        return mod.gelu_backward(*_contiguous(dout, x))
     return gelu_backward_ref(dout, x)
