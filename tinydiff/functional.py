@@ -291,6 +291,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0):
 def upsample_nearest2d(input, scale_factor=2):
     """Repeat each pixel scale_factor times along H and W."""
     s = int(scale_factor)
+    if input.ndim != 4:
+        raise ValueError(f"upsample_nearest2d: input must be 4-D (N, C, H, W), got shape {input.shape}")
     if s < 1 or s != scale_factor:
         raise ValueError(f"upsample_nearest2d: scale_factor must be a positive integer, got {scale_factor}")
     out = input._result(input.data.repeat(s, axis=2).repeat(s, axis=3), (input,), "upsample_nearest2d")
@@ -449,6 +451,8 @@ def embedding(input, weight):
     idx = input.data if isinstance(input, Tensor) else input
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be 2-D (num_embeddings, dim), got shape {weight.shape}")
     if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
         raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {idx.min()}, max {idx.max()}")
     return weight[idx]
@@ -469,6 +473,7 @@ def cross_entropy(input, target, reduction="mean"):
                          f"shape {idx.shape} must be (N,)")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: target must hold integer classes, got dtype {idx.dtype}")
+    _check_float("cross_entropy", input=input)
     if idx.size and (idx.min() < 0 or idx.max() >= input.shape[1]):
         raise IndexError(f"cross_entropy: target class out of range [0, {input.shape[1]})")
     picked = -log_softmax(input, dim=1)[input.xp.arange(input.shape[0]), idx]

@@ -337,10 +337,12 @@ class Tensor:
 
     def maximum(self, other):
         other = self._lift(other)
+        self._check_broadcast(other, "maximum")
         return where(self.data >= other.data, self, other)
 
     def minimum(self, other):
         other = self._lift(other)
+        self._check_broadcast(other, "minimum")
         return where(self.data <= other.data, self, other)
 
     # --- comparisons give plain boolean arrays (no gradient), for masks and `where` ----------
@@ -555,6 +557,9 @@ def cat(tensors, dim=0):
 def stack(tensors, dim=0):
     """Join tensors along a new axis."""
     tensors = list(tensors)
+    for t in tensors:
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"stack: shapes {tensors[0].shape} and {t.shape} differ")
     dim = dim % (tensors[0].ndim + 1)
     return cat([t.unsqueeze(dim) for t in tensors], dim)
 
