@@ -95,5 +95,6 @@ def accuracy(classifier, schedule, images, labels, t, seed=0):
     rng = np.random.default_rng(seed)
     x0 = np.asarray(images, dtype=np.float32)
     xt = schedule.q_sample(x0, np.full(len(x0), t), rng.standard_normal(x0.shape, dtype=np.float32))
+    xt = backend.to_device(xt, classifier.parameters()[0].device)          # where the classifier is
     logits = classifier(Tensor(xt), model_time(classifier, schedule, np.full(len(x0), t), xt))
     return float((logits.numpy().argmax(axis=1) == np.asarray(labels)).mean())
