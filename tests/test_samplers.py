@@ -365,6 +365,7 @@ def test_train_noisy_classifier_learns_a_toy_task():
     assert accuracy(clf, s, x[:128], y[:128], t=5) > 0.9
     g = classifier_grad(clf, s, x[:4], np.full(4, 10), y[:4])     # a trained classifier guides too
     assert g.shape == (4, 1, 8, 8) and np.abs(g).sum() > 0
+    assert all(p.requires_grad and p.grad is None for p in clf.parameters())   # weights untouched
 
 
 @pytest.mark.skipif(backend.native is None or not hasattr(backend.native, "ddim_step"),

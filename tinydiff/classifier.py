@@ -86,6 +86,7 @@ def train_noisy_classifier(images, labels, schedule, steps=400, batch_size=64, l
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"classifier step {step + 1}/{steps}  loss {loss.item():.4f}")
+    classifier.zero_grad()                                       # leave no stale gradients behind
     return classifier.eval()
 
 

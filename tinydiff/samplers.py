@@ -99,10 +99,18 @@ def classifier_grad(classifier, schedule, x, t, labels):
     """g = grad_{x_t} log p_phi(y | x_t, t), by tinydiff's autograd. Returns an array like x."""
     if not is_grad_enabled():
         raise RuntimeError("classifier guidance needs gradients: do not call the sampler inside no_grad()")
-    xt = Tensor(x, requires_grad=True)
-    logits = classifier(xt, model_time(classifier, schedule, t, x))            # (B, classes)
-    log_p = F.log_softmax(logits, dim=1)[xt.xp.arange(x.shape[0]), labels]     # (B,) log p(y | x_t)
-    log_p.sum().backward()          # samples are independent: the sum's gradient is each one's own
+    params = classifier.parameters() if hasattr(classifier, "parameters") else []
+    flags = [p.requires_grad for p in params]
+    for p in params:                # only x_t's gradient is wanted: skip the weights' (and keep them clean)
+        p.requires_grad = False
+    try:
+        xt = Tensor(x, requires_grad=True)
+        logits = classifier(xt, model_time(classifier, schedule, t, x))        # (B, classes)
+        log_p = F.log_softmax(logits, dim=1)[xt.xp.arange(x.shape[0]), labels]  # (B,) log p(y | x_t)
+        log_p.sum().backward()      # samples are independent: the sum's gradient is each one's own
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad = flag
     return xt.grad
 
 
