@@ -118,12 +118,22 @@ def test_gradients_accumulate_across_backward_calls():
     np.testing.assert_array_equal(x.grad, [3, 3])
 
 
-def test_the_same_graph_can_be_run_backward_twice():
+def test_the_same_graph_can_be_run_backward_twice_with_retain_graph():
     x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
     loss = (x.exp() * x).sum()
-    loss.backward()
+    loss.backward(retain_graph=True)
     loss.backward()
     np.testing.assert_allclose(x.grad, 2 * (np.exp([1.0, 2.0]) * (1 + np.array([1.0, 2.0]))))
+
+
+def test_backward_frees_the_graph_and_a_second_backward_raises():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    hidden = x.exp()
+    loss = (hidden * x).sum()
+    loss.backward()
+    assert hidden._backward is None and hidden._parents == ()   # saved arrays released
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
 
 
 def test_a_tensor_used_twice_gets_both_contributions():

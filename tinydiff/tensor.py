@@ -73,6 +73,7 @@ class Tensor:
         self._parents = ()         # the tensors this one was computed from
         self._backward = None      # adds this tensor's grad into its parents' grads
         self._op = ""              # name of the op that made it, for error messages and printing
+        self._freed = False        # True once backward() has released this op's saved arrays
 
     # --- plain properties ------------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -164,8 +165,11 @@ class Tensor:
         dtype = self.dtype if self.dtype.kind == "f" else None   # int tensor * 0.5 must not round 0.5
         return Tensor(self.xp.asarray(other, dtype=dtype))
 
-    def backward(self, grad=None):
-        """Fill .grad of every tensor this one depends on (leaves keep and accumulate theirs)."""
+    def backward(self, grad=None, retain_graph=False):
+        """Fill .grad of every tensor this one depends on (leaves keep and accumulate theirs).
+
+        As in PyTorch, the graph is freed on the way (each op's saved arrays are released as
+        soon as its backward has run); retain_graph=True keeps it for a second backward."""
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad")
         if grad is None:
@@ -186,6 +190,9 @@ class Tensor:
                 continue
             if id(node) in visited:
                 continue
+            if node._freed:
+                raise RuntimeError("backward() through a graph that a previous backward() freed; "
+                                   "pass retain_graph=True to the first call to keep it")
             visited.add(id(node))
             stack.append((node, True))
             stack.extend((p, False) for p in node._parents if id(p) not in visited)
@@ -198,6 +205,8 @@ class Tensor:
             if node._parents and node.grad is not None:
                 node._backward()
                 node.grad = None              # free intermediate grads as soon as they are used
+                if not retain_graph:          # drop the closure and its saved arrays
+                    node._backward, node._parents, node._freed = None, (), True
 
     # --- elementwise arithmetic ---------------------------------------------------------------
     def _check_broadcast(self, other, op):
