@@ -1,0 +1,297 @@
+"""The `tinydiff` command (also `python -m tinydiff`): train, sample, eval.
+
+    tinydiff train [--data digits] [--out runs/digits] [--steps N | --epochs N] [...]
+    tinydiff sample --checkpoint runs/digits --sampler ddim --steps 50 --labels 0,1,2 --n 10 --gif
+    tinydiff eval --samples runs/digits/samples/samples.npz
+    tinydiff <command> --help                 every flag, with its default
+
+`train` is tinydiff/train.py (its docstring describes the run folder); `sample` is below:
+it rebuilds the model from the run's config, loads the EMA weights when the run has them, and
+writes OUT/samples.png (one row per label), OUT/samples.npz (images float32 (N, C, H, W) in
+[0, 1], labels int64 (N,)) and with --gif OUT/denoising.gif (noise turning into images).
+"""
+import argparse
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+from tinydiff import backend, data
+from tinydiff import train as training
+from tinydiff.checkpoint import CheckpointError, load_checkpoint, load_weights, read_safetensors
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: each refuses a bad value with a message that argparse prints
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def label_list(text):
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        labels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class numbers separated by commas, like 0,1,2; "
+                                         f"got {text!r}") from None
+    if min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"class numbers must be >= 0, got {text!r}")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tinydiff", description="A from-scratch diffusion engine: "
+                                     "train a conditional diffusion model, sample from it, evaluate samples.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    sub.required = True
+
+    # --- train: only the flags given reach train.train(); the rest come from train.DEFAULTS
+    # (or, with --resume, from the run's config.json)
+    d = training.DEFAULTS
+    t = sub.add_parser("train", help="train a diffusion model (see tinydiff/train.py)",
+                       description="Train a conditional diffusion model. Only the flags you give are "
+                       "changed; with --resume the run's saved settings are the defaults.",
+                       argument_default=argparse.SUPPRESS)
+    t.add_argument("--data", help=f"'digits' (embedded), a sprites .npy or its folder, a folder of MNIST "
+                   f"IDX files, or a folder of class sub-folders (default {d['data']})")
+    t.add_argument("--image-size", type=positive_int, help="resize images to this size (28 -> 16, or an "
+                   "integer upscale; default: the data set's own size, 16 for digits)")
+    t.add_argument("--out", help=f"run folder (default {d['out']})")
+    t.add_argument("--model", choices=training.CHOICES["model"], help=f"default {d['model']}")
+    t.add_argument("--n-feat", type=positive_int, help=f"model width (default {d['n_feat']})")
+    t.add_argument("--steps", type=positive_int, help="optimizer steps in all (default: from --epochs)")
+    t.add_argument("--epochs", type=positive_int, help=f"passes over the data (default {training.DEFAULT_EPOCHS})")
+    t.add_argument("--batch-size", type=positive_int, help=f"default {d['batch_size']}")
+    t.add_argument("--optimizer", choices=training.CHOICES["optimizer"], help=f"default {d['optimizer']}")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
+    t.add_argument("--lr-schedule", choices=training.CHOICES["lr_schedule"],
+                   help=f"linear: decay to 0 (the course's); cosine: with --warmup (default {d['lr_schedule']})")
+    t.add_argument("--warmup", type=int, help=f"warm-up steps of the cosine schedule (default {d['warmup']})")
+    t.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
+    t.add_argument("--grad-clip", type=non_negative_float, help=f"max gradient norm, 0: off (default {d['grad_clip']})")
+    t.add_argument("--timesteps", type=positive_int, help=f"diffusion steps T (default {d['timesteps']})")
+    t.add_argument("--schedule", choices=training.CHOICES["schedule"], help=f"noise schedule (default {d['schedule']})")
+    t.add_argument("--objective", choices=training.CHOICES["objective"],
+                   help=f"what the model predicts (default {d['objective']})")
+    t.add_argument("--context-drop", type=non_negative_float,
+                   help=f"fraction of null contexts, for guidance (default {d['context_drop']})")
+    t.add_argument("--ema", type=non_negative_float, help=f"EMA decay, 0: off (default {d['ema']})")
+    t.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    t.add_argument("--device", choices=training.CHOICES["device"], help=f"default {d['device']}")
+    t.add_argument("--kernels", choices=training.CHOICES["kernels"], help=f"default {d['kernels']}")
+    t.add_argument("--checkpoint-every", type=positive_int, help=f"steps (default {d['checkpoint_every']})")
+    t.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="stop (with a checkpoint) after this many minutes; --resume goes on")
+    t.add_argument("--sample-steps", type=positive_int, help=f"DDIM steps for samples.png (default {d['sample_steps']})")
+    t.add_argument("--sample-per-class", type=positive_int, help=f"samples.png columns (default {d['sample_per_class']})")
+    t.add_argument("--resume", action="store_true", default=False, help="continue the run in --out")
+    t.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
+
+    s = sub.add_parser("sample", help="generate images from a trained run",
+                       description="Generate images with a trained model (its EMA weights when present).")
+    s.add_argument("--checkpoint", required=True, help="a run folder written by `tinydiff train`, "
+                   "or a .safetensors weights file (such as RUN/model.safetensors)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default ddim")
+    s.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (DDPM always takes all T; default 50)")
+    s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
+    s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
+                   help="DDIM timestep spacing (default trailing)")
+    s.add_argument("--guidance", type=non_negative_float, default=1.0,
+                   help="classifier-free guidance scale s: 1 none, >1 stronger (default 1)")
+    s.add_argument("--labels", type=label_list, default=None, help="classes, e.g. 0,1,2 (default: all)")
+    s.add_argument("--n", type=positive_int, default=10, help="samples per label (default 10)")
+    s.add_argument("--seed", type=int, default=0, help="default 0")
+    s.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/samples)")
+    s.add_argument("--gif", action="store_true", help="also write denoising.gif, the trajectory")
+    s.add_argument("--batch-size", type=positive_int, default=500, help="images per network call (default 500)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    s.add_argument("--kernels", choices=("native", "numpy"), default="native")
+
+    # --- eval: scored by tinydiff/evaluate.py (its own helper owns the metrics) -----------------
+    e = sub.add_parser("eval", help="score generated digits (accuracy, Frechet distance)",
+                       description="Score samples.npz with the shipped digits classifier.")
+    e.add_argument("--samples", required=True, help="a samples.npz written by `tinydiff sample`")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return parser
+
+
+def check_device(parser, device, kernels=None):
+    """Refuse a device or kernels that this install cannot run, saying why."""
+    if device == "cuda":
+        ok, why = backend.cuda_available(reason=True)
+        if not ok:
+            parser.error(f"--device cuda: {why}")
+    if kernels == "native" and backend.native is None:
+        parser.error(f"--kernels native: {backend.native_error} (use --kernels numpy, or build it: pip install -e .)")
+
+
+# ---------------------------------------------------------------------------------------------
+# tinydiff sample
+
+
+def find_weights(path):
+    """(config, weights file) for a run folder (EMA weights when present) or a .safetensors file."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "checkpoint.json")):
+            raise CheckpointError(f"{path}: not a run folder (no checkpoint.json); train one with "
+                                  f"`tinydiff train --out {path}`")
+        info = load_checkpoint(path)
+        ema_file = os.path.join(info["dir"], "ema.safetensors")
+        return info["config"], ema_file if os.path.exists(ema_file) else os.path.join(info["dir"], "model.safetensors")
+    _, metadata = read_safetensors(path)
+    if "tinydiff.config" not in metadata:
+        raise CheckpointError(f"{path}: no tinydiff config in its metadata (use the model.safetensors "
+                              f"that `tinydiff train` writes, or the run folder)")
+    return json.loads(metadata["tinydiff.config"]), path
+
+
+def sample_command(parser, args):
+    from tinydiff.diffusion import NoiseSchedule
+    from tinydiff.samplers import ddim_sample, ddpm_sample
+    from tinydiff.tensor import no_grad
+
+    check_device(parser, args.device, args.kernels)
+    backend.set_kernels(args.kernels)
+    cfg, weights = find_weights(args.checkpoint)
+    labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
+    if max(labels) >= cfg["num_classes"]:
+        parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
+    if args.sampler == "ddim" and args.steps > cfg["timesteps"]:
+        parser.error(f"--steps {args.steps}: the model was trained with {cfg['timesteps']} timesteps")
+    out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
+                                   else os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
+
+    model = training.model_from_config(cfg).to(args.device)
+    load_weights(model, weights)
+    model.eval()                                                    # BatchNorm: running statistics
+    schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
+    all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
+    shown = np.concatenate([np.flatnonzero(all_labels == y)[:10] for y in labels])  # the GIF's images
+    steps = schedule.T if args.sampler == "ddpm" else args.steps
+    every = max(1, steps // 40) if args.gif else None               # about 40 frames
+    rng = (np.random.default_rng(args.seed) if args.device == "cpu"
+           else backend.cupy_module().random.default_rng(args.seed))
+    print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}"
+          f"{'' if args.sampler == 'ddpm' else f'-{steps} eta {args.eta}'}, guidance {args.guidance}, "
+          f"from {weights}")
+
+    images, frames = [], None
+    for start in range(0, len(all_labels), args.batch_size):       # chunks of --batch-size images
+        chunk = all_labels[start:start + args.batch_size]
+        context = backend.to_device(training.make_context(cfg, chunk, cfg["num_classes"]), args.device)
+        shape = (len(chunk), cfg["in_channels"], cfg["height"], cfg["height"])
+        kwargs = dict(generator=rng, objective=cfg["objective"], guidance_scale=args.guidance,
+                      return_trajectory_every=every)
+        with no_grad():
+            if args.sampler == "ddpm":
+                result = ddpm_sample(model, schedule, shape, context, **kwargs)
+            else:
+                result = ddim_sample(model, schedule, shape, context, steps=steps, eta=args.eta,
+                                     spacing=args.spacing, **kwargs)
+        x, trajectory = result if args.gif else (result, None)
+        images.append(training.to_unit(backend.to_device(x, "cpu")))
+        if trajectory is not None:                                  # keep only the GIF's images
+            local = shown[(shown >= start) & (shown < start + len(chunk))] - start
+            picked = [training.to_unit(backend.to_device(xt, "cpu"))[local] for xt in trajectory]
+            frames = picked if frames is None else [np.concatenate([a, b]) for a, b in zip(frames, picked)]
+    images = np.concatenate(images)                                 # (N, C, H, W) in [0, 1]
+
+    os.makedirs(out, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, images=images.astype(np.float32), labels=all_labels)
+    training.write_atomic(os.path.join(out, "samples.npz"), buf.getvalue())
+    ncol = min(args.n, 10) if args.n > 20 else args.n
+    training.write_png(os.path.join(out, "samples.png"), training.image_grid(
+        _pad_groups(images, all_labels, labels, ncol), ncol=ncol))
+    written = ["samples.png", "samples.npz"]
+    if frames is not None:
+        k = min(args.n, 10)
+        training.write_gif(os.path.join(out, "denoising.gif"),
+                           [training.image_grid(f, ncol=k) for f in frames])
+        written.append("denoising.gif")
+    print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+    return 0
+
+
+def _pad_groups(images, all_labels, labels, ncol):
+    """Each label's images, padded with white tiles to whole rows of ncol (one label per row block)."""
+    rows = []
+    for y in labels:
+        group = images[all_labels == y]
+        blank = np.ones((-len(group) % ncol,) + images.shape[1:], dtype=images.dtype)
+        rows += [group, blank]
+    return np.concatenate(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# tinydiff eval: the metrics live in tinydiff/evaluate.py (imported only when asked for)
+
+
+def eval_command(parser, args):
+    try:
+        from tinydiff import evaluate
+    except ImportError as err:
+        print(f"tinydiff eval: evaluation is not available in this install ({err})", file=sys.stderr)
+        return 1
+    check_device(parser, args.device)
+    try:
+        images, labels = evaluate.load_samples(args.samples)
+        result = evaluate.evaluate(images, labels, device=args.device, name=args.samples)
+    except (ValueError, TypeError) as err:             # samples of the wrong shape, range, labels
+        print(f"tinydiff eval: error: {err}", file=sys.stderr)
+        return 1
+    print(evaluate.format_report(result, name=args.samples))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = f"tinydiff {args.command}"
+    try:
+        if args.command == "train":
+            flags = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
+            check_device(parser, flags.get("device", "cpu"), flags.get("kernels", "native"))
+            training.train(flags, resume=args.resume, progress=not args.quiet)
+            return 0
+        if args.command == "sample":
+            return sample_command(parser, args)
+        return eval_command(parser, args)
+    except training.ConfigError as err:
+        parser.error(str(err))                       # exit code 2, as for any bad argument
+    except (data.DataError, CheckpointError, training.TrainingDiverged, FileNotFoundError) as err:
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
