@@ -20,6 +20,7 @@
 // Benchmark: python benchmarks/bench_conv.py [--quick]        (the ContextUnet shapes, vs NumPy, PyTorch)
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <omp.h>
 
@@ -156,7 +157,12 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
     const int64_t P = OH * OW, npix = N * P;
 
     // B[(c,u,v)][(n,i,j)] = xp[n, c, s*i+u, s*j+v]: the panel's pixels lie in runs along output
-    // rows; for each k, each run is a copy of a piece of one row of xp.
+    // rows; for each k, each run is a copy of a piece of one row of xp, tap_offset[k] past the
+    // run's first pixel.
+    std::vector<int64_t> tap_offset(C * kh * kw);
+    for (int64_t c = 0, k = 0; c < C; ++c)
+        for (int64_t u = 0; u < kh; ++u)
+            for (int64_t v = 0; v < kw; ++v) tap_offset[k++] = (c * Hp + u) * Wp + v;
     auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {
         int64_t run_col[NR], run_len[NR];
         const T* run_src[NR];
@@ -168,20 +174,17 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             run_src[nruns] = xp + (n * C * Hp + i * stride) * Wp + jj * stride;
             j += len;
         }
-        int64_t c = k0 / (kh * kw), u = (k0 / kw) % kh, v = k0 % kw;
+        const int64_t* offset = tap_offset.data() + k0;
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
-            const int64_t offset = (c * Hp + u) * Wp + v;
-            for (int r = 0; r < nruns; ++r) {
-                const T* __restrict src = run_src[r] + offset;
-                T* __restrict dr = d + run_col[r];
+            for (int r = 0; r < nruns; ++r) {             // left to right: copy_vectors' overrun is rewritten
+                const T* __restrict src = run_src[r] + offset[kk];
                 if (stride == 1)
-                    for (int64_t t = 0; t < run_len[r]; ++t) dr[t] = src[t];
+                    copy_vectors(d + run_col[r], src, run_len[r]);
                 else
-                    for (int64_t t = 0; t < run_len[r]; ++t) dr[t] = src[t * stride];
+                    for (int64_t t = 0; t < run_len[r]; ++t) d[run_col[r] + t] = src[t * stride];
             }
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
-            if (++v == kw) { v = 0; if (++u == kh) { u = 0; ++c; } }
         }
     };
     // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
@@ -209,7 +212,10 @@ void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvS
     const int64_t Hp = (s.OH - 1) * s.stride + s.kh, Wp = (s.OW - 1) * s.stride + s.kw;
     AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, GEMM_MR) * GEMM_MR * K);
     pad_images(xp.data, x, s.N * s.C, s.H, s.W, Hp, Wp, s.pad, s.pad);
-    pack_a<T>(s.O, K, [&](int64_t o, int64_t k) { return w[o * K + k]; }, a.data);   // A = w (O x C*kh*kw)
+    std::vector<int64_t> rows(s.O), cols(K);                                         // A = w (O x C*kh*kw)
+    for (int64_t o = 0; o < s.O; ++o) rows[o] = o * K;
+    for (int64_t k = 0; k < K; ++k) cols[k] = k;
+    pack_a<T>(s.O, K, w, rows.data(), cols.data(), a.data);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < s.N; ++n)                                               // out = b
         for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
@@ -227,10 +233,11 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
         const int64_t Hp = s.H + kh - 1, Wp = s.W + kw - 1;
         AlignedBuffer<T> dp(s.N * O * Hp * Wp), a(ceil_div(C, GEMM_MR) * GEMM_MR * O * taps);
         pad_images(dp.data, dout, s.N * O, s.OH, s.OW, Hp, Wp, kh - 1 - s.pad, kw - 1 - s.pad);
-        pack_a<T>(C, O * taps, [&](int64_t c, int64_t k) {
-            const int64_t o = k / taps, u = kh - 1 - (k / kw) % kh, v = kw - 1 - k % kw;
-            return w[((o * C + c) * kh + u) * kw + v];
-        }, a.data);
+        std::vector<int64_t> rows(C), cols(O * taps);     // w[o, c, t'] with t' = taps-1-t: the flip
+        for (int64_t c = 0; c < C; ++c) rows[c] = c * taps;
+        for (int64_t o = 0; o < O; ++o)
+            for (int64_t t = 0; t < taps; ++t) cols[o * taps + t] = o * C * taps + taps - 1 - t;
+        pack_a<T>(C, O * taps, w, rows.data(), cols.data(), a.data);
         conv_gemm_padded(dx, a.data, C, dp.data, s.N, O, Hp, Wp, kh, kw, 1, s.H, s.W);
         return;
     }
@@ -239,7 +246,10 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
     constexpr int NR = gemm_nr<T>();
     const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P;
     AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O);
-    pack_a<T>(M, O, [&](int64_t row, int64_t o) { return w[o * M + row]; }, a.data);
+    std::vector<int64_t> rows(M), cols(O);                              // A[(c,u,v)][o] = w[o, (c,u,v)]
+    for (int64_t r = 0; r < M; ++r) rows[r] = r;
+    for (int64_t o = 0; o < O; ++o) cols[o] = o * M;
+    pack_a<T>(M, O, w, rows.data(), cols.data(), a.data);
     auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {   // B[o][(n,i,j)]
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
@@ -300,14 +310,16 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
         const int t = omp_get_thread_num(), team = omp_get_num_threads();
         T* a_block = a.data + int64_t(t) * m_pad * GEMM_KC;
         T* c_mine = partial.data + int64_t(t) * m_pad * n_pad;
-        alignas(64) T b_panel[GEMM_KC * NR];
+        alignas(64) T b_panel[GEMM_KC * NR + GEMM_SLACK];
         alignas(64) T tile[MR * NR];
         const int64_t q_begin = npix * t / team, q_end = npix * (t + 1) / team;
-        for (int64_t k0 = q_begin; k0 < q_end; k0 += GEMM_KC) {
-            const int64_t kc = std::min(GEMM_KC, q_end - k0);
-            for (int64_t kk = 0; kk < kc; ++kk)                          // A block: dt[q][o], panels of MR o's
-                for (int64_t o = 0; o < m_pad; ++o)
-                    a_block[(o / MR) * kc * MR + kk * MR + o % MR] = o < O ? dt.data[(k0 + kk) * O + o] : T(0);
+        const int64_t kc_max = gemm_kc(q_end - q_begin);
+        for (int64_t k0 = q_begin; k0 < q_end; k0 += kc_max) {
+            const int64_t kc = std::min(kc_max, q_end - k0);
+            for (int64_t ip = 0; ip < m_pad / MR; ++ip)                  // A block: dt[q][o], panels of MR o's
+                for (int64_t kk = 0; kk < kc; ++kk)
+                    for (int64_t i = 0, o = ip * MR; i < MR; ++i, ++o)
+                        a_block[(ip * kc + kk) * MR + i] = o < O ? dt.data[(k0 + kk) * O + o] : T(0);
             for (int64_t jp = 0; jp < n_panels; ++jp) {
                 int64_t run_col[NR], run_len[NR], run_off[NR];
                 int nruns = 0;
@@ -323,10 +335,7 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                     const int64_t q = k0 + kk, n = q / (s.OH * s.OW), i = q / s.OW % s.OH, j = q % s.OW;
                     const T* corner = xt.data + ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
                     T* __restrict d = b_panel + kk * NR;
-                    for (int r = 0; r < nruns; ++r) {
-                        const T* __restrict src = corner + run_off[r];
-                        for (int64_t tt = 0; tt < run_len[r]; ++tt) d[run_col[r] + tt] = src[tt];
-                    }
+                    for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], corner + run_off[r], run_len[r]);
                     for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
                 }
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip) {

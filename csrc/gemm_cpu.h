@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -35,7 +36,7 @@ constexpr int VEC_BYTES = 16;   // xmm; 16 registers
 constexpr int GEMM_MR = 6;
 #endif
 constexpr int GEMM_NV = 2;          // vectors per tile row
-constexpr int64_t GEMM_KC = 256;    // k steps per packed block: a B panel is 32 KiB with AVX-512
+constexpr int64_t GEMM_KC = 256;    // at most this many k steps per packed block (B panel: 32 KiB)
 
 template <typename T> struct VecOf;
 template <> struct VecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES))); };
@@ -46,14 +47,37 @@ template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// K is cut into equal blocks of at most GEMM_KC (576 -> 3 x 192, not 256 + 256 + 64)
+inline int64_t gemm_kc(int64_t K) { return ceil_div(K, ceil_div(K, GEMM_KC)); }
+
+// Copy n <= NR values (at most one row of a B panel) a whole vector at a time: up to one vector
+// minus one value past n is read and written. Only for buffers of our own with that much spare
+// room (GEMM_SLACK values at the end), where a later write covers the overrun: this turns the short
+// row copies of im2col into one or two vector moves. (No loop: GCC would make it a memcpy call.)
+constexpr int64_t GEMM_SLACK = VEC_BYTES;
+template <typename T>
+inline void copy_vectors(T* __restrict dst, const T* __restrict src, int64_t n) {
+    using V = Vec<T>;
+    constexpr int L = VEC_BYTES / int(sizeof(T));
+    static_assert(GEMM_NV == 2, "copy_vectors copies at most two vectors");
+    V v0, v1;
+    __builtin_memcpy(&v0, src, sizeof(V));                        // unaligned vector loads
+    __builtin_memcpy(dst, &v0, sizeof(V));
+    if (n > L) {
+        __builtin_memcpy(&v1, src + L, sizeof(V));
+        __builtin_memcpy(dst + L, &v1, sizeof(V));
+    }
+}
+
 // A block of memory aligned for vector loads (freed when it goes out of scope).
 template <typename T>
 struct AlignedBuffer {
     T* data;
     explicit AlignedBuffer(int64_t count) {
-        size_t bytes = (size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+        size_t bytes = (size_t(std::max<int64_t>(count, 1) + GEMM_SLACK) * sizeof(T) + 63) / 64 * 64;
         data = static_cast<T*>(std::aligned_alloc(64, bytes));
         if (!data) throw std::bad_alloc();
+        std::fill(data + count, data + count + GEMM_SLACK, T(0));  // the slack: read, never used
     }
     ~AlignedBuffer() { std::free(data); }
     AlignedBuffer(const AlignedBuffer&) = delete;
@@ -84,22 +108,24 @@ void gemm_micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
         for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + (i * NV + v) * L) = acc[i][v];
 }
 
-// Pack all of A (M x K), given element-wise by a_at(i, k), for gemm_packed_a: K is cut into
-// blocks of GEMM_KC, and each block into panels of MR rows, k-major; rows past M are zero.
-// The panel of rows ip*MR.. for the block starting at k0 is at  k0 * M_pad + ip * kc * MR.
-template <typename T, typename AAt>
-void pack_a(int64_t M, int64_t K, AAt a_at, T* a_packed) {
-    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR;
+// Pack all of A (M x K), A[i][k] = src[row_offset[i] + col_offset[k]] (any layout or flip of a
+// weight tensor), for gemm_packed_a: K is cut into blocks of gemm_kc(K), and each block into
+// panels of MR rows, k-major; rows past M are zero. The panel of rows ip*MR.. of the block that
+// starts at k0 is at  k0 * M_pad + ip * kc * MR.
+template <typename T>
+void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const int64_t* col_offset,
+            T* a_packed) {
+    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR, kc_max = gemm_kc(K);
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t kb = 0; kb < ceil_div(K, GEMM_KC); ++kb)
+    for (int64_t kb = 0; kb < ceil_div(K, kc_max); ++kb)
         for (int64_t ip = 0; ip < m_panels; ++ip) {
-            const int64_t k0 = kb * GEMM_KC, kc = std::min(GEMM_KC, K - k0);
+            const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
             T* dst = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
-            for (int64_t kk = 0; kk < kc; ++kk)
-                for (int i = 0; i < GEMM_MR; ++i) {
-                    const int64_t row = ip * GEMM_MR + i;
-                    dst[kk * GEMM_MR + i] = row < M ? a_at(row, k0 + kk) : T(0);
-                }
+            for (int i = 0; i < GEMM_MR; ++i) {
+                const int64_t row = ip * GEMM_MR + i;
+                for (int64_t kk = 0; kk < kc; ++kk)
+                    dst[kk * GEMM_MR + i] = row < M ? src[row_offset[row] + col_offset[k0 + kk]] : T(0);
+            }
         }
 }
 
@@ -114,16 +140,16 @@ void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int
                    PackB pack_b, Store store, bool parallel) {
     constexpr int NR = gemm_nr<T>();
     const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR;
-    const int64_t n_panels = ceil_div(j_end - j_begin, NR);
+    const int64_t n_panels = ceil_div(j_end - j_begin, NR), kc_max = gemm_kc(K);
 #pragma omp parallel if (parallel)
     {
-        alignas(64) T b_panel[GEMM_KC * NR];     // 32 KiB on each thread's stack
+        alignas(64) T b_panel[GEMM_KC * NR + GEMM_SLACK];     // 32 KiB on each thread's stack
         alignas(64) T tile[GEMM_MR * NR];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jp = 0; jp < n_panels; ++jp) {
             const int64_t j0 = j_begin + jp * NR, j1 = std::min<int64_t>(j0 + NR, j_end);
-            for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-                const int64_t kc = std::min(GEMM_KC, K - k0);
+            for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+                const int64_t kc = std::min(kc_max, K - k0);
                 pack_b(j0, j1, k0, kc, b_panel);
                 for (int64_t ip = 0; ip < m_panels; ++ip) {
                     gemm_micro_kernel<T>(kc, a_packed + k0 * m_pad + ip * kc * GEMM_MR, b_panel, tile);
