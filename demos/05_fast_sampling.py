@@ -1,0 +1,134 @@
+"""Lesson 4 (fast sampling): DDIM against DDPM at 10, 20, 50, 100 and T steps, timed and scored.
+
+    python demos/05_fast_sampling.py --checkpoint runs/digits                # ~5-10 minutes, 2-core CPU
+    python demos/05_fast_sampling.py --checkpoint runs/digits --per-class 20 # a steadier score, slower
+    python demos/05_fast_sampling.py --checkpoint runs/digits --device cuda
+    python demos/05_fast_sampling.py --tiny                                   # seconds (throwaway model)
+
+DDPM (Alg. 2) needs all T network calls: each step removes a little noise and adds some back.
+DDIM (arXiv:2010.02502, eq. 12) rewrites the same trained model's update so that it can jump
+between any two timesteps of a short subsequence t_1 > t_2 > ... (tinydiff.samplers.ddim_timesteps):
+
+    x0_hat  = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                 "predicted x0"
+    x_prev  = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
+    sigma   = eta sqrt((1 - alpha_bar_prev)/(1 - alpha_bar_t)) sqrt(1 - alpha_bar_t/alpha_bar_prev)   (eq. 16)
+
+(DDIM's alpha is DDPM's alpha_bar.) eta = 0 is deterministic DDIM; eta = 1 is DDPM's own
+stochastic update on the subsequence, so the "DDPM" rows below with fewer than T steps are
+DDIM with eta = 1, and the row at T steps is DDPM Alg. 2 itself (tinydiff.samplers.ddpm_sample).
+Every run starts from the same noise. Quality is tinydiff.evaluate: conditional accuracy, and the
+Frechet distance to held-out digits beside its real-data floor (ratio 1.0 = as close as real
+digits). With few samples (PER_CLASS per digit) the distance is noisy: use --per-class 20+ to
+compare close rows.
+
+Writes (in --out): fast_sampling.md (the table, also printed) and fast_sampling.png (one sample
+of each digit for every row of the table).
+"""
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from tinydiff import backend, cli, evaluate, train
+from tinydiff.checkpoint import load_weights
+from tinydiff.diffusion import NoiseSchedule
+from tinydiff.samplers import ddim_sample, ddpm_sample
+from tinydiff.tensor import no_grad
+
+STEPS = [10, 20, 50, 100]        # and T, the schedule's full length
+PER_CLASS = 5                    # samples per digit for each row of the table
+SEED = 0
+TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=1)
+
+
+def load_model(args):
+    """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
+    run = args.checkpoint
+    if run is None and args.tiny:
+        run = train.train(dict(TINY_RUN, out=os.path.join(args.out, "tiny_run"), device=args.device), progress=False)
+    run = run or "runs/digits"
+    if not os.path.exists(run):
+        raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")
+    cfg, weights = cli.find_weights(run)                       # config.json and the EMA weights
+    model = load_weights(train.model_from_config(cfg).to(args.device), weights).eval()
+    return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="DDPM vs DDIM: time and quality against steps.")
+    parser.add_argument("--checkpoint", default=None, help="run folder (default runs/digits)")
+    parser.add_argument("--per-class", type=int, default=PER_CLASS, help="samples per digit and row")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default="out/05_fast_sampling", help="folder for the table and picture")
+    parser.add_argument("--tiny", action="store_true", help="2 samples per digit, steps 2, 5 and T; "
+                        "without --checkpoint, train a throwaway tiny model first")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    model, schedule, cfg = load_model(args)
+    per_class = 2 if args.tiny else args.per_class
+    step_list = sorted({s for s in ([2, 5] if args.tiny else STEPS) if s < schedule.T} | {schedule.T})
+
+    labels = np.repeat(np.arange(cfg["num_classes"]), per_class)            # (N,)
+    context = backend.to_device(train.make_context(cfg, labels, cfg["num_classes"]), args.device)
+    shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])
+    classifier = evaluate.load_classifier(device=args.device)
+    rows, pictures = [], []
+    for steps in step_list:
+        for sampler in ("DDIM", "DDPM"):
+            start = time.time()
+            with no_grad():
+                if sampler == "DDIM":                                         # eta = 0: deterministic
+                    x = ddim_sample(model, schedule, shape, context, steps=steps, eta=0.0, seed=SEED,
+                                    device=args.device, objective=cfg["objective"])
+                elif steps == schedule.T:                                     # DDPM Alg. 2 itself
+                    x = ddpm_sample(model, schedule, shape, context, seed=SEED, device=args.device,
+                                    objective=cfg["objective"])
+                else:                                                         # DDPM's update, strided
+                    x = ddim_sample(model, schedule, shape, context, steps=steps, eta=1.0, seed=SEED,
+                                    device=args.device, objective=cfg["objective"])
+            seconds = time.time() - start
+            images = train.to_unit(backend.to_device(x, "cpu"))             # (N, 1, 16, 16) in [0, 1]
+            score = evaluate.evaluate(images, labels, classifier=classifier)
+            name = f"{sampler}{'' if sampler == 'DDIM' else ' (Alg. 2)' if steps == schedule.T else ' (eta=1)'}"
+            rows.append((name, steps, seconds, score))
+            pictures.append(images[::per_class])                            # one of each digit
+            print(f"{name:16s} {steps:4d} steps  {seconds:7.1f} s  accuracy {score['accuracy']:.1%}  "
+                  f"Frechet {score['frechet']:.2f} (floor {score['floor']:.2f}, {score['ratio']:.2f}x)")
+
+    # --- the table ------------------------------------------------------------------------------
+    device = args.device if args.device == "cpu" else f"cuda ({backend.cupy_module().cuda.runtime.getDeviceProperties(0)['name'].decode()})"
+    lines = [f"Model: {cfg['model']} n_feat {cfg['n_feat']}, T = {schedule.T} ({cfg['schedule']} schedule); "
+             f"{len(labels)} samples ({per_class} per digit), no guidance; machine: {platform.machine()}, "
+             f"{os.cpu_count()} CPU cores, device {device}.",
+             "",
+             "| sampler | steps | time (s) | ms / image | accuracy | Frechet | floor | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, steps, seconds, s in rows:
+        lines.append(f"| {name} | {steps} | {seconds:.1f} | {1000 * seconds / len(labels):.0f} | "
+                     f"{s['accuracy']:.1%} | {s['frechet']:.2f} | {s['floor']:.2f} | {s['ratio']:.2f}x |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "fast_sampling.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    print("\n" + table)
+
+    # --- the picture: one sample of each digit per row of the table ----------------------------------
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 0.9 * len(rows) + 0.4), squeeze=False)
+    for ax, (name, steps, seconds, s), images in zip(axes[:, 0], rows, pictures):
+        ax.imshow(train.image_grid(images, ncol=len(images), scale=1))
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(f"{name}\n{steps} steps", rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_title(f"{seconds:.1f} s, accuracy {s['accuracy']:.0%}, {s['ratio']:.2f}x floor", fontsize=7, loc="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "fast_sampling.png"), dpi=100)
+    plt.close(fig)
+    print(f"wrote {args.out}/fast_sampling.md and {args.out}/fast_sampling.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
