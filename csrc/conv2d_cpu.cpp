@@ -124,27 +124,32 @@ void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t 
 }
 
 // Channels-last copy of N images (C, H, W) into (Hp, Wp, C), shifted by (ph, pw), zeros around:
-// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. Tiles of 16 x 16 keep both sides in the L1 cache.
+// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. A transpose, in blocks of 16 channels x 16 pixels
+// that are read as rows of x and written as rows of xt through a small tile in the L1 cache.
 template <typename T>
 void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
                       int64_t Wp, int64_t ph, int64_t pw) {
+    constexpr int64_t B = 16;
     const int64_t HW = H * W;
     if (Hp != H || Wp != W || ph != 0 || pw != 0) std::fill(xt, xt + N * Hp * Wp * C, T(0));
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; ++n)
-        for (int64_t q0 = 0; q0 < HW; q0 += 16) {
-            T* rows[16];                                    // where the pixels q0.. start in xt
-            const int64_t q_end = std::min(q0 + 16, HW);
-            for (int64_t q = q0; q < q_end; ++q) {
-                const int64_t i = q / W + ph, j = q % W + pw;
-                rows[q - q0] = (i >= 0 && i < Hp && j >= 0 && j < Wp) ? xt + ((n * Hp + i) * Wp + j) * C : nullptr;
+        for (int64_t q0 = 0; q0 < HW; q0 += B) {
+            T* rows[B];                                     // where the pixels q0.. start in xt
+            const int64_t nq = std::min(B, HW - q0);
+            for (int64_t q = 0; q < nq; ++q) {
+                const int64_t i = (q0 + q) / W + ph, j = (q0 + q) % W + pw;
+                rows[q] = (i >= 0 && i < Hp && j >= 0 && j < Wp) ? xt + ((n * Hp + i) * Wp + j) * C : nullptr;
             }
-            for (int64_t c0 = 0; c0 < C; c0 += 16)
-                for (int64_t q = q0; q < q_end; ++q) {
-                    if (!rows[q - q0]) continue;
-                    for (int64_t c = c0; c < std::min(c0 + 16, C); ++c)
-                        rows[q - q0][c] = x[(n * C + c) * HW + q];
-                }
+            for (int64_t c0 = 0; c0 < C; c0 += B) {
+                const int64_t nc = std::min(B, C - c0);
+                T tile[B][B];                               // tile[c][q]
+                for (int64_t c = 0; c < nc; ++c)
+                    for (int64_t q = 0; q < B; ++q) tile[c][q] = q < nq ? x[(n * C + c0 + c) * HW + q0 + q] : T(0);
+                for (int64_t q = 0; q < nq; ++q)
+                    if (rows[q])
+                        for (int64_t c = 0; c < nc; ++c) rows[q][c0 + c] = tile[c][q];
+            }
         }
 }
 
@@ -244,34 +249,63 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
     // Stride > 1: dcols[(c,u,v)][(n,i,j)] = sum_o w[o,c,u,v] dout[n,o,i,j]   (A = w^T, B = dout)
     // then col2im: dx[n, c, s*i+u-p, s*j+v-p] += dcols, done tile by tile in `store`.
     constexpr int NR = gemm_nr<T>();
-    const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P;
-    AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O);
+    const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P, st = s.stride, H = s.H, W = s.W;
+    AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O), d_copy(s.N * O * P);
     std::vector<int64_t> rows(M), cols(O);                              // A[(c,u,v)][o] = w[o, (c,u,v)]
     for (int64_t r = 0; r < M; ++r) rows[r] = r;
     for (int64_t o = 0; o < O; ++o) cols[o] = o * M;
     pack_a<T>(M, O, w, rows.data(), cols.data(), a.data);
+    std::memcpy(d_copy.data, dout, s.N * O * P * sizeof(T));            // with room for copy_vectors
+    // each row (c,u,v) of dcols, and each pixel (n,i,j) of dout: where they land in dx
+    std::vector<int64_t> row_off(M), row_u(M), row_v(M), pix_j(npix), pix_h(npix), pix_off(npix);
+    for (int64_t r = 0; r < M; ++r) {
+        row_u[r] = r / kw % kh;
+        row_v[r] = r % kw;
+        row_off[r] = (r / taps) * H * W + row_u[r] * W + row_v[r];
+    }
+    for (int64_t q = 0; q < npix; ++q) {
+        const int64_t n = q / P, i = q % P / s.OW;
+        pix_j[q] = q % s.OW;
+        pix_h[q] = i * st - s.pad;
+        pix_off[q] = n * C * H * W + pix_h[q] * W + pix_j[q] * st - s.pad;
+    }
     auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {   // B[o][(n,i,j)]
+        int64_t run_col[NR], run_len[NR];
+        const T* run_src[NR];
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {                      // runs within one sample
+            const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
+            run_col[nruns] = j - j0;
+            run_len[nruns] = len;
+            run_src[nruns] = d_copy.data + (n * O + k0) * P + p;
+            j += len;
+        }
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
-            for (int64_t j = j0; j < j_end;) {                          // runs within one sample
-                const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
-                const T* __restrict src = dout + (n * O + k0 + kk) * P + p;
-                for (int64_t t = 0; t < len; ++t) d[j - j0 + t] = src[t];
-                j += len;
-            }
+            for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], run_src[r] + kk * P, run_len[r]);
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
         }
     };
     auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
-        for (int64_t r = 0; r < std::min<int64_t>(GEMM_MR, M - i0); ++r) {
-            const int64_t c = (i0 + r) / taps, u = (i0 + r) / kw % kh, v = (i0 + r) % kw;
-            for (int64_t j = j0; j < j_end; ++j) {
-                const int64_t n = j / P, h = (j % P) / s.OW * s.stride + u - s.pad;
-                const int64_t wi = (j % s.OW) * s.stride + v - s.pad;
-                if (h >= 0 && h < s.H && wi >= 0 && wi < s.W)
-                    dx[((n * C + c) * s.H + h) * s.W + wi] += tile[r * NR + (j - j0)];
-            }
+        int64_t run_col[NR], run_len[NR];                               // the pixels as runs along dout rows
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {
+            run_col[nruns] = j - j0;
+            run_len[nruns] = std::min(s.OW - pix_j[j], j_end - j);
+            j += run_len[nruns];
         }
+        for (int64_t r = i0; r < std::min<int64_t>(i0 + GEMM_MR, M); ++r)
+            for (int k = 0; k < nruns; ++k) {
+                const int64_t q = j0 + run_col[k], h = pix_h[q] + row_u[r];
+                if (h < 0 || h >= H) continue;
+                // the run's columns t that land inside dx: 0 <= w0 + t*st < W, w0 = s*j + v - p
+                const int64_t w0 = pix_j[q] * st + row_v[r] - s.pad;
+                const int64_t t_lo = w0 >= 0 ? 0 : (-w0 + st - 1) / st;
+                const int64_t t_hi = w0 >= W ? 0 : std::min(run_len[k], (W - 1 - w0) / st + 1);
+                T* __restrict dst = dx + pix_off[q] + row_off[r];
+                const T* __restrict src = tile + (r - i0) * NR + run_col[k];
+                for (int64_t t = t_lo; t < t_hi; ++t) dst[t * st] += src[t];
+            }
     };
     if (kh <= s.stride && kw <= s.stride) {
         // the taps do not overlap: every dx element comes from one (pixel, tap), so panels of
@@ -302,6 +336,12 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
     to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, s.OH, s.OW, 0, 0);
     to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);
     std::fill_n(partial.data, int64_t(nthreads) * m_pad * n_pad, T(0));
+    std::vector<int64_t> corner(npix);                 // where pixel q = (n,i,j)'s receptive field starts in xt
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t i = 0; i < s.OH; ++i)
+            for (int64_t j = 0; j < s.OW; ++j)
+                corner[(n * s.OH + i) * s.OW + j] = ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
 
     // the taps of a B panel, as runs of channels at one (u, v): offset into xt from a pixel's corner
     const int64_t n_panels = n_pad / NR;
@@ -332,10 +372,9 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                     j += len;
                 }
                 for (int64_t kk = 0; kk < kc; ++kk) {                    // B panel: xt at each pixel's taps
-                    const int64_t q = k0 + kk, n = q / (s.OH * s.OW), i = q / s.OW % s.OH, j = q % s.OW;
-                    const T* corner = xt.data + ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
+                    const T* field = xt.data + corner[k0 + kk];
                     T* __restrict d = b_panel + kk * NR;
-                    for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], corner + run_off[r], run_len[r]);
+                    for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], field + run_off[r], run_len[r]);
                     for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
                 }
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip) {
