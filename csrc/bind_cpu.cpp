@@ -22,7 +22,8 @@ using td::ConvShape;
 
 static std::string repr_type(const py::handle& obj) { return py::str(py::type::of(obj).attr("__name__")); }
 
-// The array `obj` as float32 ('f') or float64 ('d'), C-contiguous etc., with `ndim` axes (-1: any >= 1).
+// The array `obj` as float32 ('f') or float64 ('d'), C-contiguous etc., with `ndim` axes
+// (-1: at least one, the batch; -2: any number, even 0).
 static py::array array_arg(const py::object& obj, const char* fn, const char* name, int ndim) {
     const std::string where = std::string(fn) + ": " + name;
     if (!py::isinstance<py::array>(obj))
@@ -38,7 +39,7 @@ static py::array array_arg(const py::object& obj, const char* fn, const char* na
     if (ndim >= 0 && a.ndim() != ndim)
         throw py::value_error(where + " must have " + std::to_string(ndim) + " dimensions, got shape " +
                               std::string(py::str(obj.attr("shape"))));
-    if (ndim < 0 && a.ndim() < 1)
+    if (ndim == -1 && a.ndim() < 1)
         throw py::value_error(where + " must have at least one dimension (the batch), got a 0-d array");
     if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
         throw py::value_error(where + " must be C-contiguous (use numpy.ascontiguousarray)");
@@ -326,7 +327,7 @@ static py::array gelu_forward_t(const py::array& x) {
 }
 
 static py::array gelu_forward(const py::object& x_) {
-    py::array x = array_arg(x_, "gelu_forward", "x", -1);
+    py::array x = array_arg(x_, "gelu_forward", "x", -2);
     return is_f32(x) ? gelu_forward_t<float>(x) : gelu_forward_t<double>(x);
 }
 
@@ -341,8 +342,10 @@ static py::array gelu_backward_t(const py::array& dout, const py::array& x) {
 
 static py::array gelu_backward(const py::object& dout_, const py::object& x_) {
     const char* fn = "gelu_backward";
-    py::array dout = array_arg(dout_, fn, "dout", -1);
-    py::array x = like_arg(x_, dout, fn, "x", "dout");
+    py::array dout = array_arg(dout_, fn, "dout", -2);
+    py::array x = array_arg(x_, fn, "x", -2);
+    same_dtype(x, dout, fn, "x", "dout");
+    same_shape(x, dout, fn, "x", "dout");
     return is_f32(x) ? gelu_backward_t<float>(dout, x) : gelu_backward_t<double>(dout, x);
 }
 

@@ -116,6 +116,38 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------------
 # Compiled kernels
 
+
+def rebuild_if_stale():
+    """In a source checkout (csrc/ next to the package) whose tinydiff._C is older than one of its
+    C++ sources or headers, rebuild it in place, so that an editable install never runs stale
+    kernels. An installed package has no csrc/, an up-to-date build is left alone, and
+    TINYDIFF_REBUILD=0 turns the check off."""
+    import glob, subprocess, sys, sysconfig, warnings  # noqa: E401  (needed only here)
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
+    built = os.path.join(package, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    sources = glob.glob(os.path.join(root, "csrc", "*_cpu.cpp")) + glob.glob(os.path.join(root, "csrc", "*.h"))
+    stale = lambda: max(map(os.path.getmtime, sources)) > os.path.getmtime(built)  # noqa: E731
+    if os.environ.get("TINYDIFF_REBUILD") == "0" or not sources or not os.path.exists(built) or not stale():
+        return
+    os.makedirs(os.path.join(root, "build"), exist_ok=True)
+    with open(os.path.join(root, "build", "rebuild.lock"), "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)             # one rebuild at a time; the others wait for it
+        except ImportError:
+            pass
+        if not stale():
+            return
+        print("tinydiff: csrc/ changed since tinydiff._C was built; rebuilding it "
+              "(TINYDIFF_CUDA=0 python setup.py build_ext --inplace)", file=sys.stderr)
+        run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root,
+                             env={**os.environ, "TINYDIFF_CUDA": "0"}, capture_output=True, text=True)
+    if run.returncode != 0:
+        warnings.warn(f"tinydiff: rebuilding the C++ kernels failed, so tinydiff._C is stale:\n{run.stderr[-3000:]}")
+
+
+rebuild_if_stale()
 try:
     from tinydiff import _C as native
     native_error = None

@@ -3,7 +3,9 @@
 Each function here is the specification of a kernel in csrc/: the C++ (`tinydiff._C`) and
 CUDA (`tinydiff._C_cuda`) versions must give the same numbers, and tests check that they do.
 The public functions at the bottom choose: compiled kernels when they are built and selected
-(`TINYDIFF_KERNELS=native`, the default), else the reference.
+(`TINYDIFF_KERNELS=native`, the default), else the reference. `set_conv_version(name)` picks one
+of the compiled convolution versions (`tinydiff._C.conv2d_versions()`; the first, the fastest,
+is the default), so that tests and benchmarks can run each.
 
 Convolution (NCHW; weight (out, in, kh, kw) as in PyTorch; stride s, zero padding p):
     out[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * x_pad[n, c, s*i + u, s*j + v]
@@ -144,51 +146,88 @@ def compiled_module(array):
     return backend.cuda_kernels() if backend.is_cupy_array(array) else backend.native
 
 
+def _compiled(name, *arrays):
+    """The compiled kernel `name` for these arrays, or None: then the reference runs. The compiled
+    kernels take non-empty float32 or float64 arrays of one dtype; anything else (float16, an
+    empty batch) goes to the NumPy reference rather than to an error."""
+    mod = compiled_module(arrays[0])
+    if mod is None or not hasattr(mod, name):
+        return None
+    dtype = arrays[0].dtype
+    if dtype not in (np.float32, np.float64) or any(a.dtype != dtype or a.size == 0 for a in arrays if a is not None):
+        return None
+    return getattr(mod, name)
+
+
+# The convolution version each compiled module runs: None is the module's default (the first of
+# its conv2d_versions(), the fastest). Benchmarks and tests switch with set_conv_version.
+conv_version = {"cpu": None, "cuda": None}
+
+
+def set_conv_version(name, device="cpu"):
+    """Run the compiled convolutions of `device` ('cpu' or 'cuda') with version `name`, one of
+    that module's conv2d_versions(), or None for its default."""
+    if device not in conv_version:
+        raise ValueError(f"set_conv_version: device must be 'cpu' or 'cuda', got {device!r}")
+    if name is not None:
+        mod = backend.native if device == "cpu" else backend.cuda_kernels()
+        if mod is None:
+            raise RuntimeError(f"set_conv_version: no compiled kernels are built for {device}")
+        if name not in mod.conv2d_versions():
+            raise ValueError(f"set_conv_version: {device} has versions {mod.conv2d_versions()}, not {name!r}")
+    conv_version[device] = name
+
+
+def _version(array):
+    name = conv_version[backend.device_of(array)]
+    return {} if name is None else {"version": name}
+
+
 def conv2d_forward(x, w, b, stride, padding):
-    mod = compiled_module(x)
-    if mod is not None and hasattr(mod, "conv2d_forward"):
-        return mod.conv2d_forward(*_contiguous(x, w, b), stride, padding)
+    kernel = _compiled("conv2d_forward", x, w, b)
+    if kernel is not None:
+        return kernel(*_contiguous(x, w, b), stride, padding, **_version(x))
     return conv2d_forward_ref(x, w, b, stride, padding)
 
 
 def conv2d_backward_input(dout, w, input_hw, stride, padding):
-    mod = compiled_module(dout)
-    if mod is not None and hasattr(mod, "conv2d_backward_input"):
-        return mod.conv2d_backward_input(*_contiguous(dout, w), tuple(input_hw), stride, padding)
+    kernel = _compiled("conv2d_backward_input", dout, w)
+    if kernel is not None:
+        return kernel(*_contiguous(dout, w), tuple(input_hw), stride, padding, **_version(dout))
     return conv2d_backward_input_ref(dout, w, input_hw, stride, padding)
 
 
 def conv2d_backward_weight(dout, x, kernel_hw, stride, padding):
-    mod = compiled_module(dout)
-    if mod is not None and hasattr(mod, "conv2d_backward_weight"):
-        return mod.conv2d_backward_weight(*_contiguous(dout, x), tuple(kernel_hw), stride, padding)
+    kernel = _compiled("conv2d_backward_weight", dout, x)
+    if kernel is not None:
+        return kernel(*_contiguous(dout, x), tuple(kernel_hw), stride, padding, **_version(dout))
     return conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding)
 
 
-
 def q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar):
-    mod = compiled_module(x0)
-    if mod is not None and hasattr(mod, "q_sample"):
-        return mod.q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+    kernel = _compiled("q_sample", x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+    if kernel is not None:
+        return kernel(*_contiguous(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar))
     return q_sample_ref(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
 
 
 def ddpm_step(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond=None, guidance_scale=1.0):
-    mod = compiled_module(xt)
-    if mod is not None and hasattr(mod, "ddpm_step"):
-        return mod.ddpm_step(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond, guidance_scale)
+    kernel = _compiled("ddpm_step", xt, eps, z, coef_x, coef_eps, sigma, eps_uncond)
+    if kernel is not None:
+        return kernel(*_contiguous(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond), guidance_scale)
     return ddpm_step_ref(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond, guidance_scale)
 
 
 def ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, dir_coef,
               sigma, clip_x0=False, eps_uncond=None, guidance_scale=1.0):
     """Returns (x_prev, x0)."""
-    mod = compiled_module(xt)
-    if mod is not None and hasattr(mod, "ddim_step"):
-        return mod.ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev,
-                             dir_coef, sigma, clip_x0, eps_uncond, guidance_scale)
-    return ddim_step_ref(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev,
-                         dir_coef, sigma, clip_x0, eps_uncond, guidance_scale)
+    arrays = (xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, dir_coef, sigma)
+    kernel = _compiled("ddim_step", *arrays, eps_uncond)
+    if kernel is not None:
+        *arrays, eps_uncond = _contiguous(*arrays, eps_uncond)
+        return kernel(*arrays, bool(clip_x0), eps_uncond, guidance_scale)
+    return ddim_step_ref(*arrays, clip_x0, eps_uncond, guidance_scale)
+
 
 # ---------------------------------------------------------------------------------------------
 # GELU (exact erf form, as PyTorch's default): gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
@@ -229,14 +268,14 @@ def gelu_backward_ref(dout, x):
 
 
 def gelu_forward(x):
-    mod = compiled_module(x)
-    if mod is not None and hasattr(mod, "gelu_forward"):
-        return mod.gelu_forward(*_contiguous(x))
+    kernel = _compiled("gelu_forward", x)
+    if kernel is not None:
+        return kernel(*_contiguous(x))
     return gelu_forward_ref(x)
 
 
 def gelu_backward(dout, x):
-    mod = compiled_module(x)
-    if mod is not None and hasattr(mod, "gelu_backward"):
-        return mod.gelu_backward(*_contiguous(dout, x))
+    kernel = _compiled("gelu_backward", dout, x)
+    if kernel is not None:
+        return kernel(*_contiguous(dout, x))
     return gelu_backward_ref(dout, x)
