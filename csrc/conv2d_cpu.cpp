@@ -35,7 +35,8 @@ namespace td {
 template <typename T>
 void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
     const int64_t C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw;
-#pragma omp parallel for collapse(2) schedule(static)
+    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t n = 0; n < s.N; ++n)
         for (int64_t o = 0; o < s.O; ++o)
             for (int64_t i = 0; i < s.OH; ++i)
@@ -58,7 +59,8 @@ void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const Con
 template <typename T>
 void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s) {
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, OH = s.OH, OW = s.OW;
-#pragma omp parallel for collapse(2) schedule(static)
+    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t n = 0; n < s.N; ++n)
         for (int64_t c = 0; c < C; ++c)
             for (int64_t h = 0; h < s.H; ++h)
@@ -82,7 +84,8 @@ void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvSh
 template <typename T>
 void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvShape& s) {
     const int64_t C = s.C, H = s.H, W = s.W, O = s.O, kh = s.kh, kw = s.kw;
-#pragma omp parallel for collapse(2) schedule(static)
+    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t o = 0; o < O; ++o)
         for (int64_t c = 0; c < C; ++c)
             for (int64_t u = 0; u < kh; ++u)
@@ -111,7 +114,7 @@ template <typename T>
 void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t Hp, int64_t Wp,
                 int64_t ph, int64_t pw) {
     const int64_t j_lo = std::max<int64_t>(0, pw), j_hi = std::min(Wp, W + pw);   // columns that hold x
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (count * Hp * Wp >= PARALLEL_MIN_WORK)
     for (int64_t m = 0; m < count; ++m)
         for (int64_t i = 0; i < Hp; ++i) {
             T* dst = xp + (m * Hp + i) * Wp;
@@ -132,7 +135,7 @@ void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_
     constexpr int64_t B = 16;
     const int64_t HW = H * W;
     if (Hp != H || Wp != W || ph != 0 || pw != 0) std::fill(xt, xt + N * Hp * Wp * C, T(0));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (N * HW * C >= PARALLEL_MIN_WORK)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t q0 = 0; q0 < HW; q0 += B) {
             T* rows[B];                                     // where the pixels q0.. start in xt
@@ -205,7 +208,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             j += len;
         }
     };
-    gemm_packed_a<T>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, true);
+    gemm_packed_a<T>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, M * C * kh * kw * npix >= 32 * PARALLEL_MIN_WORK);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvS
     for (int64_t o = 0; o < s.O; ++o) rows[o] = o * K;
     for (int64_t k = 0; k < K; ++k) cols[k] = k;
     pack_a<T>(s.O, K, w, rows.data(), cols.data(), a.data);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (s.N * s.O * P >= PARALLEL_MIN_WORK)
     for (int64_t n = 0; n < s.N; ++n)                                               // out = b
         for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
     conv_gemm_padded(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
@@ -310,10 +313,10 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
     if (kh <= s.stride && kw <= s.stride) {
         // the taps do not overlap: every dx element comes from one (pixel, tap), so panels of
         // pixels can go to any thread
-        gemm_packed_a<T>(M, O, a.data, 0, npix, pack_b, store, true);
+        gemm_packed_a<T>(M, O, a.data, 0, npix, pack_b, store, M * O * npix >= 32 * PARALLEL_MIN_WORK);
     } else {
         // overlapping taps: one thread per sample, so that no two threads add into one dx element
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (M * O * npix >= 32 * PARALLEL_MIN_WORK)
         for (int64_t n = 0; n < s.N; ++n)
             gemm_packed_a<T>(M, O, a.data, n * P, (n + 1) * P, pack_b, store, false);
     }
@@ -330,14 +333,14 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, ntaps = kh * kw * C;
     const int64_t Hp = (s.OH - 1) * s.stride + kh, Wp = (s.OW - 1) * s.stride + kw;
     const int64_t npix = s.N * s.OH * s.OW, m_pad = ceil_div(O, MR) * MR, n_pad = ceil_div(ntaps, NR) * NR;
-    const int nthreads = omp_get_max_threads();
+    const int nthreads = O * ntaps * npix >= 32 * PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
     AlignedBuffer<T> dt(npix * O), xt(s.N * Hp * Wp * C);
     AlignedBuffer<T> a(int64_t(nthreads) * m_pad * GEMM_KC), partial(int64_t(nthreads) * m_pad * n_pad);
     to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, s.OH, s.OW, 0, 0);
     to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);
     std::fill_n(partial.data, int64_t(nthreads) * m_pad * n_pad, T(0));
     std::vector<int64_t> corner(npix);                 // where pixel q = (n,i,j)'s receptive field starts in xt
-#pragma omp parallel for collapse(3) schedule(static)
+#pragma omp parallel for collapse(3) schedule(static) if (npix >= PARALLEL_MIN_WORK)
     for (int64_t n = 0; n < s.N; ++n)
         for (int64_t i = 0; i < s.OH; ++i)
             for (int64_t j = 0; j < s.OW; ++j)
@@ -388,7 +391,7 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
         }
     }
     // dw[o, c, u, v] = sum over threads of partial[o][(u*kw + v)*C + c]
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (O * ntaps * nthreads >= PARALLEL_MIN_WORK)
     for (int64_t o = 0; o < O; ++o)
         for (int64_t c = 0; c < C; ++c)
             for (int64_t uv = 0; uv < kh * kw; ++uv) {

@@ -22,12 +22,14 @@
 
 namespace td {
 
+constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t(1) << 16;   // fewer: one thread (no team start-up)
+
 // Call body(b, lo, hi) on the elements [lo, hi) of sample b, over all batch * per_sample elements,
 // in chunks spread over the threads (a chunk may span samples; a sample may span chunks).
 template <typename Body>
 void for_each_sample_run(int64_t batch, int64_t per_sample, Body body) {
     const int64_t total = batch * per_sample, chunk = 1 << 14;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (total >= PARALLEL_MIN_ELEMENTS)
     for (int64_t start = 0; start < total; start += chunk) {
         const int64_t end = std::min(start + chunk, total);
         for (int64_t lo = start; lo < end;) {

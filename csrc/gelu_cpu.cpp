@@ -14,17 +14,19 @@
 
 namespace td {
 
+constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t(1) << 14;   // fewer: one thread (no team start-up)
+
 template <typename T>
 void gelu_forward_cpu(T* out, const T* x, int64_t n) {
     const T inv_sqrt2 = T(0.70710678118654752440);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_ELEMENTS)
     for (int64_t i = 0; i < n; ++i) out[i] = T(0.5) * x[i] * (T(1) + std::erf(x[i] * inv_sqrt2));
 }
 
 template <typename T>
 void gelu_backward_cpu(T* dx, const T* dout, const T* x, int64_t n) {
     const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_ELEMENTS)
     for (int64_t i = 0; i < n; ++i) {
         const T cdf = T(0.5) * (T(1) + std::erf(x[i] * inv_sqrt2));     // Phi(x)
         const T pdf = std::exp(T(-0.5) * x[i] * x[i]) * inv_sqrt_2pi;   // phi(x)

@@ -35,6 +35,9 @@ constexpr int GEMM_MR = 6;      // tile 6 x 2 vectors: 12 accumulators
 constexpr int VEC_BYTES = 16;   // xmm; 16 registers
 constexpr int GEMM_MR = 6;
 #endif
+// Below this much work (elements moved, or multiply-adds / 32) a loop runs on one thread: starting
+// the OpenMP team would cost more than it saves.
+constexpr int64_t PARALLEL_MIN_WORK = int64_t(1) << 16;
 constexpr int GEMM_NV = 2;          // vectors per tile row
 constexpr int64_t GEMM_KC = 256;    // at most this many k steps per packed block (B panel: 32 KiB)
 
@@ -48,7 +51,7 @@ template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // K is cut into equal blocks of at most GEMM_KC (576 -> 3 x 192, not 256 + 256 + 64)
-inline int64_t gemm_kc(int64_t K) { return ceil_div(K, ceil_div(K, GEMM_KC)); }
+inline int64_t gemm_kc(int64_t K) { return K <= GEMM_KC ? std::max<int64_t>(K, 1) : ceil_div(K, ceil_div(K, GEMM_KC)); }
 
 // Copy n <= NR values (at most one row of a B panel) a whole vector at a time: up to one vector
 // minus one value past n is read and written. Only for buffers of our own with that much spare
@@ -116,7 +119,7 @@ template <typename T>
 void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const int64_t* col_offset,
             T* a_packed) {
     const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR, kc_max = gemm_kc(K);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (M * K >= PARALLEL_MIN_WORK)
     for (int64_t kb = 0; kb < ceil_div(K, kc_max); ++kb)
         for (int64_t ip = 0; ip < m_panels; ++ip) {
             const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);

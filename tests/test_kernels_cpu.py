@@ -1,0 +1,477 @@
+"""Tests of the C++ kernels (tinydiff._C) against their NumPy references in tinydiff/kernels.py.
+
+1. Convolution: every version that _C.conv2d_versions() lists, forward, backward input and
+   backward weight, float32 and float64, on 120 random shapes (batch 1, odd and non-square
+   images and kernels, strides 1-4, padding 0-2, 1x1, 2x2 stride 2, 4x4 stride 4, sizes that
+   leave partial tiles and several K blocks), plus the transposed-convolution uses.
+2. The fused diffusion steps and GELU, with and without guidance and clipping.
+3. Float64 gradient checks of F.conv2d, F.conv_transpose2d and F.gelu through the native path.
+4. Bad arguments for every binding, and hypothesis property tests: random shapes, dtypes,
+   strides and layouts give either the reference's result or a TypeError/ValueError.
+5. The stale-build check of tinydiff.backend.
+
+Run:  python -m pytest tests/test_kernels_cpu.py -q       (-s prints the largest differences)
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tinydiff
+from tinydiff import F, Tensor, backend, gradcheck, kernels
+from tinydiff import _C  # the tests need the built extension: a failed build is a failure here
+
+VERSIONS = _C.conv2d_versions()
+DTYPES = (np.float32, np.float64)
+TOL = {np.float32: (1e-4, 1e-4), np.float64: (1e-10, 1e-10)}   # (rtol, atol) against float64 math
+
+
+def assert_close(got, want, dtype, what, tol=None):
+    """|got - want| <= atol + rtol |want| everywhere; prints the largest difference."""
+    rtol, atol = tol or TOL[dtype]
+    assert got.shape == want.shape and got.dtype == dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {dtype}"
+    err = np.abs(got.astype(np.float64) - want)
+    print(f"{what}: largest |difference| {err.max() if err.size else 0:.3g}")
+    bad = ~(err <= atol + rtol * np.abs(want))
+    if bad.any():
+        worst = np.unravel_index(np.argmax(np.where(bad, err, -1)), err.shape)
+        raise AssertionError(f"{what}: at {worst} got {got[worst]!r}, expected {want[worst]!r} "
+                             f"(|diff| {err[worst]:.3g}, rtol {rtol}, atol {atol})")
+
+
+def f64(*arrays):
+    return [None if a is None else a.astype(np.float64) for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Convolution
+
+FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
+    (1, 1, 1, 1, 1, 1, 1, 1, 0),        # one of everything
+    (1, 3, 7, 5, 4, 3, 3, 1, 1),        # batch 1, odd, non-square
+    (2, 3, 8, 8, 5, 2, 2, 2, 0),        # 2x2 stride 2 (UnetUp's transposed conv)
+    (2, 4, 8, 8, 3, 4, 4, 4, 0),        # 4x4 stride 4 (up0)
+    (2, 5, 9, 7, 6, 1, 1, 1, 0),        # 1x1
+    (1, 2, 6, 9, 3, 3, 5, 2, 2),        # non-square kernel, stride 2, padding 2
+    (3, 30, 6, 5, 20, 3, 3, 1, 1),      # C*kh*kw = 270: two K blocks; 20 outputs: a partial row panel
+    (3, 4, 12, 12, 9, 3, 3, 1, 1),      # 432 output pixels: many column panels, two pixel blocks
+    (2, 3, 16, 16, 4, 3, 3, 1, 1),      # 16-wide rows: whole-vector runs
+    (2, 3, 5, 5, 4, 3, 3, 3, 2),        # stride 3, padding 2
+    (1, 2, 3, 3, 2, 5, 5, 1, 2),        # kernel larger than the image
+    (2, 2, 4, 4, 3, 3, 3, 2, 1),        # stride 2 with overlapping taps
+    (1, 1, 2, 9, 2, 1, 4, 1, 0),
+    (2, 70, 3, 3, 3, 3, 3, 1, 1),       # C*kh*kw = 630: three K blocks
+]
+
+
+def conv_configs(count=120, seed=0):
+    rng = np.random.default_rng(seed)
+    configs = list(FIXED_CONFIGS)
+    while len(configs) < count:
+        n, c, o = rng.integers(1, 4), rng.integers(1, 7), rng.integers(1, 11)
+        h, w = rng.integers(1, 12, size=2)
+        kh, kw = rng.integers(1, 6, size=2)
+        stride, pad = rng.integers(1, 5), rng.integers(0, 3)
+        if h + 2 * pad >= kh and w + 2 * pad >= kw:
+            configs.append(tuple(int(v) for v in (n, c, h, w, o, kh, kw, stride, pad)))
+    return configs
+
+
+CONFIGS = conv_configs()
+
+
+def conv_inputs(config, dtype, seed):
+    n, c, h, w, o, kh, kw, s, p = config
+    rng = np.random.default_rng(seed)
+    oh, ow = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+    return (rng.standard_normal((n, c, h, w)).astype(dtype), rng.standard_normal((o, c, kh, kw)).astype(dtype),
+            rng.standard_normal(o).astype(dtype), rng.standard_normal((n, o, oh, ow)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_conv2d_every_pass_on_random_shapes(version, dtype):
+    assert len(CONFIGS) >= 100
+    for i, config in enumerate(CONFIGS):
+        n, c, h, w, o, kh, kw, s, p = config
+        x, wt, b, dout = conv_inputs(config, dtype, seed=i)
+        bias = b if i % 2 else None
+        where = f"{version} {np.dtype(dtype).name} config {config}"
+        assert_close(_C.conv2d_forward(x, wt, bias, s, p, version=version),
+                     kernels.conv2d_forward_ref(*f64(x, wt, bias), s, p), dtype, f"{where} forward")
+        assert_close(_C.conv2d_backward_input(dout, wt, (h, w), s, p, version=version),
+                     kernels.conv2d_backward_input_ref(*f64(dout, wt), (h, w), s, p), dtype, f"{where} dx")
+        assert_close(_C.conv2d_backward_weight(dout, x, (kh, kw), s, p, version=version),
+                     kernels.conv2d_backward_weight_ref(*f64(dout, x), (kh, kw), s, p), dtype, f"{where} dw")
+
+
+# The transposed convolution (functional.py): forward = backward input with the output size given,
+# backward = forward, and backward weight with the roles of dout and x swapped.
+CONVT_CONFIGS = [  # (N, C_in, h, w, C_out, k, stride, padding)
+    (2, 8, 1, 1, 6, 4, 4, 0),          # up0: 1x1 -> 4x4
+    (2, 12, 4, 4, 5, 2, 2, 0),         # up1: 4x4 -> 8x8
+    (1, 6, 3, 5, 4, 3, 2, 1),          # overlapping taps
+    (3, 4, 5, 4, 3, 3, 1, 1),          # stride 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("config", CONVT_CONFIGS)
+def test_conv_transpose2d_uses(config, version, dtype):
+    n, cin, h, w, cout, k, s, p = config
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+    wt = rng.standard_normal((cin, cout, k, k)).astype(dtype)
+    hout, wout = (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k
+    dout = rng.standard_normal((n, cout, hout, wout)).astype(dtype)
+    assert_close(_C.conv2d_backward_input(x, wt, (hout, wout), s, p, version=version),
+                 kernels.conv2d_backward_input_ref(*f64(x, wt), (hout, wout), s, p), dtype, "convT forward")
+    assert_close(_C.conv2d_forward(dout, wt, None, s, p, version=version),
+                 kernels.conv2d_forward_ref(*f64(dout, wt), None, s, p), dtype, "convT dx")
+    assert_close(_C.conv2d_backward_weight(x, dout, (k, k), s, p, version=version),
+                 kernels.conv2d_backward_weight_ref(*f64(x, dout), (k, k), s, p), dtype, "convT dw")
+
+
+def test_versions_agree_on_a_contextunet_shape():
+    """A 64 -> 64 channel 3x3 convolution on 16x16 maps, as the ContextUnet's, in every version."""
+    x, w, b, dout = conv_inputs((2, 64, 16, 16, 64, 3, 3, 1, 1), np.float32, seed=3)
+    want = kernels.conv2d_forward_ref(*f64(x, w, b), 1, 1)
+    for version in VERSIONS:
+        assert_close(_C.conv2d_forward(x, w, b, 1, 1, version=version), want, np.float32, version, (1e-4, 2e-4))
+
+
+def test_conv2d_versions_lists_the_default_first():
+    assert VERSIONS[0] == "gemm" and "direct" in VERSIONS and len(set(VERSIONS)) == len(VERSIONS)
+    x, w, b, _ = conv_inputs((1, 2, 5, 5, 3, 3, 3, 1, 1), np.float64, seed=0)
+    assert np.array_equal(_C.conv2d_forward(x, w, b, 1, 1), _C.conv2d_forward(x, w, b, 1, 1, version=VERSIONS[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Diffusion steps and GELU
+
+STEP_SHAPES = [(1, 1), (3, 1, 5, 7), (4, 3, 16, 16), (2, 70001), (5,)]
+
+
+def step_inputs(shape, dtype, count, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(shape).astype(dtype) for _ in range(count)]
+    coefs = [rng.uniform(0.05, 1.5, shape[0]).astype(dtype) for _ in range(5)]
+    return arrays, coefs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_q_sample(shape, dtype):
+    (x0, eps), (sa, sb, *_) = step_inputs(shape, dtype, 2)
+    assert_close(_C.q_sample(x0, eps, sa, sb), kernels.q_sample_ref(*f64(x0, eps, sa, sb)), dtype, "q_sample")
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_ddpm_step(shape, dtype, guided):
+    (xt, eps, z, uncond), (cx, ce, sigma, *_) = step_inputs(shape, dtype, 4)
+    uncond, scale = (uncond, 3.5) if guided else (None, 1.0)
+    want = kernels.ddpm_step_ref(*f64(xt, eps, z, cx, ce, sigma, uncond), scale)
+    assert_close(_C.ddpm_step(xt, eps, z, cx, ce, sigma, uncond, scale), want, dtype, "ddpm_step")
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_ddim_step(shape, dtype, guided, clip):
+    (xt, eps, z, uncond), coefs = step_inputs(shape, dtype, 4)
+    uncond, scale = (uncond, 2.0) if guided else (None, 1.0)
+    want_prev, want_x0 = kernels.ddim_step_ref(*f64(xt, eps, z, *coefs), clip, *f64(uncond), scale)
+    x_prev, x0 = _C.ddim_step(xt, eps, z, *coefs, clip, uncond, scale)
+    assert_close(x_prev, want_prev, dtype, "ddim x_prev")
+    assert_close(x0, want_x0, dtype, "ddim x0")
+    if clip:
+        assert np.abs(x0).max() <= 1
+
+
+def test_steps_use_each_samples_own_coefficients():
+    x0 = np.ones((3, 2, 2), np.float32)
+    xt = _C.q_sample(x0, np.zeros_like(x0), np.array([1, 2, 3], np.float32), np.zeros(3, np.float32))
+    assert np.array_equal(xt[:, 0, 0], [1, 2, 3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(), (1,), (7, 3), (2, 64, 16, 16)])
+def test_gelu(shape, dtype):
+    rng = np.random.default_rng(2)
+    x = np.asarray(rng.standard_normal(shape) * 3, dtype=dtype)       # shape (): a 0-d array
+    dout = np.asarray(rng.standard_normal(shape), dtype=dtype)
+    tol = (1e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
+    assert_close(_C.gelu_forward(x), kernels.gelu_forward_ref(x.astype(np.float64)), dtype, "gelu_forward", tol)
+    assert_close(_C.gelu_backward(dout, x), kernels.gelu_backward_ref(*f64(dout, x)), dtype, "gelu_backward", tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Gradient checks through the dispatched native path
+
+
+@pytest.fixture
+def native_kernels():
+    before = backend.get_kernels()
+    tinydiff.set_kernels("native")
+    yield
+    tinydiff.set_kernels(before)
+    kernels.set_conv_version(None)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gradcheck_conv2d_native(native_kernels, version):
+    kernels.set_conv_version(version)
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((2, 2, 5, 4)), requires_grad=True)
+    w = Tensor(rng.standard_normal((3, 2, 3, 2)), requires_grad=True)
+    b = Tensor(rng.standard_normal(3), requires_grad=True)
+    assert kernels._compiled("conv2d_forward", x.data, w.data, b.data) is not None   # really native
+    assert gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1), [x, w, b])
+    assert gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=1, padding=2), [x, w, b])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gradcheck_conv_transpose2d_native(native_kernels, version):
+    kernels.set_conv_version(version)
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((2, 3, 3, 2)), requires_grad=True)
+    b = Tensor(rng.standard_normal(2), requires_grad=True)
+    for k, s, p in [(2, 2, 0), (3, 2, 1), (3, 1, 1)]:
+        w = Tensor(rng.standard_normal((3, 2, k, k)), requires_grad=True)
+        assert gradcheck(lambda x, w, b: F.conv_transpose2d(x, w, b, stride=s, padding=p), [x, w, b])
+
+
+def test_gradcheck_gelu_native(native_kernels):
+    x = Tensor(np.random.default_rng(6).standard_normal((3, 5)) * 2, requires_grad=True)
+    assert kernels._compiled("gelu_forward", x.data) is not None
+    assert gradcheck(F.gelu, [x])
+
+
+def test_dispatch_falls_back_to_the_reference(native_kernels):
+    x16 = np.ones((2, 3), np.float16)
+    assert kernels._compiled("gelu_forward", x16) is None
+    assert kernels.gelu_forward(x16).dtype == kernels.gelu_forward_ref(x16).dtype
+    empty = np.zeros((0, 2, 4, 4), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    assert kernels.conv2d_forward(empty, w, None, 1, 1).shape == (0, 3, 4, 4)
+    view = np.ones((4, 2, 5, 5), np.float32).transpose(0, 1, 3, 2)   # not C-contiguous: copied first
+    assert_close(kernels.conv2d_forward(view, w, None, 1, 1),
+                 kernels.conv2d_forward_ref(*f64(view, w), None, 1, 1), np.float32, "view")
+
+
+def test_set_conv_version_checks_the_name():
+    with pytest.raises(ValueError, match="not 'fastest'"):
+        kernels.set_conv_version("fastest")
+    with pytest.raises(ValueError, match="device"):
+        kernels.set_conv_version(VERSIONS[0], device="tpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad arguments
+
+X = np.ones((2, 3, 6, 6), np.float32)
+W = np.ones((4, 3, 3, 3), np.float32)
+B = np.ones(4, np.float32)
+DOUT = np.ones((2, 4, 6, 6), np.float32)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: _C.conv2d_forward(X.astype(np.float16), W, B, 1, 1), TypeError, "x must be a float32 or float64"),
+    (lambda: _C.conv2d_forward(X, W.astype(np.float64), B, 1, 1), TypeError, "w has dtype float64"),
+    (lambda: _C.conv2d_forward(X, W, B.astype(np.float64), 1, 1), TypeError, "b has dtype"),
+    (lambda: _C.conv2d_forward(X.tolist(), W, B, 1, 1), TypeError, "x must be a numpy.ndarray"),
+    (lambda: _C.conv2d_forward(X.astype(">f4"), W, B, 1, 1), TypeError, "native byte order"),
+    (lambda: _C.conv2d_forward(X.transpose(0, 1, 3, 2), W, B, 1, 1), ValueError, "x must be C-contiguous"),
+    (lambda: _C.conv2d_forward(X[0], W, B, 1, 1), ValueError, "x must have 4 dimensions"),
+    (lambda: _C.conv2d_forward(X, W[:, :2].copy(), B, 1, 1), ValueError, "input channels"),
+    (lambda: _C.conv2d_forward(X, W, B[:3].copy(), 1, 1), ValueError, "b has 3 values"),
+    (lambda: _C.conv2d_forward(X[:0], W, B, 1, 1), ValueError, "x is empty"),
+    (lambda: _C.conv2d_forward(X, W, B, 0, 1), ValueError, "stride must be in"),
+    (lambda: _C.conv2d_forward(X, W, B, -2, 1), ValueError, "stride"),
+    (lambda: _C.conv2d_forward(X, W, B, 1, -1), ValueError, "padding must be in"),
+    (lambda: _C.conv2d_forward(X, W, B, 1.0, 1), TypeError, "stride must be an int"),
+    (lambda: _C.conv2d_forward(X, W, B, True, 1), TypeError, "stride must be an int"),
+    (lambda: _C.conv2d_forward(X, W, B, 1, 2 ** 40), ValueError, "padding"),
+    (lambda: _C.conv2d_forward(X, np.ones((4, 3, 9, 9), np.float32), B, 1, 1), ValueError, "kernel size 9"),
+    (lambda: _C.conv2d_forward(X, W, B, 1, 1, version="fast"), ValueError, "unknown version 'fast'"),
+    (lambda: _C.conv2d_forward(X, W, B, 1, 1, version=0), TypeError, "version must be a str"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, (6, 6), 1, 1, version="x"), ValueError, "unknown version"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, (7, 6), 1, 1), ValueError, "input_hw (7, 6)"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, (6,), 1, 1), TypeError, "input_hw must be a pair"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, (6, 0), 1, 1), ValueError, "input_hw must be in"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, "ab", 1, 1), TypeError, "input_hw must be a pair"),
+    (lambda: _C.conv2d_backward_input(DOUT[:, :3].copy(), W, (6, 6), 1, 1), ValueError, "output channels"),
+    (lambda: _C.conv2d_backward_input(DOUT, W.astype(np.float64), (6, 6), 1, 1), TypeError, "w has dtype"),
+    (lambda: _C.conv2d_backward_input(DOUT, W, (6, 6), 0, 1), ValueError, "stride"),
+    (lambda: _C.conv2d_backward_weight(DOUT, X, (3, 3), 1, 0), ValueError, "dout's size 6x6"),
+    (lambda: _C.conv2d_backward_weight(DOUT, X[:1].copy(), (3, 3), 1, 1), ValueError, "dout has batch 2"),
+    (lambda: _C.conv2d_backward_weight(DOUT, X, (3, 3.0), 1, 1), TypeError, "kernel_hw must be an int"),
+    (lambda: _C.conv2d_backward_weight(DOUT, X, (3, 3), 1, -1), ValueError, "padding"),
+    (lambda: _C.conv2d_backward_weight(DOUT, X.astype(np.int32), (3, 3), 1, 1), TypeError, "x must be a float32"),
+    (lambda: _C.conv2d_backward_weight(DOUT[..., ::2], X, (3, 3), 1, 1), ValueError, "dout must be C-contiguous"),
+])
+def test_conv_bindings_refuse_bad_arguments(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+
+
+XT = np.ones((3, 2, 4), np.float32)
+CO = np.ones(3, np.float32)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: _C.q_sample(XT, XT, CO, CO[:2].copy()), ValueError, "sqrt_one_minus_alpha_bar has 2 values"),
+    (lambda: _C.q_sample(XT, XT[:2].copy(), CO, CO), ValueError, "eps has shape"),
+    (lambda: _C.q_sample(XT, XT.astype(np.float64), CO, CO), TypeError, "eps has dtype"),
+    (lambda: _C.q_sample(XT, XT, CO.astype(np.float64), CO), TypeError, "sqrt_alpha_bar has dtype"),
+    (lambda: _C.q_sample(XT, XT, CO.reshape(3, 1), CO), ValueError, "sqrt_alpha_bar must have 1 dimensions"),
+    (lambda: _C.q_sample(np.float32(1), XT, CO, CO), TypeError, "x0 must be a numpy.ndarray"),
+    (lambda: _C.q_sample(np.ones((), np.float32), XT, CO, CO), ValueError, "x0 must have at least one"),
+    (lambda: _C.q_sample(XT[:0], XT[:0], CO[:0], CO[:0]), ValueError, "x0 is empty"),
+    (lambda: _C.q_sample(XT.transpose(0, 2, 1), XT, CO, CO), ValueError, "x0 must be C-contiguous"),
+    (lambda: _C.ddpm_step(XT, XT, XT, CO, CO, CO, XT[:, :1].copy(), 2.0), ValueError, "eps_uncond has shape"),
+    (lambda: _C.ddpm_step(XT, XT, XT, CO, CO, CO, None, "2"), TypeError, "guidance_scale must be a number"),
+    (lambda: _C.ddpm_step(XT, XT, XT.astype(np.float64), CO, CO, CO), TypeError, "z has dtype"),
+    (lambda: _C.ddpm_step(XT, XT, XT, CO, np.ones(4, np.float32), CO), ValueError, "coef_eps has 4 values"),
+    (lambda: _C.ddim_step(XT, XT, XT, CO, CO, CO, CO, CO, 1), TypeError, "clip_x0 must be a bool"),
+    (lambda: _C.ddim_step(XT, XT, XT, CO, CO, CO, CO[:1].copy(), CO), ValueError, "dir_coef has 1 values"),
+    (lambda: _C.ddim_step(XT, XT, XT, CO, CO, CO, CO, CO, False, XT.astype(np.float64)), TypeError, "eps_uncond"),
+    (lambda: _C.gelu_forward(XT.astype(np.int64)), TypeError, "x must be a float32"),
+    (lambda: _C.gelu_forward(XT[:, :, ::2]), ValueError, "x must be C-contiguous"),
+    (lambda: _C.gelu_backward(XT, XT[:2].copy()), ValueError, "x has shape"),
+    (lambda: _C.gelu_backward(XT, XT.astype(np.float64)), TypeError, "x has dtype"),
+])
+def test_step_and_gelu_bindings_refuse_bad_arguments(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_unaligned_arrays_are_refused():
+    raw = np.zeros(4 * 3 * 6 * 6 + 1, np.float32).view(np.uint8)[2:2 + 4 * 2 * 3 * 6 * 6]
+    x = raw.view(np.float32).reshape(2, 3, 6, 6)                  # C-contiguous, misaligned by 2 bytes
+    assert not x.flags.aligned
+    with pytest.raises(ValueError, match="x must be aligned"):
+        _C.conv2d_forward(x, W, B, 1, 1)
+
+
+# Hypothesis: either the reference's result, or a TypeError/ValueError exactly when a rule is broken.
+
+def layout(array, kind):
+    """The same values as a C-contiguous array, a transposed view or a strided slice."""
+    if kind == "transposed" and array.ndim >= 2:
+        return np.ascontiguousarray(np.swapaxes(array, -1, -2)).swapaxes(-1, -2)
+    if kind == "sliced":
+        return np.repeat(array, 2, axis=-1)[..., ::2]
+    return array
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 3), c=st.integers(0, 3), h=st.integers(0, 7), w=st.integers(1, 7), o=st.integers(1, 4),
+       kh=st.integers(1, 4), kw=st.integers(0, 4), stride=st.integers(-1, 3), pad=st.integers(-1, 2),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int32]), w64=st.booleans(),
+       kind=st.sampled_from(["contiguous", "contiguous", "transposed", "sliced"]),
+       which=st.sampled_from(["forward", "input", "weight"]), version=st.sampled_from(VERSIONS))
+def test_conv_bindings_property(n, c, h, w, o, kh, kw, stride, pad, dtype, w64, kind, which, version):
+    rng = np.random.default_rng(0)
+    x = layout(rng.standard_normal((n, c, h, w)).astype(dtype), kind)
+    wt = rng.standard_normal((o, c, kh, kw)).astype(np.float64 if w64 else dtype)
+    fits = stride >= 1 and pad >= 0 and h + 2 * pad >= kh and w + 2 * pad >= kw
+    oh, ow = ((h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1) if fits else (1, 1)
+    dout = layout(rng.standard_normal((n, o, oh, ow)).astype(dtype), kind)
+    used = {"forward": (x, wt), "input": (dout, wt), "weight": (dout, x)}[which]
+    valid = (fits and min(n, c, h, w, o, kh, kw) > 0 and dtype in (np.float32, np.float64)
+             and wt.dtype == dtype and all(a.flags.c_contiguous for a in used))
+    try:
+        if which == "forward":
+            got = _C.conv2d_forward(x, wt, None, stride, pad, version=version)
+        elif which == "input":
+            got = _C.conv2d_backward_input(dout, wt, (h, w), stride, pad, version=version)
+        else:
+            got = _C.conv2d_backward_weight(dout, x, (kh, kw), stride, pad, version=version)
+    except (TypeError, ValueError):
+        assert not valid
+        return
+    assert valid, "a bad argument was accepted"
+    if which == "forward":
+        want = kernels.conv2d_forward_ref(*f64(x, wt), None, stride, pad)
+    elif which == "input":
+        want = kernels.conv2d_backward_input_ref(*f64(dout, wt), (h, w), stride, pad)
+    else:
+        want = kernels.conv2d_backward_weight_ref(*f64(dout, x), (kh, kw), stride, pad)
+    assert_close(got, want, dtype, which)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=4), coef_len=st.integers(0, 6),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16]), coef64=st.booleans(),
+       kind=st.sampled_from(["contiguous", "contiguous", "transposed", "sliced"]),
+       which=st.sampled_from(["q_sample", "ddpm", "ddim", "gelu"]), guided=st.booleans(), clip=st.booleans())
+def test_step_bindings_property(shape, coef_len, dtype, coef64, kind, which, guided, clip):
+    rng = np.random.default_rng(1)
+    shape = tuple(shape)
+    xs = [layout(rng.standard_normal(shape).astype(dtype), kind) for _ in range(4)]
+    coef_dtype = np.float64 if coef64 else dtype
+    coefs = [rng.uniform(0.1, 1, coef_len).astype(coef_dtype) for _ in range(5)]
+    used = xs[:1] if which == "gelu" else xs[:2] if which == "q_sample" else xs[:4] if guided else xs[:3]
+    float_ok = dtype in (np.float32, np.float64) and all(x.flags.c_contiguous for x in used)
+    batch_ok = len(shape) >= 1 and coef_len == shape[0] and coef_dtype == dtype and int(np.prod(shape)) > 0
+    uncond, scale = (xs[3], 1.5) if guided else (None, 1.0)
+    try:
+        if which == "q_sample":
+            got, want = _C.q_sample(xs[0], xs[1], *coefs[:2]), kernels.q_sample_ref(*f64(*xs[:2], *coefs[:2]))
+        elif which == "ddpm":
+            got = _C.ddpm_step(*xs[:3], *coefs[:3], uncond, scale)
+            want = kernels.ddpm_step_ref(*f64(*xs[:3], *coefs[:3], uncond), scale)
+        elif which == "ddim":
+            got = _C.ddim_step(*xs[:3], *coefs, clip, uncond, scale)[0]
+            want = kernels.ddim_step_ref(*f64(*xs[:3], *coefs), clip, *f64(uncond), scale)[0]
+        else:
+            got, want = _C.gelu_forward(xs[0]), kernels.gelu_forward_ref(xs[0].astype(np.float64))
+    except (TypeError, ValueError):
+        assert not (float_ok and (batch_ok or (which == "gelu" and int(np.prod(shape)) > 0)))
+        return
+    assert float_ok and (batch_ok or which == "gelu"), "a bad argument was accepted"
+    assert_close(got, want, dtype, which, (1e-4, 1e-5) if which == "gelu" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The stale-build check
+
+
+def test_rebuild_if_stale_leaves_an_up_to_date_build_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: calls.append(a))
+    backend.rebuild_if_stale()                        # the module imported above is up to date
+    assert calls == []
+
+
+def test_rebuild_if_stale_rebuilds_the_cpu_extension_when_a_source_is_newer(monkeypatch, capsys):
+    calls = []
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    def fake_run(cmd, cwd, env, **kwargs):
+        calls.append((cmd, cwd, env["TINYDIFF_CUDA"]))
+        return Done()
+    real_getmtime = os.path.getmtime
+    monkeypatch.setattr("subprocess.run", fake_run)
+    monkeypatch.setattr(os.path, "getmtime", lambda p: real_getmtime(p) + (1e6 if p.endswith(".h") else 0))
+    backend.rebuild_if_stale()
+    assert len(calls) == 1
+    cmd, cwd, cuda = calls[0]
+    assert cmd[1:] == ["setup.py", "build_ext", "--inplace"] and cuda == "0"
+    assert os.path.exists(os.path.join(cwd, "csrc", "bind_cpu.cpp"))
+    assert "rebuilding" in capsys.readouterr().err
+    monkeypatch.setenv("TINYDIFF_REBUILD", "0")
+    calls.clear()
+    backend.rebuild_if_stale()
+    assert calls == []
