@@ -1,0 +1,86 @@
+"""Fused diffusion steps and GELU: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+
+    python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
+    python benchmarks/bench_steps.py --quick    # a smoke test of seconds
+
+Each step reads its inputs and writes its outputs once: "GB/s" counts exactly those bytes
+(the per-sample coefficients are negligible), so it can be set beside the machine's own array
+copy bandwidth (np.copyto on 1M elements, measured in the same run; bytes read + written).
+The NumPy reference evaluates the same formula one operator at a time, a pass over memory each.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import best_time, copy_gbs, load_torch, machine_line, markdown_table  # noqa: E402
+
+from tinydiff import _C, kernels  # noqa: E402
+
+
+def cases(shape, dtype):
+    """name -> (arrays read + written, {impl: closure})"""
+    rng = np.random.default_rng(0)
+    b = shape[0]
+    xt, eps, z, unc, x0 = (rng.standard_normal(shape, dtype=dtype) for _ in range(5))
+    c = [rng.uniform(0.1, 1.0, b).astype(dtype) for _ in range(5)]
+    out = {
+        "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
+                         "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
+        "ddpm_step": (4, {"C++": lambda: _C.ddpm_step(xt, eps, z, c[0], c[1], c[2]),
+                          "numpy": lambda: kernels.ddpm_step_ref(xt, eps, z, c[0], c[1], c[2])}),
+        "ddpm_step + CFG": (5, {"C++": lambda: _C.ddpm_step(xt, eps, z, c[0], c[1], c[2], unc, 3.0),
+                                "numpy": lambda: kernels.ddpm_step_ref(xt, eps, z, c[0], c[1], c[2], unc, 3.0)}),
+        "ddim_step (clip)": (5, {"C++": lambda: _C.ddim_step(xt, eps, z, *c, True),
+                                 "numpy": lambda: kernels.ddim_step_ref(xt, eps, z, *c, True)}),
+        "ddim_step + CFG": (6, {"C++": lambda: _C.ddim_step(xt, eps, z, *c, False, unc, 3.0),
+                                "numpy": lambda: kernels.ddim_step_ref(xt, eps, z, *c, False, unc, 3.0)}),
+        "gelu forward": (2, {"C++": lambda: _C.gelu_forward(xt), "numpy": lambda: kernels.gelu_forward_ref(xt)}),
+        "gelu backward": (3, {"C++": lambda: _C.gelu_backward(eps, xt),
+                              "numpy": lambda: kernels.gelu_backward_ref(eps, xt)}),
+    }
+    torch = load_torch(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    if torch is not None:
+        t_xt, t_eps, t_z, t_unc, t_x0 = (torch.from_numpy(a) for a in (xt, eps, z, unc, x0))
+        tc = [torch.from_numpy(a).view(-1, *([1] * (len(shape) - 1))) for a in c]
+        ddim = lambda e, clip: ((t_xt - tc[1] * e) / tc[0]).clamp(-1, 1) if clip else (t_xt - tc[1] * e) / tc[0]  # noqa: E731
+        cfg = lambda: t_unc + 3.0 * (t_eps - t_unc)                                        # noqa: E731
+        out["q_sample"][1]["torch"] = lambda: tc[0] * t_x0 + tc[1] * t_eps
+        out["ddpm_step"][1]["torch"] = lambda: tc[0] * (t_xt - tc[1] * t_eps) + tc[2] * t_z
+        out["ddpm_step + CFG"][1]["torch"] = lambda: tc[0] * (t_xt - tc[1] * cfg()) + tc[2] * t_z
+        out["ddim_step (clip)"][1]["torch"] = lambda: tc[2] * ddim(t_eps, True) + tc[3] * t_eps + tc[4] * t_z
+        out["ddim_step + CFG"][1]["torch"] = lambda: (lambda e: tc[2] * ddim(e, False) + tc[3] * e + tc[4] * t_z)(cfg())
+        out["gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(t_xt)
+        out["gelu backward"][1]["torch"] = lambda: torch.ops.aten.gelu_backward(t_eps, t_xt)
+    return out, torch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = parser.parse_args()
+    dtype = np.dtype(args.dtype)
+    shape = (64, 4, 64, 64)                                   # 1,048,576 elements, 64 samples
+    numel = int(np.prod(shape))
+    repeat, number = (3, 2) if args.quick else (10, 10)
+    copy = copy_gbs(numel, dtype, repeat=repeat * 2)
+    table, torch = cases(shape, dtype)
+    impls = ["numpy", "C++"] + (["torch"] if torch is not None else [])
+    print(f"# fused steps, {numel} {dtype.name} elements (batch {shape[0]}): {machine_line()}, "
+          f"{os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads")
+    print(f"array copy (np.copyto): {copy:.1f} GB/s" + (f"; PyTorch {torch.__version__}" if torch else ""))
+    header = ["kernel"] + [f"{i} ms" for i in impls] + [f"{i} GB/s" for i in impls] + ["C++ % of copy", "numpy/C++"]
+    rows = []
+    for name, (arrays, fns) in table.items():
+        times = {i: best_time(fns[i], repeat=repeat, number=number) for i in impls}
+        gbs = {i: arrays * numel * dtype.itemsize / times[i] / 1e9 for i in impls}
+        rows.append([name] + [1e3 * times[i] for i in impls] + [gbs[i] for i in impls]
+                    + [f"{100 * gbs['C++'] / copy:.0f}%", times["numpy"] / times["C++"]])
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
