@@ -244,6 +244,10 @@ def train(overrides=None, resume=False, progress=True):
                     optim.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 opt.step()
                 if ema is not None:
+                    # EMA warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): the
+                    # decay grows as (1 + step) / (10 + step) up to --ema, so that in a short run
+                    # the average is not dominated by the random initial weights (0.999^1000 = 0.37)
+                    ema.decay = min(cfg["ema"], (1 + step) / (10 + step))
                     ema.update()
                 step += 1
                 seen += len(idx)
@@ -368,17 +372,21 @@ def write_gif(path, frames, duration_ms=80):
 
 
 def write_loss_plot(path, losses):
-    """The loss per step (light) and its moving average over 50 steps, on a log scale."""
+    """The loss per step (light) and its trailing mean over k steps, on a log scale."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.add_subplot()
-    steps = np.arange(1, len(losses) + 1)
     if len(losses):
+        steps = np.arange(1, len(losses) + 1)
+        k = max(1, min(50, len(losses) // 10))
+        total = np.cumsum(np.append(0.0, losses))
+        smooth = (total[k:] - total[:-k]) / k                          # mean of steps i-k+1 .. i
+        smooth = np.concatenate([total[1:k] / np.arange(1, k), smooth])   # shorter means at the start
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-        k = min(50, len(losses))
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, color="tab:blue", label=f"mean of {k} steps")
+        ax.plot(steps, smooth, color="tab:blue", label=f"mean of {k} steps")
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("MSE loss")
