@@ -171,7 +171,8 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
     for (int64_t c = 0, k = 0; c < C; ++c)
         for (int64_t u = 0; u < kh; ++u)
             for (int64_t v = 0; v < kw; ++v) tap_offset[k++] = (c * Hp + u) * Wp + v;
-    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {
+    constexpr int L = NR / GEMM_NV;
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>& rows) {
         int64_t run_col[NR], run_len[NR];
         const T* run_src[NR];
         int nruns = 0;
@@ -183,6 +184,12 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             j += len;
         }
         const int64_t* offset = tap_offset.data() + k0;
+        if (stride == 1 && OW % L == 0 && j_end - j0 == NR) {     // each vector: L pixels of one row
+            for (int64_t v = 0, j = j0; v < GEMM_NV; ++v, j += L)
+                rows.rows[v] = xp + (j / P * C * Hp + j % P / OW) * Wp + j % OW;
+            rows.offset = offset;
+            return true;                                          // no packing: read xp in place
+        }
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
             for (int r = 0; r < nruns; ++r) {             // left to right: copy_vectors' overrun is rewritten
@@ -194,6 +201,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             }
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
         }
+        return false;
     };
     // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
     auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {
@@ -272,7 +280,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
         pix_h[q] = i * st - s.pad;
         pix_off[q] = n * C * H * W + pix_h[q] * W + pix_j[q] * st - s.pad;
     }
-    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst) {   // B[o][(n,i,j)]
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>&) {
         int64_t run_col[NR], run_len[NR];
         const T* run_src[NR];
         int nruns = 0;
@@ -288,6 +296,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
             for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], run_src[r] + kk * P, run_len[r]);
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
         }
+        return false;                                             // B[o][(n,i,j)]: packed
     };
     auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
         int64_t run_col[NR], run_len[NR];                               // the pixels as runs along dout rows
@@ -329,7 +338,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
 // (and put back in (c,u,v) order) at the end.
 template <typename T>
 void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s) {
-    constexpr int NR = gemm_nr<T>(), MR = GEMM_MR;
+    constexpr int NR = gemm_nr<T>(), MR = GEMM_MR, L = NR / GEMM_NV;
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, ntaps = kh * kw * C;
     const int64_t Hp = (s.OH - 1) * s.stride + kh, Wp = (s.OW - 1) * s.stride + kw;
     const int64_t npix = s.N * s.OH * s.OW, m_pad = ceil_div(O, MR) * MR, n_pad = ceil_div(ntaps, NR) * NR;
@@ -374,14 +383,21 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                     run_off[nruns] = ((uv / kw) * Wp + uv % kw) * C + c;
                     j += len;
                 }
-                for (int64_t kk = 0; kk < kc; ++kk) {                    // B panel: xt at each pixel's taps
+                // B[q][taps]: with whole vectors of channels (C % L == 0) read in place at
+                // xt + corner[q] + the tap's offset; else packed
+                const bool in_place = C % L == 0 && j_end - j0 == NR;
+                RowsB<T> rows{{}, corner.data() + k0};
+                for (int64_t v = 0, j = j0; v < GEMM_NV; ++v, j += L)
+                    rows.rows[v] = xt.data + ((j / C / kw) * Wp + j / C % kw) * C + j % C;
+                for (int64_t kk = 0; kk < kc && !in_place; ++kk) {
                     const T* field = xt.data + corner[k0 + kk];
                     T* __restrict d = b_panel + kk * NR;
                     for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], field + run_off[r], run_len[r]);
                     for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
                 }
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip) {
-                    gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, b_panel, tile);
+                    if (in_place) gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, rows, tile);
+                    else gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, PackedB<T>{b_panel}, tile);
                     for (int r = 0; r < MR; ++r) {
                         T* __restrict dst = c_mine + (ip * MR + r) * n_pad + j0;
                         for (int jj = 0; jj < NR; ++jj) dst[jj] += tile[r * NR + jj];

@@ -87,17 +87,17 @@ struct AlignedBuffer {
     AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-// tile (MR x NR, row-major) = a (kc x MR, k-major) @ b (kc x NR, k-major).
-// The compiler keeps acc in registers: MR * GEMM_NV vector FMAs per step of k.
-template <typename T>
-void gemm_micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict tile) {
+// tile (MR x NR, row-major) = a (kc x MR, k-major) @ B (kc x NR), where load_b(k, v) gives the
+// v-th vector of row k of B. The compiler keeps acc in registers: MR * GEMM_NV vector FMAs per k.
+template <typename T, typename LoadB>
+inline void gemm_micro_kernel(int64_t kc, const T* __restrict a, LoadB load_b, T* __restrict tile) {
     using V = Vec<T>;
     constexpr int MR = GEMM_MR, NV = GEMM_NV, L = VEC_BYTES / int(sizeof(T));
     V acc[MR][NV] = {};
     for (int64_t k = 0; k < kc; ++k) {
         V bk[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) bk[v] = *reinterpret_cast<const V*>(b + k * NV * L + v * L);
+        for (int v = 0; v < NV; ++v) bk[v] = load_b(k, v);
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             V ai = a[k * MR + i] - V{};          // broadcast (x - 0 == x, so no add is emitted)
@@ -110,6 +110,29 @@ void gemm_micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b,
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(tile + (i * NV + v) * L) = acc[i][v];
 }
+
+// B as a packed panel: b[k * NR + v * L ..] (aligned)
+template <typename T>
+struct PackedB {
+    const T* b;
+    Vec<T> operator()(int64_t k, int v) const {
+        constexpr int L = VEC_BYTES / int(sizeof(T));
+        return *reinterpret_cast<const Vec<T>*>(b + k * GEMM_NV * L + v * L);
+    }
+};
+
+// B read in place: vector v of row k starts at rows[v] + offset[k] (unaligned). An implicit im2col:
+// rows[v] is where the receptive fields of L neighbouring output pixels start, offset[k] the tap.
+template <typename T>
+struct RowsB {
+    const T* rows[GEMM_NV];
+    const int64_t* offset;
+    Vec<T> operator()(int64_t k, int v) const {
+        Vec<T> x;
+        __builtin_memcpy(&x, rows[v] + offset[k], sizeof(x));
+        return x;
+    }
+};
 
 // Pack all of A (M x K), A[i][k] = src[row_offset[i] + col_offset[k]] (any layout or flip of a
 // weight tensor), for gemm_packed_a: K is cut into blocks of gemm_kc(K), and each block into
@@ -133,9 +156,10 @@ void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const
 }
 
 // C += A @ B over the columns [j_begin, j_end) of C, with A packed by pack_a.
-//   pack_b(j0, j1, k0, kc, dst): dst[kk * NR + j] = B[k0 + kk][j0 + j] for the columns j0 + j < j1,
-//                                zero for the rest of the NR
-//   store(i0, j0, j1, tile):     add the MR x NR tile into C at rows i0.. (below M), columns j0..j1
+//   pack_b(j0, j1, k0, kc, dst, rows): the block B[k0..k0+kc][j0..j1]. Either packs it into
+//       dst[kk * NR + j] (zero for the columns past j1) and returns false, or, where B can be read
+//       in place, fills rows (a RowsB for k0..) and returns true.
+//   store(i0, j0, j1, tile): add the MR x NR tile into C at rows i0.. (below M), columns j0..j1
 // One B panel at a time, in parallel over the panels when `parallel` (the panels of C are
 // disjoint, so the threads never write to the same place unless `store` makes them).
 template <typename T, typename PackB, typename Store>
@@ -153,9 +177,12 @@ void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int
             const int64_t j0 = j_begin + jp * NR, j1 = std::min<int64_t>(j0 + NR, j_end);
             for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
                 const int64_t kc = std::min(kc_max, K - k0);
-                pack_b(j0, j1, k0, kc, b_panel);
+                RowsB<T> rows;
+                const bool in_place = pack_b(j0, j1, k0, kc, b_panel, rows);
                 for (int64_t ip = 0; ip < m_panels; ++ip) {
-                    gemm_micro_kernel<T>(kc, a_packed + k0 * m_pad + ip * kc * GEMM_MR, b_panel, tile);
+                    const T* a = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
+                    if (in_place) gemm_micro_kernel<T>(kc, a, rows, tile);
+                    else gemm_micro_kernel<T>(kc, a, PackedB<T>{b_panel}, tile);
                     store(ip * GEMM_MR, j0, j1, tile);
                 }
             }

@@ -63,6 +63,10 @@ FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
     (2, 2, 4, 4, 3, 3, 3, 2, 1),        # stride 2 with overlapping taps
     (1, 1, 2, 9, 2, 1, 4, 1, 0),
     (2, 70, 3, 3, 3, 3, 3, 1, 1),       # C*kh*kw = 630: three K blocks
+    (2, 16, 6, 5, 3, 3, 3, 1, 1),       # whole vectors of channels (read in place by backward weight)
+    (1, 48, 5, 5, 4, 3, 2, 1, 1),       # 48 channels: a vector's taps start mid-panel
+    (2, 8, 7, 7, 5, 3, 3, 2, 1),        # 8 channels: whole float64 vectors
+    (2, 3, 8, 8, 4, 3, 3, 1, 1),        # 8-wide rows: whole float64 vectors, half float32 ones
 ]
 
 
@@ -135,12 +139,20 @@ def test_conv_transpose2d_uses(config, version, dtype):
                  kernels.conv2d_backward_weight_ref(*f64(x, dout), (k, k), s, p), dtype, "convT dw")
 
 
-def test_versions_agree_on_a_contextunet_shape():
-    """A 64 -> 64 channel 3x3 convolution on 16x16 maps, as the ContextUnet's, in every version."""
-    x, w, b, dout = conv_inputs((2, 64, 16, 16, 64, 3, 3, 1, 1), np.float32, seed=3)
-    want = kernels.conv2d_forward_ref(*f64(x, w, b), 1, 1)
+@pytest.mark.parametrize("config", [(2, 64, 16, 16, 64, 3, 3, 1, 1), (3, 64, 8, 8, 128, 3, 3, 1, 1)])
+def test_versions_agree_on_contextunet_shapes(config):
+    """3x3 convolutions on 16x16 and 8x8 maps with 64 and 128 channels, as the ContextUnet's."""
+    n, c, h, w, o, kh, kw, s, p = config
+    x, wt, b, dout = conv_inputs(config, np.float32, seed=3)
+    want = (kernels.conv2d_forward_ref(*f64(x, wt, b), s, p),
+            kernels.conv2d_backward_input_ref(*f64(dout, wt), (h, w), s, p),
+            kernels.conv2d_backward_weight_ref(*f64(dout, x), (kh, kw), s, p))
     for version in VERSIONS:
-        assert_close(_C.conv2d_forward(x, w, b, 1, 1, version=version), want, np.float32, version, (1e-4, 2e-4))
+        got = (_C.conv2d_forward(x, wt, b, s, p, version=version),
+               _C.conv2d_backward_input(dout, wt, (h, w), s, p, version=version),
+               _C.conv2d_backward_weight(dout, x, (kh, kw), s, p, version=version))
+        for g, want_, what in zip(got, want, ("forward", "dx", "dw")):
+            assert_close(g, want_, np.float32, f"{version} {what}", (1e-4, 1e-3))
 
 
 def test_conv2d_versions_lists_the_default_first():
