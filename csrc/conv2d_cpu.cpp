@@ -184,11 +184,16 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             j += len;
         }
         const int64_t* offset = tap_offset.data() + k0;
-        if (stride == 1 && OW % L == 0 && j_end - j0 == NR) {     // each vector: L pixels of one row
-            for (int64_t v = 0, j = j0; v < GEMM_NV; ++v, j += L)
-                rows.rows[v] = xp + (j / P * C * Hp + j % P / OW) * Wp + j % OW;
+        if (stride == 1 && OW % (L / 2) == 0 && j_end - j0 == NR) {
+            // no packing: read xp in place, each vector as L (or twice L/2) pixels of one output row
+            const int64_t piece = OW % L == 0 ? L : L / 2;
+            for (int64_t v = 0; v < GEMM_NV; ++v)
+                for (int64_t h = 0; h < L / piece; ++h) {                       // h-th piece of vector v
+                    const int64_t j = j0 + v * L + h * piece;
+                    rows.rows[h * GEMM_NV + v] = xp + (j / P * C * Hp + j % P / OW) * Wp + j % OW;
+                }
             rows.offset = offset;
-            return true;                                          // no packing: read xp in place
+            return piece == L ? 1 : 2;
         }
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
@@ -201,7 +206,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             }
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
         }
-        return false;
+        return 0;
     };
     // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
     auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {
@@ -296,7 +301,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
             for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], run_src[r] + kk * P, run_len[r]);
             for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
         }
-        return false;                                             // B[o][(n,i,j)]: packed
+        return 0;                                                 // B[o][(n,i,j)]: packed
     };
     auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
         int64_t run_col[NR], run_len[NR];                               // the pixels as runs along dout rows

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <utility>
 
 namespace td {
 
@@ -45,6 +46,13 @@ template <typename T> struct VecOf;
 template <> struct VecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES))); };
 template <> struct VecOf<double> { typedef double type __attribute__((vector_size(VEC_BYTES))); };
 template <typename T> using Vec = typename VecOf<T>::type;
+template <typename T> struct HalfVecOf;
+template <> struct HalfVecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES / 2))); };
+template <> struct HalfVecOf<double> { typedef double type __attribute__((vector_size(VEC_BYTES / 2))); };
+
+// (lo, hi) -> one vector
+template <typename H, size_t... I>
+inline auto concat_halves(H lo, H hi, std::index_sequence<I...>) { return __builtin_shufflevector(lo, hi, I...); }
 
 template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int(sizeof(T)); }
 
@@ -123,13 +131,21 @@ struct PackedB {
 
 // B read in place: vector v of row k starts at rows[v] + offset[k] (unaligned). An implicit im2col:
 // rows[v] is where the receptive fields of L neighbouring output pixels start, offset[k] the tap.
-template <typename T>
+// With HALVES, the two halves of vector v come from rows[v] and rows[GEMM_NV + v] (two image rows).
+template <typename T, bool HALVES = false>
 struct RowsB {
-    const T* rows[GEMM_NV];
+    const T* rows[2 * GEMM_NV];
     const int64_t* offset;
     Vec<T> operator()(int64_t k, int v) const {
         Vec<T> x;
-        __builtin_memcpy(&x, rows[v] + offset[k], sizeof(x));
+        if constexpr (!HALVES) {
+            __builtin_memcpy(&x, rows[v] + offset[k], sizeof(x));
+        } else {
+            typename HalfVecOf<T>::type lo, hi;
+            __builtin_memcpy(&lo, rows[v] + offset[k], sizeof(lo));
+            __builtin_memcpy(&hi, rows[GEMM_NV + v] + offset[k], sizeof(hi));
+            x = concat_halves(lo, hi, std::make_index_sequence<VEC_BYTES / sizeof(T)>());
+        }
         return x;
     }
 };
@@ -157,8 +173,8 @@ void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const
 
 // C += A @ B over the columns [j_begin, j_end) of C, with A packed by pack_a.
 //   pack_b(j0, j1, k0, kc, dst, rows): the block B[k0..k0+kc][j0..j1]. Either packs it into
-//       dst[kk * NR + j] (zero for the columns past j1) and returns false, or, where B can be read
-//       in place, fills rows (a RowsB for k0..) and returns true.
+//       dst[kk * NR + j] (zero for the columns past j1) and returns 0, or, where B can be read in
+//       place, fills rows (a RowsB for k0..) and returns 1 (whole vectors) or 2 (halves).
 //   store(i0, j0, j1, tile): add the MR x NR tile into C at rows i0.. (below M), columns j0..j1
 // One B panel at a time, in parallel over the panels when `parallel` (the panels of C are
 // disjoint, so the threads never write to the same place unless `store` makes them).
@@ -178,10 +194,13 @@ void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int
             for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
                 const int64_t kc = std::min(kc_max, K - k0);
                 RowsB<T> rows;
-                const bool in_place = pack_b(j0, j1, k0, kc, b_panel, rows);
+                const int in_place = pack_b(j0, j1, k0, kc, b_panel, rows);
+                const RowsB<T, true> halves{{rows.rows[0], rows.rows[1], rows.rows[2], rows.rows[3]}, rows.offset};
+                static_assert(GEMM_NV == 2, "RowsB halves: four row pointers");
                 for (int64_t ip = 0; ip < m_panels; ++ip) {
                     const T* a = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
-                    if (in_place) gemm_micro_kernel<T>(kc, a, rows, tile);
+                    if (in_place == 1) gemm_micro_kernel<T>(kc, a, rows, tile);
+                    else if (in_place == 2) gemm_micro_kernel<T>(kc, a, halves, tile);
                     else gemm_micro_kernel<T>(kc, a, PackedB<T>{b_panel}, tile);
                     store(ip * GEMM_MR, j0, j1, tile);
                 }
