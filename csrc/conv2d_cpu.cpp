@@ -127,32 +127,35 @@ void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t 
 }
 
 // Channels-last copy of N images (C, H, W) into (Hp, Wp, C), shifted by (ph, pw), zeros around:
-// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. A transpose, in blocks of 16 channels x 16 pixels
-// that are read as rows of x and written as rows of xt through a small tile in the L1 cache.
+// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. A transpose, in blocks of L channels x L pixels:
+// L vector loads along the rows of x, a transpose in registers, L vector stores along rows of xt.
 template <typename T>
 void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
                       int64_t Wp, int64_t ph, int64_t pw) {
-    constexpr int64_t B = 16;
+    constexpr int64_t L = VEC_BYTES / int64_t(sizeof(T));
     const int64_t HW = H * W;
     if (Hp != H || Wp != W || ph != 0 || pw != 0) std::fill(xt, xt + N * Hp * Wp * C, T(0));
 #pragma omp parallel for collapse(2) schedule(static) if (N * HW * C >= PARALLEL_MIN_WORK)
     for (int64_t n = 0; n < N; ++n)
-        for (int64_t q0 = 0; q0 < HW; q0 += B) {
-            T* rows[B];                                     // where the pixels q0.. start in xt
-            const int64_t nq = std::min(B, HW - q0);
+        for (int64_t q0 = 0; q0 < HW; q0 += L) {
+            T* rows[L];                                     // where pixels q0.. go in xt (nullptr: cropped)
+            const int64_t nq = std::min(L, HW - q0);
+            bool whole = nq == L;
             for (int64_t q = 0; q < nq; ++q) {
                 const int64_t i = (q0 + q) / W + ph, j = (q0 + q) % W + pw;
                 rows[q] = (i >= 0 && i < Hp && j >= 0 && j < Wp) ? xt + ((n * Hp + i) * Wp + j) * C : nullptr;
+                whole = whole && rows[q];
             }
-            for (int64_t c0 = 0; c0 < C; c0 += B) {
-                const int64_t nc = std::min(B, C - c0);
-                T tile[B][B];                               // tile[c][q]
-                for (int64_t c = 0; c < nc; ++c)
-                    for (int64_t q = 0; q < B; ++q) tile[c][q] = q < nq ? x[(n * C + c0 + c) * HW + q0 + q] : T(0);
+            int64_t c0 = 0;
+            for (; whole && c0 + L <= C; c0 += L) {         // whole blocks in registers
+                Vec<T> r[L];
+                for (int64_t c = 0; c < L; ++c) __builtin_memcpy(&r[c], x + (n * C + c0 + c) * HW + q0, sizeof(r[c]));
+                transpose_vectors<T>(r);
+                for (int64_t q = 0; q < L; ++q) __builtin_memcpy(rows[q] + c0, &r[q], sizeof(r[q]));
+            }
+            for (; c0 < C; ++c0)                            // the rest one channel at a time
                 for (int64_t q = 0; q < nq; ++q)
-                    if (rows[q])
-                        for (int64_t c = 0; c < nc; ++c) rows[q][c0 + c] = tile[c][q];
-            }
+                    if (rows[q]) rows[q][c0] = x[(n * C + c0) * HW + q0 + q];
         }
 }
 

@@ -80,6 +80,30 @@ inline void copy_vectors(T* __restrict dst, const T* __restrict src, int64_t n) 
     }
 }
 
+// Transpose an L x L block held in L vectors (L = lanes): log2(L) rounds of two-vector shuffles,
+// each swapping the off-diagonal sub-blocks of size d within every 2d x 2d block.
+template <int D, typename V, size_t... I>
+inline void transpose_round(V* r, std::index_sequence<I...>) {
+    constexpr int L = sizeof...(I);
+    for (int i = 0; i < L; ++i) {
+        if (i & D) continue;
+        const V a = r[i], b = r[i + D];
+        r[i] = __builtin_shufflevector(a, b, ((I & D) ? L + I - D : I)...);
+        r[i + D] = __builtin_shufflevector(a, b, ((I & D) ? L + I : I + D)...);
+    }
+}
+
+template <typename T>
+inline void transpose_vectors(Vec<T>* r) {
+    constexpr int L = VEC_BYTES / int(sizeof(T));
+    const auto lanes = std::make_index_sequence<L>();
+    transpose_round<1>(r, lanes);
+    transpose_round<2>(r, lanes);
+    if constexpr (L > 4) transpose_round<4>(r, lanes);
+    if constexpr (L > 8) transpose_round<8>(r, lanes);
+    static_assert(L <= 16, "transpose_vectors: at most 16 lanes");
+}
+
 // A block of memory aligned for vector loads (freed when it goes out of scope).
 template <typename T>
 struct AlignedBuffer {
