@@ -32,6 +32,11 @@ void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape
 template <typename T>
 void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, int version);
 
+// Version "gemm" (conv2d_gemm_cpu.cpp), behind the launchers above
+template <typename T> void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s);
+template <typename T> void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s);
+
 // ---------------------------------------------------------------------------------------------
 // diffusion_steps_cpu.cpp: one pass over memory; coefficient arrays have one value per sample,
 // and each sample holds `per_sample` contiguous elements (numel = batch * per_sample).

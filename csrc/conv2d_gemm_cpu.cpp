@@ -1,0 +1,353 @@
+// conv2d_gemm_cpu.cpp: version "gemm" of the convolutions of conv2d_cpu.cpp: im2col + our
+// cache-blocked, register-blocked GEMM (gemm_cpu.h).
+//
+//   forward          out (N, O, OH*OW) = w (O, C*kh*kw) @ im2col(x) (C*kh*kw, OH*OW), per sample
+//   backward input   stride 1: the forward of dout padded by k-1-p, with the kernel flipped and its
+//                    channels swapped; stride > 1: dcols = w^T @ dout, then col2im (a scatter)
+//   backward weight  dw (O, kh*kw*C) = dout (O, pixels) @ im2col(x)^T, on channels-last copies
+//
+// The im2col matrix is never built. The image is copied once, zero-padded; then each panel of NR
+// output pixels of im2col is either read in place (where L neighbouring pixels are contiguous in the
+// padded image: rows of 16 or 8 at stride 1, the ContextUnet's case) or packed from runs of row
+// copies. Backward weight runs along pixels in both of its operands, so it first copies dout and x
+// to channels-last (a transpose in registers); then both are read as contiguous vectors.
+// Test and benchmark: see conv2d_cpu.cpp.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+#include "gemm_cpu.h"
+#include "kernels_cpu.h"
+
+namespace td {
+
+// ---------------------------------------------------------------------------------------------
+// Layout helpers
+
+// xp[m, i, j] = x[m, i - ph, j - pw] inside x, else 0, for m < count images (N*C) of H x W.
+// ph, pw may be negative (then the copy crops); Hp x Wp need not cover all of x.
+template <typename T>
+void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t Hp, int64_t Wp,
+                int64_t ph, int64_t pw) {
+    const int64_t j_lo = std::max<int64_t>(0, pw), j_hi = std::min(Wp, W + pw);   // columns that hold x
+#pragma omp parallel for collapse(2) schedule(static) if (count * Hp * Wp >= PARALLEL_MIN_WORK)
+    for (int64_t m = 0; m < count; ++m)
+        for (int64_t i = 0; i < Hp; ++i) {
+            T* dst = xp + (m * Hp + i) * Wp;
+            const int64_t h = i - ph;
+            if (h < 0 || h >= H || j_lo >= j_hi) { std::fill(dst, dst + Wp, T(0)); continue; }
+            std::fill(dst, dst + j_lo, T(0));
+            std::memcpy(dst + j_lo, x + (m * H + h) * W + (j_lo - pw), (j_hi - j_lo) * sizeof(T));
+            std::fill(dst + j_hi, dst + Wp, T(0));
+        }
+}
+
+// Channels-last copy of N images (C, H, W) into (Hp, Wp, C), shifted by (ph, pw), zeros around:
+// xt[n, i, j, c] = x[n, c, i - ph, j - pw]. A transpose, in blocks of L channels x L pixels:
+// L vector loads along the rows of x, a transpose in registers, L vector stores along rows of xt.
+template <typename T>
+void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
+                      int64_t Wp, int64_t ph, int64_t pw) {
+    constexpr int64_t L = VEC_BYTES / int64_t(sizeof(T));
+    const int64_t HW = H * W;
+    if (Hp != H || Wp != W || ph != 0 || pw != 0) std::fill(xt, xt + N * Hp * Wp * C, T(0));
+#pragma omp parallel for collapse(2) schedule(static) if (N * HW * C >= PARALLEL_MIN_WORK)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t q0 = 0; q0 < HW; q0 += L) {
+            T* rows[L];                                     // where pixels q0.. go in xt (nullptr: cropped)
+            const int64_t nq = std::min(L, HW - q0);
+            bool whole = nq == L;
+            for (int64_t q = 0; q < nq; ++q) {
+                const int64_t i = (q0 + q) / W + ph, j = (q0 + q) % W + pw;
+                rows[q] = (i >= 0 && i < Hp && j >= 0 && j < Wp) ? xt + ((n * Hp + i) * Wp + j) * C : nullptr;
+                whole = whole && rows[q];
+            }
+            int64_t c0 = 0;
+            for (; whole && c0 + L <= C; c0 += L) {         // whole blocks in registers
+                Vec<T> r[L];
+                for (int64_t c = 0; c < L; ++c) __builtin_memcpy(&r[c], x + (n * C + c0 + c) * HW + q0, sizeof(r[c]));
+                transpose_vectors<T>(r);
+                for (int64_t q = 0; q < L; ++q) __builtin_memcpy(rows[q] + c0, &r[q], sizeof(r[q]));
+            }
+            for (; c0 < C; ++c0)                            // the rest one channel at a time
+                for (int64_t q = 0; q < nq; ++q)
+                    if (rows[q]) rows[q][c0] = x[(n * C + c0) * HW + q0 + q];
+        }
+}
+
+// out (N, M, OH, OW) += A (M x C*kh*kw, packed) @ im2col(xp), for xp (N, C, Hp, Wp) already padded:
+// the forward convolution without its padding. Columns of the GEMM are output pixels (n, i, j).
+template <typename T>
+void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t N, int64_t C,
+                      int64_t Hp, int64_t Wp, int64_t kh, int64_t kw, int64_t stride, int64_t OH, int64_t OW) {
+    constexpr int NR = gemm_nr<T>();
+    const int64_t P = OH * OW, npix = N * P;
+
+    // B[(c,u,v)][(n,i,j)] = xp[n, c, s*i+u, s*j+v]: the panel's pixels lie in runs along output
+    // rows; for each k, each run is a copy of a piece of one row of xp, tap_offset[k] past the
+    // run's first pixel.
+    std::vector<int64_t> tap_offset(C * kh * kw);
+    for (int64_t c = 0, k = 0; c < C; ++c)
+        for (int64_t u = 0; u < kh; ++u)
+            for (int64_t v = 0; v < kw; ++v) tap_offset[k++] = (c * Hp + u) * Wp + v;
+    constexpr int L = NR / GEMM_NV;
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>& rows) {
+        int64_t run_col[NR], run_len[NR];
+        const T* run_src[NR];
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {
+            const int64_t n = j / P, i = (j % P) / OW, jj = j % OW, len = std::min(OW - jj, j_end - j);
+            run_col[nruns] = j - j0;
+            run_len[nruns] = len;
+            run_src[nruns] = xp + (n * C * Hp + i * stride) * Wp + jj * stride;
+            j += len;
+        }
+        const int64_t* offset = tap_offset.data() + k0;
+        if (stride == 1 && OW % (L / 2) == 0 && j_end - j0 == NR) {
+            // no packing: read xp in place, each vector as L (or twice L/2) pixels of one output row
+            const int64_t piece = OW % L == 0 ? L : L / 2;
+            for (int64_t v = 0; v < GEMM_NV; ++v)
+                for (int64_t h = 0; h < L / piece; ++h) {                       // h-th piece of vector v
+                    const int64_t j = j0 + v * L + h * piece;
+                    rows.rows[h * GEMM_NV + v] = xp + (j / P * C * Hp + j % P / OW) * Wp + j % OW;
+                }
+            rows.offset = offset;
+            return piece == L ? 1 : 2;
+        }
+        for (int64_t kk = 0; kk < kc; ++kk) {
+            T* __restrict d = dst + kk * NR;
+            for (int r = 0; r < nruns; ++r) {             // left to right: copy_vectors' overrun is rewritten
+                const T* __restrict src = run_src[r] + offset[kk];
+                if (stride == 1)
+                    copy_vectors(d + run_col[r], src, run_len[r]);
+                else
+                    for (int64_t t = 0; t < run_len[r]; ++t) d[run_col[r] + t] = src[t * stride];
+            }
+            for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
+        }
+        return 0;
+    };
+    // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {
+        const int64_t rows = std::min<int64_t>(GEMM_MR, M - i0);
+        for (int64_t j = j0; j < j_end;) {
+            const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
+            for (int64_t i = 0; i < rows; ++i) {
+                T* __restrict dst = out + (n * M + i0 + i) * P + p;
+                const T* __restrict src = tile + i * NR + (j - j0);
+                for (int64_t t = 0; t < len; ++t) dst[t] += src[t];
+            }
+            j += len;
+        }
+    };
+    gemm_packed_a<T>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, M * C * kh * kw * npix >= 32 * PARALLEL_MIN_WORK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three passes
+
+template <typename T>
+void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+    const int64_t K = s.C * s.kh * s.kw, P = s.OH * s.OW;
+    const int64_t Hp = (s.OH - 1) * s.stride + s.kh, Wp = (s.OW - 1) * s.stride + s.kw;
+    AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, GEMM_MR) * GEMM_MR * K);
+    pad_images(xp.data, x, s.N * s.C, s.H, s.W, Hp, Wp, s.pad, s.pad);
+    std::vector<int64_t> rows(s.O), cols(K);                                         // A = w (O x C*kh*kw)
+    for (int64_t o = 0; o < s.O; ++o) rows[o] = o * K;
+    for (int64_t k = 0; k < K; ++k) cols[k] = k;
+    pack_a<T>(s.O, K, w, rows.data(), cols.data(), a.data);
+#pragma omp parallel for collapse(2) schedule(static) if (s.N * s.O * P >= PARALLEL_MIN_WORK)
+    for (int64_t n = 0; n < s.N; ++n)                                               // out = b
+        for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
+    conv_gemm_padded(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
+}
+
+template <typename T>
+void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s) {
+    const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, taps = kh * kw;
+    std::fill_n(dx, s.N * C * s.H * s.W, T(0));
+    if (s.stride == 1) {
+        // dx[n,c,h,w] = sum_{o,u,v} w[o,c,u,v] dout[n,o,h+p-u,w+p-v]: a stride-1 convolution of dout,
+        // padded by k-1-p, with the kernel flipped and its channels swapped:
+        //   A[c][(o,u,v)] = w[o, c, kh-1-u, kw-1-v]
+        const int64_t Hp = s.H + kh - 1, Wp = s.W + kw - 1;
+        AlignedBuffer<T> dp(s.N * O * Hp * Wp), a(ceil_div(C, GEMM_MR) * GEMM_MR * O * taps);
+        pad_images(dp.data, dout, s.N * O, s.OH, s.OW, Hp, Wp, kh - 1 - s.pad, kw - 1 - s.pad);
+        std::vector<int64_t> rows(C), cols(O * taps);     // w[o, c, t'] with t' = taps-1-t: the flip
+        for (int64_t c = 0; c < C; ++c) rows[c] = c * taps;
+        for (int64_t o = 0; o < O; ++o)
+            for (int64_t t = 0; t < taps; ++t) cols[o * taps + t] = o * C * taps + taps - 1 - t;
+        pack_a<T>(C, O * taps, w, rows.data(), cols.data(), a.data);
+        conv_gemm_padded(dx, a.data, C, dp.data, s.N, O, Hp, Wp, kh, kw, 1, s.H, s.W);
+        return;
+    }
+    // Stride > 1: dcols[(c,u,v)][(n,i,j)] = sum_o w[o,c,u,v] dout[n,o,i,j]   (A = w^T, B = dout)
+    // then col2im: dx[n, c, s*i+u-p, s*j+v-p] += dcols, done tile by tile in `store`.
+    constexpr int NR = gemm_nr<T>();
+    const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P, st = s.stride, H = s.H, W = s.W;
+    AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O), d_copy(s.N * O * P);
+    std::vector<int64_t> rows(M), cols(O);                              // A[(c,u,v)][o] = w[o, (c,u,v)]
+    for (int64_t r = 0; r < M; ++r) rows[r] = r;
+    for (int64_t o = 0; o < O; ++o) cols[o] = o * M;
+    pack_a<T>(M, O, w, rows.data(), cols.data(), a.data);
+    std::memcpy(d_copy.data, dout, s.N * O * P * sizeof(T));            // with room for copy_vectors
+    // each row (c,u,v) of dcols, and each pixel (n,i,j) of dout: where they land in dx
+    std::vector<int64_t> row_off(M), row_u(M), row_v(M), pix_j(npix), pix_h(npix), pix_off(npix);
+    for (int64_t r = 0; r < M; ++r) {
+        row_u[r] = r / kw % kh;
+        row_v[r] = r % kw;
+        row_off[r] = (r / taps) * H * W + row_u[r] * W + row_v[r];
+    }
+    for (int64_t q = 0; q < npix; ++q) {
+        const int64_t n = q / P, i = q % P / s.OW;
+        pix_j[q] = q % s.OW;
+        pix_h[q] = i * st - s.pad;
+        pix_off[q] = n * C * H * W + pix_h[q] * W + pix_j[q] * st - s.pad;
+    }
+    auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>&) {
+        int64_t run_col[NR], run_len[NR];
+        const T* run_src[NR];
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {                      // runs within one sample
+            const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
+            run_col[nruns] = j - j0;
+            run_len[nruns] = len;
+            run_src[nruns] = d_copy.data + (n * O + k0) * P + p;
+            j += len;
+        }
+        for (int64_t kk = 0; kk < kc; ++kk) {
+            T* __restrict d = dst + kk * NR;
+            for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], run_src[r] + kk * P, run_len[r]);
+            for (int64_t j = j_end - j0; j < NR; ++j) d[j] = T(0);
+        }
+        return 0;                                                 // B[o][(n,i,j)]: packed
+    };
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
+        int64_t run_col[NR], run_len[NR];                               // the pixels as runs along dout rows
+        int nruns = 0;
+        for (int64_t j = j0; j < j_end; ++nruns) {
+            run_col[nruns] = j - j0;
+            run_len[nruns] = std::min(s.OW - pix_j[j], j_end - j);
+            j += run_len[nruns];
+        }
+        for (int64_t r = i0; r < std::min<int64_t>(i0 + GEMM_MR, M); ++r)
+            for (int k = 0; k < nruns; ++k) {
+                const int64_t q = j0 + run_col[k], h = pix_h[q] + row_u[r];
+                if (h < 0 || h >= H) continue;
+                // the run's columns t that land inside dx: 0 <= w0 + t*st < W, w0 = s*j + v - p
+                const int64_t w0 = pix_j[q] * st + row_v[r] - s.pad;
+                const int64_t t_lo = w0 >= 0 ? 0 : (-w0 + st - 1) / st;
+                const int64_t t_hi = w0 >= W ? 0 : std::min(run_len[k], (W - 1 - w0) / st + 1);
+                T* __restrict dst = dx + pix_off[q] + row_off[r];
+                const T* __restrict src = tile + (r - i0) * NR + run_col[k];
+                for (int64_t t = t_lo; t < t_hi; ++t) dst[t * st] += src[t];
+            }
+    };
+    if (kh <= s.stride && kw <= s.stride) {
+        // the taps do not overlap: every dx element comes from one (pixel, tap), so panels of
+        // pixels can go to any thread
+        gemm_packed_a<T>(M, O, a.data, 0, npix, pack_b, store, M * O * npix >= 32 * PARALLEL_MIN_WORK);
+    } else {
+        // overlapping taps: one thread per sample, so that no two threads add into one dx element
+#pragma omp parallel for schedule(dynamic, 1) if (M * O * npix >= 32 * PARALLEL_MIN_WORK)
+        for (int64_t n = 0; n < s.N; ++n)
+            gemm_packed_a<T>(M, O, a.data, n * P, (n + 1) * P, pack_b, store, false);
+    }
+}
+
+// dw[o][(u,v,c)] = sum over pixels q = (n,i,j) of dout[n,o,i,j] * xp[n, c, s*i+u, s*j+v]: a GEMM with
+// M = O, N = taps*C, K = pixels. Both operands run along pixels in NCHW, so they are first copied
+// to channels-last, dt[q][o] and xt[n][h][w][c]; then A[q][o-panel] and B[q][(u,v,c)-panel] are
+// contiguous copies. Each thread takes a range of pixels and sums into its own dw; they are added
+// (and put back in (c,u,v) order) at the end.
+template <typename T>
+void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    constexpr int NR = gemm_nr<T>(), MR = GEMM_MR, L = NR / GEMM_NV;
+    const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, ntaps = kh * kw * C;
+    const int64_t Hp = (s.OH - 1) * s.stride + kh, Wp = (s.OW - 1) * s.stride + kw;
+    const int64_t npix = s.N * s.OH * s.OW, m_pad = ceil_div(O, MR) * MR, n_pad = ceil_div(ntaps, NR) * NR;
+    const int nthreads = O * ntaps * npix >= 32 * PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
+    AlignedBuffer<T> dt(npix * O), xt(s.N * Hp * Wp * C);
+    AlignedBuffer<T> a(int64_t(nthreads) * m_pad * GEMM_KC), partial(int64_t(nthreads) * m_pad * n_pad);
+    to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, s.OH, s.OW, 0, 0);
+    to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);
+    std::fill_n(partial.data, int64_t(nthreads) * m_pad * n_pad, T(0));
+    std::vector<int64_t> corner(npix);                 // where pixel q = (n,i,j)'s receptive field starts in xt
+#pragma omp parallel for collapse(3) schedule(static) if (npix >= PARALLEL_MIN_WORK)
+    for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t i = 0; i < s.OH; ++i)
+            for (int64_t j = 0; j < s.OW; ++j)
+                corner[(n * s.OH + i) * s.OW + j] = ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
+
+    // the taps of a B panel, as runs of channels at one (u, v): offset into xt from a pixel's corner
+    const int64_t n_panels = n_pad / NR;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        T* a_block = a.data + int64_t(t) * m_pad * GEMM_KC;
+        T* c_mine = partial.data + int64_t(t) * m_pad * n_pad;
+        alignas(64) T b_panel[GEMM_KC * NR + GEMM_SLACK];
+        alignas(64) T tile[MR * NR];
+        const int64_t q_begin = npix * t / team, q_end = npix * (t + 1) / team;
+        const int64_t kc_max = gemm_kc(q_end - q_begin);
+        for (int64_t k0 = q_begin; k0 < q_end; k0 += kc_max) {
+            const int64_t kc = std::min(kc_max, q_end - k0);
+            for (int64_t ip = 0; ip < m_pad / MR; ++ip)                  // A block: dt[q][o], panels of MR o's
+                for (int64_t kk = 0; kk < kc; ++kk)
+                    for (int64_t i = 0, o = ip * MR; i < MR; ++i, ++o)
+                        a_block[(ip * kc + kk) * MR + i] = o < O ? dt.data[(k0 + kk) * O + o] : T(0);
+            for (int64_t jp = 0; jp < n_panels; ++jp) {
+                int64_t run_col[NR], run_len[NR], run_off[NR];
+                int nruns = 0;
+                const int64_t j0 = jp * NR, j_end = std::min(j0 + NR, ntaps);
+                for (int64_t j = j0; j < j_end; ++nruns) {               // taps j = (u*kw + v)*C + c
+                    const int64_t uv = j / C, c = j % C, len = std::min(C - c, j_end - j);
+                    run_col[nruns] = j - j0;
+                    run_len[nruns] = len;
+                    run_off[nruns] = ((uv / kw) * Wp + uv % kw) * C + c;
+                    j += len;
+                }
+                // B[q][taps]: with whole vectors of channels (C % L == 0) read in place at
+                // xt + corner[q] + the tap's offset; else packed
+                const bool in_place = C % L == 0 && j_end - j0 == NR;
+                RowsB<T> rows{{}, corner.data() + k0};
+                for (int64_t v = 0, j = j0; v < GEMM_NV; ++v, j += L)
+                    rows.rows[v] = xt.data + ((j / C / kw) * Wp + j / C % kw) * C + j % C;
+                for (int64_t kk = 0; kk < kc && !in_place; ++kk) {
+                    const T* field = xt.data + corner[k0 + kk];
+                    T* __restrict d = b_panel + kk * NR;
+                    for (int r = 0; r < nruns; ++r) copy_vectors(d + run_col[r], field + run_off[r], run_len[r]);
+                    for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
+                }
+                for (int64_t ip = 0; ip < m_pad / MR; ++ip) {
+                    if (in_place) gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, rows, tile);
+                    else gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, PackedB<T>{b_panel}, tile);
+                    for (int r = 0; r < MR; ++r) {
+                        T* __restrict dst = c_mine + (ip * MR + r) * n_pad + j0;
+                        for (int jj = 0; jj < NR; ++jj) dst[jj] += tile[r * NR + jj];
+                    }
+                }
+            }
+        }
+    }
+    // dw[o, c, u, v] = sum over threads of partial[o][(u*kw + v)*C + c]
+#pragma omp parallel for collapse(2) schedule(static) if (O * ntaps * nthreads >= PARALLEL_MIN_WORK)
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t uv = 0; uv < kh * kw; ++uv) {
+                T sum = 0;
+                for (int t = 0; t < nthreads; ++t) sum += partial.data[(int64_t(t) * m_pad + o) * n_pad + uv * C + c];
+                dw[(o * C + c) * kh * kw + uv] = sum;
+            }
+}
+
+#define TD_INSTANTIATE(T)                                                                              \
+    template void conv2d_forward_gemm<T>(T*, const T*, const T*, const T*, const ConvShape&);         \
+    template void conv2d_backward_input_gemm<T>(T*, const T*, const T*, const ConvShape&);            \
+    template void conv2d_backward_weight_gemm<T>(T*, const T*, const T*, const ConvShape&);
+TD_INSTANTIATE(float)
+TD_INSTANTIATE(double)
+
+}  // namespace td
