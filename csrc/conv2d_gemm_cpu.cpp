@@ -85,36 +85,34 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
     constexpr int NR = gemm_nr<T>();
     const int64_t P = OH * OW, npix = N * P;
 
-    // B[(c,u,v)][(n,i,j)] = xp[n, c, s*i+u, s*j+v]: the panel's pixels lie in runs along output
-    // rows; for each k, each run is a copy of a piece of one row of xp, tap_offset[k] past the
-    // run's first pixel.
+    // B[(c,u,v)][(n,i,j)] = xp[n, c, s*i+u, s*j+v] = (where pixel (n,i,j) reads)[tap_offset[k]]
     std::vector<int64_t> tap_offset(C * kh * kw);
     for (int64_t c = 0, k = 0; c < C; ++c)
         for (int64_t u = 0; u < kh; ++u)
             for (int64_t v = 0; v < kw; ++v) tap_offset[k++] = (c * Hp + u) * Wp + v;
+    auto corner = [&](int64_t j) { return xp + (j / P * C * Hp + j % P / OW * stride) * Wp + j % OW * stride; };
     constexpr int L = NR / GEMM_NV;
     auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>& rows) {
+        const int64_t* offset = tap_offset.data() + k0;
+        if (stride == 1 && OW % (L / 2) == 0 && j_end - j0 == NR) {
+            // no packing: at stride 1, L (or twice L/2) pixels of one output row read L neighbouring
+            // values of xp, so B's vectors can be read in place
+            const int64_t piece = OW % L == 0 ? L : L / 2;
+            for (int64_t v = 0; v < GEMM_NV; ++v)
+                for (int64_t h = 0; h < L / piece; ++h) rows.rows[h * GEMM_NV + v] = corner(j0 + v * L + h * piece);
+            rows.offset = offset;
+            return piece == L ? 1 : 2;
+        }
+        // packing: the panel's pixels lie in runs along output rows; for each k, each run is a
+        // (strided) copy of a piece of one row of xp
         int64_t run_col[NR], run_len[NR];
         const T* run_src[NR];
         int nruns = 0;
         for (int64_t j = j0; j < j_end; ++nruns) {
-            const int64_t n = j / P, i = (j % P) / OW, jj = j % OW, len = std::min(OW - jj, j_end - j);
             run_col[nruns] = j - j0;
-            run_len[nruns] = len;
-            run_src[nruns] = xp + (n * C * Hp + i * stride) * Wp + jj * stride;
-            j += len;
-        }
-        const int64_t* offset = tap_offset.data() + k0;
-        if (stride == 1 && OW % (L / 2) == 0 && j_end - j0 == NR) {
-            // no packing: read xp in place, each vector as L (or twice L/2) pixels of one output row
-            const int64_t piece = OW % L == 0 ? L : L / 2;
-            for (int64_t v = 0; v < GEMM_NV; ++v)
-                for (int64_t h = 0; h < L / piece; ++h) {                       // h-th piece of vector v
-                    const int64_t j = j0 + v * L + h * piece;
-                    rows.rows[h * GEMM_NV + v] = xp + (j / P * C * Hp + j % P / OW) * Wp + j % OW;
-                }
-            rows.offset = offset;
-            return piece == L ? 1 : 2;
+            run_len[nruns] = std::min(OW - j % OW, j_end - j);
+            run_src[nruns] = corner(j);
+            j += run_len[nruns];
         }
         for (int64_t kk = 0; kk < kc; ++kk) {
             T* __restrict d = dst + kk * NR;
@@ -281,7 +279,6 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
             for (int64_t j = 0; j < s.OW; ++j)
                 corner[(n * s.OH + i) * s.OW + j] = ((n * Hp + i * s.stride) * Wp + j * s.stride) * C;
 
-    // the taps of a B panel, as runs of channels at one (u, v): offset into xt from a pixel's corner
     const int64_t n_panels = n_pad / NR;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -299,22 +296,21 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                     for (int64_t i = 0, o = ip * MR; i < MR; ++i, ++o)
                         a_block[(ip * kc + kk) * MR + i] = o < O ? dt.data[(k0 + kk) * O + o] : T(0);
             for (int64_t jp = 0; jp < n_panels; ++jp) {
-                int64_t run_col[NR], run_len[NR], run_off[NR];
-                int nruns = 0;
+                // B[q][tap j = (u*kw + v)*C + c] = xt[corner[q] + tap_offset(j)]: with whole vectors
+                // of channels (C % L == 0) read in place, else packed from runs of channels
                 const int64_t j0 = jp * NR, j_end = std::min(j0 + NR, ntaps);
-                for (int64_t j = j0; j < j_end; ++nruns) {               // taps j = (u*kw + v)*C + c
-                    const int64_t uv = j / C, c = j % C, len = std::min(C - c, j_end - j);
-                    run_col[nruns] = j - j0;
-                    run_len[nruns] = len;
-                    run_off[nruns] = ((uv / kw) * Wp + uv % kw) * C + c;
-                    j += len;
-                }
-                // B[q][taps]: with whole vectors of channels (C % L == 0) read in place at
-                // xt + corner[q] + the tap's offset; else packed
+                auto tap_offset = [&](int64_t j) { return ((j / C / kw) * Wp + j / C % kw) * C + j % C; };
                 const bool in_place = C % L == 0 && j_end - j0 == NR;
                 RowsB<T> rows{{}, corner.data() + k0};
-                for (int64_t v = 0, j = j0; v < GEMM_NV; ++v, j += L)
-                    rows.rows[v] = xt.data + ((j / C / kw) * Wp + j / C % kw) * C + j % C;
+                for (int64_t v = 0; v < GEMM_NV && in_place; ++v) rows.rows[v] = xt.data + tap_offset(j0 + v * L);
+                int64_t run_col[NR], run_len[NR], run_off[NR];
+                int nruns = 0;
+                for (int64_t j = j0; j < j_end && !in_place; ++nruns) {
+                    run_col[nruns] = j - j0;
+                    run_len[nruns] = std::min(C - j % C, j_end - j);
+                    run_off[nruns] = tap_offset(j);
+                    j += run_len[nruns];
+                }
                 for (int64_t kk = 0; kk < kc && !in_place; ++kk) {
                     const T* field = xt.data + corner[k0 + kk];
                     T* __restrict d = b_panel + kk * NR;
