@@ -52,7 +52,7 @@ def load_model(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="DDPM sampling, a GIF, and the no-noise ablation.")
-    parser.add_argument("--checkpoint", default=None, help="run folder (default runs/digits)")
+    parser.add_argument("--checkpoint", default=None, help="run folder, or its model.safetensors (default runs/digits)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="out/03_sampling", help="folder for the pictures")
     parser.add_argument("--tiny", action="store_true", help="one sample per digit; without --checkpoint, "

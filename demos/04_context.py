@@ -55,7 +55,7 @@ def load_model(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Class-conditional samples and mixed contexts.")
-    parser.add_argument("--checkpoint", default=None, help="run folder (default runs/digits)")
+    parser.add_argument("--checkpoint", default=None, help="run folder, or its model.safetensors (default runs/digits)")
     parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="out/04_context", help="folder for the pictures")

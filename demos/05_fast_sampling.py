@@ -58,7 +58,7 @@ def load_model(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="DDPM vs DDIM: time and quality against steps.")
-    parser.add_argument("--checkpoint", default=None, help="run folder (default runs/digits)")
+    parser.add_argument("--checkpoint", default=None, help="run folder, or its model.safetensors (default runs/digits)")
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="samples per digit and row")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="out/05_fast_sampling", help="folder for the table and picture")
