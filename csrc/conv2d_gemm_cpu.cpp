@@ -120,6 +120,8 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
                 const T* __restrict src = run_src[r] + offset[kk];
                 if (stride == 1)
                     copy_vectors(d + run_col[r], src, run_len[r]);
+                else if (stride == 2)
+                    copy_vectors_stride2(d + run_col[r], src, run_len[r], std::make_index_sequence<L>());
                 else
                     for (int64_t t = 0; t < run_len[r]; ++t) d[run_col[r] + t] = src[t * stride];
             }

@@ -65,7 +65,7 @@ inline int64_t gemm_kc(int64_t K) { return K <= GEMM_KC ? std::max<int64_t>(K, 1
 // minus one value past n is read and written. Only for buffers of our own with that much spare
 // room (GEMM_SLACK values at the end), where a later write covers the overrun: this turns the short
 // row copies of im2col into one or two vector moves. (No loop: GCC would make it a memcpy call.)
-constexpr int64_t GEMM_SLACK = VEC_BYTES;
+constexpr int64_t GEMM_SLACK = VEC_BYTES;   // values: 4 vectors of float, 8 of double
 template <typename T>
 inline void copy_vectors(T* __restrict dst, const T* __restrict src, int64_t n) {
     using V = Vec<T>;
@@ -102,6 +102,19 @@ inline void transpose_vectors(Vec<T>* r) {
     if constexpr (L > 4) transpose_round<4>(r, lanes);
     if constexpr (L > 8) transpose_round<8>(r, lanes);
     static_assert(L <= 16, "transpose_vectors: at most 16 lanes");
+}
+
+// The same for every second value: dst[t] = src[2 t], t < n <= NR; reads up to 2 NR values.
+template <typename T, size_t... I>
+inline void copy_vectors_stride2(T* __restrict dst, const T* __restrict src, int64_t n, std::index_sequence<I...>) {
+    constexpr int L = sizeof...(I);
+    for (int64_t t = 0; t < n; t += L) {                          // n <= NR: at most GEMM_NV rounds
+        Vec<T> a, b;
+        __builtin_memcpy(&a, src + 2 * t, sizeof(a));
+        __builtin_memcpy(&b, src + 2 * t + L, sizeof(b));
+        const Vec<T> even = __builtin_shufflevector(a, b, (2 * I)...);
+        __builtin_memcpy(dst + t, &even, sizeof(even));
+    }
 }
 
 // A block of memory aligned for vector loads (freed when it goes out of scope).
