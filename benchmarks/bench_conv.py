@@ -7,7 +7,7 @@ Each row is one convolution shape of the course's ContextUnet (in_channels 1, n_
 images), timed forward and backward (backward = dx and dw). A transposed convolution runs as our
 kernels run it: forward = conv2d_backward_input, backward = conv2d_forward + conv2d_backward_weight.
 "uses" is how often the shape occurs in one ContextUnet pass; the last row sums time x uses, the
-convolution time of one training step. Times are in ms (best of several runs); GFLOP/s counts
+convolution time of one training step (counting dx of the first layer too, which training skips). Times are in ms (best of several runs); GFLOP/s counts
 2*N*O*OH*OW*C*kh*kw per pass (three passes for forward + backward). PyTorch (if installed) runs
 with as many threads as OpenMP gives us. The machine's NumPy float32 matmul GFLOP/s is measured
 in the same run, as the yardstick.
@@ -26,6 +26,7 @@ from tinydiff import _C, kernels  # noqa: E402
 # name, uses per pass, transposed?, (C_in, C_out, H of the input, kernel, stride, padding)
 SHAPES = [
     ("conv 1->64 16x16", 1, False, (1, 64, 16, 3, 1, 1)),
+    ("conv 1x1 1->64 16x16", 1, False, (1, 64, 16, 1, 1, 0)),
     ("conv 64->64 16x16", 9, False, (64, 64, 16, 3, 1, 1)),
     ("conv 128->64 16x16", 1, False, (128, 64, 16, 3, 1, 1)),
     ("conv 64->1 16x16", 1, False, (64, 1, 16, 3, 1, 1)),
