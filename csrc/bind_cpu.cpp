@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,16 @@ static int64_t conv_out(int64_t size, int64_t k, int64_t s, int64_t p, const cha
     return (size + 2 * p - k) / s + 1;
 }
 
+// The kernels' zero-padded copies hold up to N * max(C, O) * (H + 2p + kh) * (W + 2p + kw) values;
+// refuse sizes whose workspace could not be indexed (or allocated) rather than overflow.
+static void check_workspace(const ConvShape& s, const char* fn) {
+    const long double values = (long double)s.N * std::max(s.C, s.O) * (s.H + 2 * s.pad + s.kh) *
+                               (s.W + 2 * s.pad + s.kw);
+    if (values > (long double)(int64_t(1) << 46))
+        throw py::value_error(std::string(fn) + ": sizes, padding and kernel too large (a workspace of " +
+                              std::to_string((double)values) + " values)");
+}
+
 static bool is_f32(const py::array& a) { return a.dtype().num() == py::dtype::num_of<float>(); }
 
 template <typename T> static const T* ptr(const py::array& a) { return static_cast<const T*>(a.data()); }
@@ -138,6 +149,7 @@ static py::array conv2d_forward(const py::object& x_, const py::object& w_, cons
     }
     s.OH = conv_out(s.H, s.kh, s.stride, s.pad, fn, "input height");
     s.OW = conv_out(s.W, s.kw, s.stride, s.pad, fn, "input width");
+    check_workspace(s, fn);
     const int v = version_arg(version, fn);
     return is_f32(x) ? conv2d_forward_t<float>(x, w, b_, s, v) : conv2d_forward_t<double>(x, w, b_, s, v);
 }
@@ -167,6 +179,7 @@ static py::array conv2d_backward_input(const py::object& dout_, const py::object
         throw py::value_error(std::string(fn) + ": input_hw (" + std::to_string(H) + ", " + std::to_string(W) +
                               ") does not give dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
                               " with this kernel, stride and padding");
+    check_workspace(s, fn);
     const int v = version_arg(version, fn);
     return is_f32(dout) ? conv2d_backward_input_t<float>(dout, w, s, v) : conv2d_backward_input_t<double>(dout, w, s, v);
 }
@@ -195,6 +208,7 @@ static py::array conv2d_backward_weight(const py::object& dout_, const py::objec
         conv_out(s.W, kw, s.stride, s.pad, fn, "input width") != s.OW)
         throw py::value_error(std::string(fn) + ": dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
                               " is not the output size of x with this kernel, stride and padding");
+    check_workspace(s, fn);
     const int v = version_arg(version, fn);
     return is_f32(x) ? conv2d_backward_weight_t<float>(dout, x, s, v) : conv2d_backward_weight_t<double>(dout, x, s, v);
 }
