@@ -269,6 +269,9 @@ def test_batchnorm_matches_torch_over_steps():
         np.testing.assert_allclose(ours(Tensor(x)).numpy(), theirs(torch.tensor(x)).detach().numpy(), atol=1e-5)
     for k, v in theirs.state_dict().items():
         np.testing.assert_allclose(ours.state_dict()[k].numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    twin = nn.BatchNorm2d(3)
+    twin.load_state_dict(theirs.state_dict())                   # torch tensors load directly (CPU)
+    assert twin.num_batches_tracked.item() == 3 and twin.running_var.dtype == np.float32
     x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
     ours.eval(), theirs.eval()
     np.testing.assert_allclose(ours(Tensor(x)).numpy(), theirs(torch.tensor(x)).detach().numpy(), atol=1e-5)
