@@ -91,7 +91,8 @@ def main(argv=None):
     result = evaluate.evaluate(images, labels, device=args.device, name=f"DDIM-{steps}")
     print(evaluate.format_report(result, name=f"{run}: DDIM-{steps}"))
     train.write_png(os.path.join(run, "eval_samples.png"), train.image_grid(images, ncol=per_class))
-    print(f"trained {minutes:.1f} min, sampled {len(images)} digits in {sample_s:.0f} s; pictures: "
+    print(f"train() took {minutes:.1f} min (with its checkpoint and preview samples); sampled "
+          f"{len(images)} digits in {sample_s:.0f} s; pictures: "
           f"{run}/loss.png, {run}/samples.png, {run}/eval_samples.png")
     return result
 
