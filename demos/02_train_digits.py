@@ -2,6 +2,7 @@
 
     python demos/02_train_digits.py                    # about 10 minutes on a 2-core CPU -> runs/digits
     python demos/02_train_digits.py --minutes 3        # stop earlier (a checkpoint is written)
+    python demos/02_train_digits.py --resume           # go on from that checkpoint
     python demos/02_train_digits.py --device cuda      # on a GPU
     python demos/02_train_digits.py --tiny             # a few seconds: a smoke test
 
@@ -64,6 +65,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="runs/digits", help="the run folder")
     parser.add_argument("--minutes", type=float, default=MINUTES, help="training time budget")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--tiny", action="store_true", help="a tiny model for a few steps (seconds)")
     args = parser.parse_args(argv)
 
@@ -71,7 +73,10 @@ def main(argv=None):
     if args.tiny:
         config.update(TINY, time_budget=None)
     start = time.time()
-    run = train.train(config, progress=not args.tiny)              # the loop, see the docstring
+    try:
+        run = train.train(config, resume=args.resume, progress=not args.tiny)   # the loop, see the docstring
+    except train.ConfigError as err:       # e.g. --out already holds a run: resume it or pick another
+        raise SystemExit(f"demos/02_train_digits.py: {err}") from None
     minutes = (time.time() - start) / 60
 
     # --- sample with the EMA weights and score the digits ------------------------------------

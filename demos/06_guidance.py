@@ -50,8 +50,10 @@ TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, s
 def load_model(args):
     """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
     run = args.checkpoint
-    if run is None and args.tiny:
-        run = train.train(dict(TINY_RUN, out=os.path.join(args.out, "tiny_run"), device=args.device), progress=False)
+    if run is None and args.tiny:                              # a throwaway run, made once in --out
+        run = os.path.join(args.out, "tiny_run")
+        if not os.path.exists(os.path.join(run, "checkpoint.json")):
+            train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
     run = run or "runs/digits"
     if not os.path.exists(run):
         raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")

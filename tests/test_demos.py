@@ -16,7 +16,7 @@ DEMOS = os.path.join(ROOT, "demos")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_demo(name, *args):
+def run_demo(name, *args, ok=True):
     env = dict(os.environ)
     # On a busy machine, OpenMP's and OpenBLAS's spinning worker threads make tiny ops 10-50x slower;
     # the demos' results do not depend on threads, so the test runs them single-minded.
@@ -25,6 +25,8 @@ def run_demo(name, *args):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, os.path.join(DEMOS, name), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+    if not ok:
+        return proc
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -66,6 +68,9 @@ def test_02_train_digits(tiny_run):
     for name in ("loss.png", "samples.png", "eval_samples.png"):
         assert_png(tiny_run / name)
     assert (tiny_run / "model.safetensors").stat().st_size > 0 and (tiny_run / "checkpoint.json").exists()
+    again = run_demo("02_train_digits.py", "--tiny", "--out", tiny_run, ok=False)   # never overwrites a run
+    assert again.returncode != 0 and "already holds a training run" in again.stderr
+    assert "Traceback" not in again.stderr
 
 
 def test_02_config_is_the_default_training_run():
