@@ -162,3 +162,29 @@ def test_cli_eval_prints_the_scores(tmp_path, capsys, test_digits):
     assert cli.main(["eval", "--samples", str(bad)]) != 0
     err = capsys.readouterr().err
     assert "bad.npz" in err and "[0, 1]" in err
+
+
+# --- the shipped weights and the script that made them -----------------------------------------
+
+
+def test_shipped_classifier_records_its_recipe_and_accuracy(classifier, test_digits):
+    from tinydiff.checkpoint import read_safetensors
+    _, meta = read_safetensors(E.CLASSIFIER_FILE)
+    assert meta["script"] == "scripts/train_digits_classifier.py" and meta["seed"] == "0"
+    assert int(meta["train_digits"]) == len(data.digits_split_indices()[0])
+    test_x, test_y = test_digits
+    measured = (E.classify(classifier, test_x)[0].argmax(axis=1) == test_y).mean()
+    assert measured >= 0.97 and abs(measured - float(meta["test_accuracy"])) < 1e-3
+
+
+def test_training_script_refuses_to_ship_a_weak_classifier(tmp_path):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_clf", os.path.join(root, "scripts", "train_digits_classifier.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "weak.safetensors"
+    with pytest.raises(SystemExit, match="below 97%"):        # one epoch is not enough
+        script.main(["--epochs", "1", "--out", str(out)])
+    assert not out.exists()
