@@ -94,7 +94,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
     constexpr int L = NR / GEMM_NV;
     auto pack_b = [&](int64_t j0, int64_t j_end, int64_t k0, int64_t kc, T* __restrict dst, RowsB<T>& rows) {
         const int64_t* offset = tap_offset.data() + k0;
-        if (stride == 1 && OW % (L / 2) == 0 && j_end - j0 == NR) {
+        if (stride == 1 && (OW % L == 0 || (HAVE_SHUFFLEVECTOR && OW % (L / 2) == 0)) && j_end - j0 == NR) {
             // no packing: at stride 1, L (or twice L/2) pixels of one output row read L neighbouring
             // values of xp, so B's vectors can be read in place
             const int64_t piece = OW % L == 0 ? L : L / 2;

@@ -23,6 +23,7 @@ namespace td {
 
 constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t(1) << 14;   // fewer: one thread (no team start-up)
 constexpr double INV_SQRT2 = 0.70710678118654752440, INV_SQRT_2PI = 0.39894228040143267794;
+constexpr double PI = 3.14159265358979323846;
 
 // f(t) ~ sum_k c[k] T_k(u), u = 2 t / TOP - 1, for t in [0, TOP]: the polynomial of degree DEG that
 // interpolates f at the DEG + 1 Chebyshev nodes (Trefethen, Approximation Theory and Approximation
@@ -38,7 +39,7 @@ struct Chebyshev {
         const int n = CHEB_DEG + 1;
         double c[CHEB_DEG + 1] = {};                        // Chebyshev coefficients
         for (int j = 0; j < n; ++j) {
-            const double theta = M_PI * (j + 0.5) / n, fj = f((std::cos(theta) + 1) / 2 * CHEB_TOP);
+            const double theta = PI * (j + 0.5) / n, fj = f((std::cos(theta) + 1) / 2 * CHEB_TOP);
             for (int k = 0; k < n; ++k) c[k] += (k == 0 ? 1.0 : 2.0) / n * fj * std::cos(k * theta);
         }
         double t_prev[CHEB_DEG + 1] = {1}, t_cur[CHEB_DEG + 1] = {0, 1};   // T_0, T_1 in powers of u

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
+#include <cstddef>
 #include <cstdlib>
 #include <new>
 #include <utility>
@@ -49,10 +50,43 @@ template <typename T> using Vec = typename VecOf<T>::type;
 template <typename T> struct HalfVecOf;
 template <> struct HalfVecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES / 2))); };
 template <> struct HalfVecOf<double> { typedef double type __attribute__((vector_size(VEC_BYTES / 2))); };
+template <typename T> struct LaneIndexOf;     // integer lanes of the same width, for __builtin_shuffle
+template <> struct LaneIndexOf<float> { typedef int32_t type __attribute__((vector_size(VEC_BYTES))); };
+template <> struct LaneIndexOf<double> { typedef int64_t type __attribute__((vector_size(VEC_BYTES))); };
+
+// Shuffles with constant lanes: __builtin_shufflevector (clang, GCC >= 12), else GCC's __builtin_shuffle,
+// which cannot join two half vectors (so, there, nothing reads B as halves).
+#ifndef TD_SHUFFLEVECTOR                       // (-DTD_SHUFFLEVECTOR=0 tests the fallback)
+#if defined(__clang__) || __GNUC__ >= 12
+#define TD_SHUFFLEVECTOR 1
+#else
+#define TD_SHUFFLEVECTOR 0
+#endif
+#endif
+constexpr bool HAVE_SHUFFLEVECTOR = TD_SHUFFLEVECTOR;
+
+// Lanes J... of the 2L lanes of (a, b)
+template <typename T, int... J>
+inline Vec<T> shuffle2(Vec<T> a, Vec<T> b) {
+#if TD_SHUFFLEVECTOR
+    return __builtin_shufflevector(a, b, J...);
+#else
+    return __builtin_shuffle(a, b, typename LaneIndexOf<T>::type{J...});
+#endif
+}
 
 // (lo, hi) -> one vector
-template <typename H, size_t... I>
-inline auto concat_halves(H lo, H hi, std::index_sequence<I...>) { return __builtin_shufflevector(lo, hi, I...); }
+template <typename T, size_t... I>
+inline Vec<T> concat_halves(typename HalfVecOf<T>::type lo, typename HalfVecOf<T>::type hi, std::index_sequence<I...>) {
+#if TD_SHUFFLEVECTOR
+    return __builtin_shufflevector(lo, hi, I...);
+#else
+    Vec<T> x;                                                     // (not used: HAVE_SHUFFLEVECTOR is false)
+    __builtin_memcpy(&x, &lo, sizeof(lo));
+    __builtin_memcpy(reinterpret_cast<char*>(&x) + sizeof(lo), &hi, sizeof(hi));
+    return x;
+#endif
+}
 
 template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int(sizeof(T)); }
 
@@ -82,14 +116,14 @@ inline void copy_vectors(T* __restrict dst, const T* __restrict src, int64_t n) 
 
 // Transpose an L x L block held in L vectors (L = lanes): log2(L) rounds of two-vector shuffles,
 // each swapping the off-diagonal sub-blocks of size d within every 2d x 2d block.
-template <int D, typename V, size_t... I>
-inline void transpose_round(V* r, std::index_sequence<I...>) {
+template <int D, typename T, size_t... I>
+inline void transpose_round(Vec<T>* r, std::index_sequence<I...>) {
     constexpr int L = sizeof...(I);
     for (int i = 0; i < L; ++i) {
         if (i & D) continue;
-        const V a = r[i], b = r[i + D];
-        r[i] = __builtin_shufflevector(a, b, ((I & D) ? L + I - D : I)...);
-        r[i + D] = __builtin_shufflevector(a, b, ((I & D) ? L + I : I + D)...);
+        const Vec<T> a = r[i], b = r[i + D];
+        r[i] = shuffle2<T, int((I & D) ? L + I - D : I)...>(a, b);
+        r[i + D] = shuffle2<T, int((I & D) ? L + I : I + D)...>(a, b);
     }
 }
 
@@ -97,10 +131,10 @@ template <typename T>
 inline void transpose_vectors(Vec<T>* r) {
     constexpr int L = VEC_BYTES / int(sizeof(T));
     const auto lanes = std::make_index_sequence<L>();
-    transpose_round<1>(r, lanes);
-    transpose_round<2>(r, lanes);
-    if constexpr (L > 4) transpose_round<4>(r, lanes);
-    if constexpr (L > 8) transpose_round<8>(r, lanes);
+    transpose_round<1, T>(r, lanes);
+    transpose_round<2, T>(r, lanes);
+    if constexpr (L > 4) transpose_round<4, T>(r, lanes);
+    if constexpr (L > 8) transpose_round<8, T>(r, lanes);
     static_assert(L <= 16, "transpose_vectors: at most 16 lanes");
 }
 
@@ -112,7 +146,7 @@ inline void copy_vectors_stride2(T* __restrict dst, const T* __restrict src, int
         Vec<T> a, b;
         __builtin_memcpy(&a, src + 2 * t, sizeof(a));
         __builtin_memcpy(&b, src + 2 * t + L, sizeof(b));
-        const Vec<T> even = __builtin_shufflevector(a, b, (2 * I)...);
+        const Vec<T> even = shuffle2<T, int(2 * I)...>(a, b);
         __builtin_memcpy(dst + t, &even, sizeof(even));
     }
 }
@@ -181,7 +215,7 @@ struct RowsB {
             typename HalfVecOf<T>::type lo, hi;
             __builtin_memcpy(&lo, rows[v] + offset[k], sizeof(lo));
             __builtin_memcpy(&hi, rows[GEMM_NV + v] + offset[k], sizeof(hi));
-            x = concat_halves(lo, hi, std::make_index_sequence<VEC_BYTES / sizeof(T)>());
+            x = concat_halves<T>(lo, hi, std::make_index_sequence<VEC_BYTES / sizeof(T)>());
         }
         return x;
     }

@@ -478,6 +478,7 @@ def test_rebuild_if_stale_rebuilds_the_cpu_extension_when_a_source_is_newer(monk
         calls.append((cmd, cwd, env["TINYDIFF_CUDA"]))
         return Done()
     real_getmtime = os.path.getmtime
+    monkeypatch.delenv("TINYDIFF_REBUILD", raising=False)
     monkeypatch.setattr("subprocess.run", fake_run)
     monkeypatch.setattr(os.path, "getmtime", lambda p: real_getmtime(p) + (1e6 if p.endswith(".h") else 0))
     backend.rebuild_if_stale()
