@@ -71,10 +71,13 @@ static void same_shape(const py::array& a, const py::array& first, const char* f
 static int64_t int_arg(const py::handle& obj, const char* fn, const char* name, int64_t lo) {
     if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
         throw py::type_error(std::string(fn) + ": " + name + " must be an int, got " + repr_type(obj));
-    const long long v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr())).cast<long long>();
-    if (v < lo || v > (int64_t(1) << 30))
+    const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow || v < lo || v > (int64_t(1) << 30))
         throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::to_string(lo) +
-                              ", 2**30], got " + std::to_string(v));
+                              ", 2**30], got " + std::string(py::str(index)));
     return v;
 }
 

@@ -310,6 +310,8 @@ DOUT = np.ones((2, 4, 6, 6), np.float32)
     (lambda: _C.conv2d_forward(X, W, B, 1.0, 1), TypeError, "stride must be an int"),
     (lambda: _C.conv2d_forward(X, W, B, True, 1), TypeError, "stride must be an int"),
     (lambda: _C.conv2d_forward(X, W, B, 1, 2 ** 40), ValueError, "padding"),
+    (lambda: _C.conv2d_forward(X, W, B, 2 ** 70, 0), ValueError, "stride must be in [1, 2**30], got 1180591620717411303424"),
+    (lambda: _C.conv2d_forward(X, W, B, np.int64(-3), 0), ValueError, "stride must be in"),
     (lambda: _C.conv2d_forward(X, W, B, 2 ** 30, 2 ** 29), ValueError, "too large"),
     (lambda: _C.conv2d_backward_weight(np.ones((1, 4, 2, 2), np.float32), np.ones((1, 16, 1, 1), np.float32),
                                        (1, 1), 2 ** 30, 2 ** 29), ValueError, "too large"),
