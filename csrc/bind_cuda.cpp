@@ -3,9 +3,9 @@
 // The same functions, names and arguments as the C++ module tinydiff._C, but taking and returning
 // CuPy arrays (any object with __cuda_array_interface__ is accepted as input):
 //   conv2d_versions() -> list[str]                            the first is the default
-//   conv2d_forward(x, w, b, stride, padding, version=None) -> out
-//   conv2d_backward_input(dout, w, (H, W), stride, padding, version=None) -> dx
-//   conv2d_backward_weight(dout, x, (kh, kw), stride, padding, version=None) -> dw
+//   conv2d_forward(x, w, b, stride, padding, version=conv2d_versions()[0]) -> out
+//   conv2d_backward_input(dout, w, (H, W), stride, padding, version=...) -> dx
+//   conv2d_backward_weight(dout, x, (kh, kw), stride, padding, version=...) -> dw
 //   q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar) -> xt
 //   ddpm_step(xt, eps, z, coef_x, coef_eps, sigma, eps_uncond=None, guidance_scale=1.0) -> x_prev
 //   ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, dir_coef,
@@ -137,9 +137,23 @@ void expect_same_dtype(const char* fn, const DeviceArray& a, const DeviceArray& 
                              "; the kernels do not cast, so pass them in one dtype");
 }
 
-void expect_conv_params(const char* fn, int stride, int padding) {
-    if (stride < 1) throw py::value_error(std::string(fn) + ": stride must be >= 1, got " + std::to_string(stride));
-    if (padding < 0) throw py::value_error(std::string(fn) + ": padding must be >= 0, got " + std::to_string(padding));
+// A Python int (or NumPy integer), not a bool or a float, within [lo, 2**30].
+int int_arg(const char* fn, const char* name, py::handle obj, long long lo) {
+    if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+        throw py::type_error(std::string(fn) + ": " + name + " must be an int, got " + Py_TYPE(obj.ptr())->tp_name);
+    long long v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr())).cast<long long>();
+    if (v < lo || v > (1LL << 30))
+        throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::to_string(lo) + ", 2**30], got " +
+                              std::to_string(v));
+    return (int)v;
+}
+
+// A pair of ints >= 1, such as (H, W) or (kh, kw), given as a tuple or list.
+std::pair<int, int> pair_arg(const char* fn, const char* name, py::handle obj) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj) || py::len(obj) != 2)
+        throw py::type_error(std::string(fn) + ": " + name + " must be a pair of ints, got " + Py_TYPE(obj.ptr())->tp_name);
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+    return {int_arg(fn, name, seq[0], 1), int_arg(fn, name, seq[1], 1)};
 }
 
 void expect_int_size(const char* fn, const char* what, long long size) {
@@ -148,15 +162,22 @@ void expect_int_size(const char* fn, const char* what, long long size) {
                               " elements; the kernels index with 32-bit ints, so at most 2**31 - 1");
 }
 
-int conv_version(const char* fn, const std::optional<std::string>& version) {
+// The kernels compute rows such as s*i + u - p and h + p - u in 32-bit ints: keep them in range.
+void expect_int_conv(const char* fn, const Conv2dShape& s) {
+    long long rows = (long long)s.H + 2LL * s.padding + s.kh + (long long)s.OH * s.stride;
+    long long cols = (long long)s.W + 2LL * s.padding + s.kw + (long long)s.OW * s.stride;
+    if (rows >= (1LL << 31) || cols >= (1LL << 31))
+        throw py::value_error(std::string(fn) + ": sizes, stride and padding too large for 32-bit indexing");
+}
+
+int conv_version(const char* fn, const std::string& version) {
     std::vector<std::string> names = conv2d_versions_cuda();
-    if (!version) return 0;
     std::string known;
     for (size_t i = 0; i < names.size(); ++i) {
-        if (names[i] == *version) return (int)i;
+        if (names[i] == version) return (int)i;
         known += (i ? ", " : "") + names[i];
     }
-    throw py::value_error(std::string(fn) + ": unknown version '" + *version + "'; the versions are " + known);
+    throw py::value_error(std::string(fn) + ": unknown version '" + version + "'; the versions are " + known);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -235,8 +256,8 @@ void dispatch(DType dtype, F&& f) {
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, int stride, int padding,
-                          std::optional<std::string> version) {
+py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, py::object stride_obj,
+                          py::object padding_obj, const std::string& version) {
     const char* fn = "conv2d_forward";
     DeviceArray x = device_array(fn, "x", x_obj), w = device_array(fn, "w", w_obj);
     std::optional<DeviceArray> b = optional_device_array(fn, "b", b_obj);
@@ -250,20 +271,22 @@ py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, 
         expect_same_dtype(fn, x, *b);
         expect_shape(fn, *b, {w.shape[0]}, "one bias per output channel of w");
     }
-    expect_conv_params(fn, stride, padding);
+    int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
     int v = conv_version(fn, version);
     Conv2dShape s{};
     s.N = (int)x.shape[0]; s.C = (int)x.shape[1]; s.H = (int)x.shape[2]; s.W = (int)x.shape[3];
     s.O = (int)w.shape[0]; s.kh = (int)w.shape[2]; s.kw = (int)w.shape[3];
     s.stride = stride; s.padding = padding;
-    if (s.H + 2 * padding < s.kh || s.W + 2 * padding < s.kw)
+    if (s.H + 2LL * padding < s.kh || s.W + 2LL * padding < s.kw)
         throw py::value_error(std::string(fn) + ": kernel " + std::to_string(s.kh) + "x" + std::to_string(s.kw) +
                               " is larger than the padded input (x shape " + shape_str(x.shape) +
                               ", padding " + std::to_string(padding) + ")");
-    s.OH = (s.H + 2 * padding - s.kh) / stride + 1;
-    s.OW = (s.W + 2 * padding - s.kw) / stride + 1;
-    std::vector<long long> out_shape = {s.N, s.O, s.OH, s.OW};
-    expect_int_size(fn, "out", (long long)s.N * s.O * s.OH * s.OW);
+    long long oh = (s.H + 2LL * padding - s.kh) / stride + 1, ow = (s.W + 2LL * padding - s.kw) / stride + 1;
+    std::vector<long long> out_shape = {s.N, s.O, oh, ow};
+    expect_int_size(fn, "out", (long long)s.N * s.O * oh * ow);
+    s.OH = (int)oh;
+    s.OW = (int)ow;
+    expect_int_conv(fn, s);
 
     check_device(fn, {&x, &w, b ? &*b : nullptr});
     py::object out = new_array(fn, out_shape, x.dtype);
@@ -275,8 +298,8 @@ py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, 
     return out;
 }
 
-py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, std::pair<long long, long long> input_hw,
-                                 int stride, int padding, std::optional<std::string> version) {
+py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, py::object input_hw_obj,
+                                 py::object stride_obj, py::object padding_obj, const std::string& version) {
     const char* fn = "conv2d_backward_input";
     DeviceArray dout = device_array(fn, "dout", dout_obj), w = device_array(fn, "w", w_obj);
     expect_ndim(fn, dout, 4, "(N, O, OH, OW)");
@@ -286,18 +309,17 @@ py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, std::pai
         throw py::value_error(std::string(fn) + ": dout has shape " + shape_str(dout.shape) + ", " +
                               std::to_string(dout.shape[1]) + " channels, but w has shape " + shape_str(w.shape) +
                               ", for " + std::to_string(w.shape[0]) + " output channels");
-    if (input_hw.first < 1 || input_hw.second < 1)
-        throw py::value_error(std::string(fn) + ": input_hw must be positive, got (" +
-                              std::to_string(input_hw.first) + ", " + std::to_string(input_hw.second) + ")");
-    expect_conv_params(fn, stride, padding);
+    std::pair<int, int> input_hw = pair_arg(fn, "input_hw", input_hw_obj);
+    int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
     int v = conv_version(fn, version);
-    std::vector<long long> dx_shape = {dout.shape[0], w.shape[1], input_hw.first, input_hw.second};
+    std::vector<long long> dx_shape = {dout.shape[0], w.shape[1], (long long)input_hw.first, (long long)input_hw.second};
     expect_int_size(fn, "dx", dx_shape[0] * dx_shape[1] * dx_shape[2] * dx_shape[3]);
     Conv2dShape s{};
-    s.N = (int)dout.shape[0]; s.C = (int)w.shape[1]; s.H = (int)input_hw.first; s.W = (int)input_hw.second;
+    s.N = (int)dout.shape[0]; s.C = (int)w.shape[1]; s.H = input_hw.first; s.W = input_hw.second;
     s.O = (int)w.shape[0]; s.kh = (int)w.shape[2]; s.kw = (int)w.shape[3];
     s.OH = (int)dout.shape[2]; s.OW = (int)dout.shape[3];
     s.stride = stride; s.padding = padding;
+    expect_int_conv(fn, s);
 
     check_device(fn, {&dout, &w});
     py::object dx = new_array(fn, dx_shape, dout.dtype);
@@ -309,8 +331,8 @@ py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, std::pai
     return dx;
 }
 
-py::object conv2d_backward_weight(py::object dout_obj, py::object x_obj, std::pair<long long, long long> kernel_hw,
-                                  int stride, int padding, std::optional<std::string> version) {
+py::object conv2d_backward_weight(py::object dout_obj, py::object x_obj, py::object kernel_hw_obj,
+                                  py::object stride_obj, py::object padding_obj, const std::string& version) {
     const char* fn = "conv2d_backward_weight";
     DeviceArray dout = device_array(fn, "dout", dout_obj), x = device_array(fn, "x", x_obj);
     expect_ndim(fn, dout, 4, "(N, O, OH, OW)");
@@ -319,24 +341,23 @@ py::object conv2d_backward_weight(py::object dout_obj, py::object x_obj, std::pa
     if (dout.shape[0] != x.shape[0])
         throw py::value_error(std::string(fn) + ": dout has shape " + shape_str(dout.shape) + " but x has shape " +
                               shape_str(x.shape) + ": their batch sizes differ");
-    if (kernel_hw.first < 1 || kernel_hw.second < 1)
-        throw py::value_error(std::string(fn) + ": kernel_hw must be positive, got (" +
-                              std::to_string(kernel_hw.first) + ", " + std::to_string(kernel_hw.second) + ")");
-    expect_conv_params(fn, stride, padding);
+    std::pair<int, int> kernel_hw = pair_arg(fn, "kernel_hw", kernel_hw_obj);
+    int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
     int v = conv_version(fn, version);
     Conv2dShape s{};
     s.N = (int)x.shape[0]; s.C = (int)x.shape[1]; s.H = (int)x.shape[2]; s.W = (int)x.shape[3];
-    s.O = (int)dout.shape[1]; s.kh = (int)kernel_hw.first; s.kw = (int)kernel_hw.second;
+    s.O = (int)dout.shape[1]; s.kh = kernel_hw.first; s.kw = kernel_hw.second;
     s.OH = (int)dout.shape[2]; s.OW = (int)dout.shape[3];
     s.stride = stride; s.padding = padding;
     long long oh = (s.H + 2LL * padding - s.kh) / stride + 1, ow = (s.W + 2LL * padding - s.kw) / stride + 1;
-    if (s.H + 2 * padding < s.kh || s.W + 2 * padding < s.kw || s.OH > oh || s.OW > ow)
+    if (s.H + 2LL * padding < s.kh || s.W + 2LL * padding < s.kw || s.OH > oh || s.OW > ow)
         throw py::value_error(std::string(fn) + ": dout has shape " + shape_str(dout.shape) + ", more than the " +
                               "output of a " + std::to_string(s.kh) + "x" + std::to_string(s.kw) + " convolution of x " +
                               shape_str(x.shape) + " with stride " + std::to_string(stride) + " and padding " +
                               std::to_string(padding));
     std::vector<long long> dw_shape = {s.O, s.C, s.kh, s.kw};
     expect_int_size(fn, "dw", (long long)s.O * s.C * s.kh * s.kw);
+    expect_int_conv(fn, s);
 
     check_device(fn, {&dout, &x});
     int sms = sm_count();
@@ -500,15 +521,15 @@ PYBIND11_MODULE(_C_cuda, m) {
     m.def("conv2d_versions", &conv2d_versions_cuda, "The conv2d kernel versions; the first is the default.");
     m.def("conv2d_forward", &conv2d_forward, "out (N, O, OH, OW) = conv(x (N, C, H, W), w (O, C, kh, kw)) + b (O,) or None",
           py::arg("x"), py::arg("w"), py::arg("b"), py::arg("stride"), py::arg("padding"),
-          py::arg("version") = py::none());
+          py::arg("version") = conv2d_versions_cuda()[0]);
     m.def("conv2d_backward_input", &conv2d_backward_input,
           "dx (N, C, H, W) from dout (N, O, OH, OW), w (O, C, kh, kw) and input_hw = (H, W)",
           py::arg("dout"), py::arg("w"), py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
-          py::arg("version") = py::none());
+          py::arg("version") = conv2d_versions_cuda()[0]);
     m.def("conv2d_backward_weight", &conv2d_backward_weight,
           "dw (O, C, kh, kw) from dout (N, O, OH, OW), x (N, C, H, W) and kernel_hw = (kh, kw)",
           py::arg("dout"), py::arg("x"), py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
-          py::arg("version") = py::none());
+          py::arg("version") = conv2d_versions_cuda()[0]);
 
     m.def("q_sample", &q_sample, "DDPM eq. 4: xt = sqrt_alpha_bar * x0 + sqrt_one_minus_alpha_bar * eps",
           py::arg("x0"), py::arg("eps"), py::arg("sqrt_alpha_bar"), py::arg("sqrt_one_minus_alpha_bar"));

@@ -73,10 +73,13 @@ def to_device(array, device):
 
 
 def scatter_add(target, index, values):
-    """target[index] += values, adding repeated indices (np.add.at; cupyx.scatter_add on the GPU)."""
+    """target[index] += values, adding repeated indices (np.add.at; cupy.add.at on the GPU)."""
     if is_cupy_array(target):
-        import cupyx
-        cupyx.scatter_add(target, index, values)
+        if hasattr(_cupy.add, "at"):          # CuPy >= 13; cupyx.scatter_add is deprecated there
+            _cupy.add.at(target, index, values)
+        else:
+            import cupyx
+            cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
 
@@ -85,10 +88,14 @@ def scatter_add(target, index, values):
 # Random numbers: one seeded generator per device, so the same seed gives the same run.
 
 _generators = {}
+_seed = None          # the last manual_seed, for a GPU generator made after it
 
 
 def manual_seed(seed):
     """Seed tinydiff's generators (CPU, and GPU when used) for reproducible runs."""
+    global _seed
+    _seed = seed
+    _generators.clear()
     _generators["cpu"] = np.random.default_rng(seed)
     if _cupy is not None:
         _generators["cuda"] = _cupy.random.default_rng(seed)
@@ -97,8 +104,8 @@ def manual_seed(seed):
 def generator(device="cpu"):
     """The generator for a device (numpy.random.Generator or its CuPy twin)."""
     if device not in _generators:
-        _generators[device] = (np.random.default_rng() if device == "cpu"
-                               else cupy_module().random.default_rng())
+        _generators[device] = (np.random.default_rng(_seed) if device == "cpu"
+                               else cupy_module().random.default_rng(_seed))
     return _generators[device]
 
 
@@ -174,6 +181,10 @@ def cuda_available(reason=False):
     """True if tinydiff can run on a GPU. With reason=True, returns (ok, why_not_or_empty)."""
     ok = _load_cupy() is not None
     why = "" if ok else _cupy_error
+    if not ok and cuda_kernels() is not None:    # say also what the CUDA runtime itself sees
+        count, no_gpu = _cuda_ext.device_count(reason=True)
+        if count == 0:
+            why += f"; {no_gpu}"
     if ok and cuda_kernels() is None:
         why = f"CuPy works, but {_cuda_ext_error}: the NumPy-style CuPy reference kernels are used"
     return (ok, why) if reason else ok
