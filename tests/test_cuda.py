@@ -605,3 +605,222 @@ def test_gelu(runner, shape, dtype):
     tol = (1e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
     assert_close(runner.gelu_forward(x), kernels.gelu_forward_ref(x.astype(np.float64)), dtype, "gelu_forward", tol)
     assert_close(runner.gelu_backward(dout, x), kernels.gelu_backward_ref(*f64(dout, x)), dtype, "gelu_backward", tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. On the GPU only: the bindings on real CuPy arrays, streams, and the autograd on CuPy
+
+
+def test_gpu_bindings_refuse_bad_arguments(cp, cuda):
+    x, w = cp.zeros((2, 3, 5, 5), dtype=cp.float32), cp.zeros((4, 3, 3, 3), dtype=cp.float32)
+    c = cp.ones(2, dtype=cp.float32)
+    cases = [
+        (TypeError, "x must be a GPU array", lambda: cuda.conv2d_forward(x.get(), w, None, 1, 1)),
+        (TypeError, "w must be a GPU array", lambda: cuda.conv2d_forward(x, w.get(), None, 1, 1)),
+        (TypeError, "w is float64 but x is float32", lambda: cuda.conv2d_forward(x, w.astype(cp.float64), None, 1, 1)),
+        (TypeError, "x must be float32 or float64", lambda: cuda.conv2d_forward(x.astype(cp.float16), w, None, 1, 1)),
+        (ValueError, "x must be C-contiguous", lambda: cuda.conv2d_forward(x[:, :, ::2], w, None, 1, 1)),
+        (ValueError, "x must be C-contiguous", lambda: cuda.gelu_forward(x.transpose(0, 1, 3, 2))),
+        (ValueError, "b has shape", lambda: cuda.conv2d_forward(x, w, cp.zeros(3, dtype=cp.float32), 1, 1)),
+        (TypeError, "sqrt_alpha_bar must be a GPU array", lambda: cuda.q_sample(x, x, c.get(), c)),
+        (ValueError, "eps has shape", lambda: cuda.ddpm_step(x, x[:1], x, c, c, c)),
+        (ValueError, "sigma has shape", lambda: cuda.ddim_step(x, x, x, c, c, c, c, cp.ones(3, dtype=cp.float32))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_gpu_bindings_refuse_host_memory_behind_the_interface(cp, cuda):
+    host = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    fake = FakeDeviceArray(host.shape, ptr=host.ctypes.data)
+    with pytest.raises(TypeError, match="not in GPU memory"):
+        cuda.conv2d_forward(fake, fake, None, 1, 0)
+
+
+def test_gpu_kernels_return_new_arrays_and_leave_inputs_alone(cp, cuda):
+    x, w, b, _ = (cp.asarray(a) for a in conv_inputs((2, 3, 5, 5, 4, 3, 3, 1, 1), np.float32, seed=11))
+    before = [a.copy() for a in (x, w, b)]
+    out = cuda.conv2d_forward(x, w, b, 1, 1)
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float32 and out.flags.c_contiguous
+    assert out.data.ptr not in {a.data.ptr for a in (x, w, b)}
+    assert all(bool((a == a0).all()) for a, a0 in zip((x, w, b), before))
+    coef = cp.full(2, 0.5, dtype=cp.float32)
+    x_prev, x0 = cuda.ddim_step(x, x, x, coef, coef, coef, coef, coef)
+    assert isinstance(x_prev, cp.ndarray) and isinstance(x0, cp.ndarray) and x_prev.data.ptr != x0.data.ptr
+
+
+def test_gpu_kernels_launch_on_cupys_current_stream(cp, cuda):
+    """On a non-default stream, and captured into a CUDA graph on it: a launch on any other
+    stream would run at once instead of being captured, and the replay would leave `out` zero."""
+    x, w, _, _ = (cp.asarray(a) for a in conv_inputs((2, 3, 6, 5, 4, 3, 3, 1, 1), np.float32, seed=12))
+    want = cuda.conv2d_forward(x, w, None, 1, 1).get()
+    stream = cp.cuda.Stream(non_blocking=True)
+    if not hasattr(stream, "begin_capture"):
+        pytest.skip("this CuPy has no stream capture")
+    with stream:
+        assert_close(cuda.conv2d_forward(x, w, None, 1, 1).get(), want, np.float32, "on a non-default stream")
+        warm = cuda.conv2d_forward(x, w, None, 1, 1)    # the pool now holds a block of this size for this stream
+        del warm
+        stream.synchronize()
+        stream.begin_capture(cp.cuda.runtime.streamCaptureModeRelaxed)
+        try:
+            out = cuda.conv2d_forward(x, w, None, 1, 1)
+        finally:
+            graph = stream.end_capture()
+        out.fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+    assert_close(out.get(), want, np.float32, "replayed from a CUDA graph")
+
+
+@pytest.fixture(params=["native", "numpy"])
+def gpu_kernels(request, cp):
+    """Run under the CUDA kernels ('native') and under the CuPy reference code ('numpy')."""
+    before = tinydiff.get_kernels()
+    tinydiff.set_kernels(request.param)
+    yield request.param
+    tinydiff.set_kernels(before)
+
+
+# name -> (fn of Tensors, shapes of its float64 inputs); small, for float64 gradient checks
+GPU_OPS = {
+    "conv2d s2 p1": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1), [(2, 3, 5, 4), (4, 3, 3, 3), (4,)]),
+    "conv2d 1x1": (lambda x, w: F.conv2d(x, w), [(1, 3, 3, 3), (2, 3, 1, 1)]),
+    "conv_transpose2d 2x2 s2": (lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2), [(2, 3, 3, 2), (3, 2, 2, 2), (2,)]),
+    "conv_transpose2d 3x3 s2 p1": (lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1), [(1, 2, 3, 3), (2, 3, 3, 3)]),
+    "gelu": (F.gelu, [(3, 7)]),
+    "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), [(2, 4, 3, 3), (4,), (4,)]),
+    "max_pool2d": (lambda x: F.max_pool2d(x, 2), [(2, 2, 4, 5)]),
+    "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), [(2, 2, 4, 4)]),
+    "upsample_nearest2d": (F.upsample_nearest2d, [(1, 2, 2, 3)]),
+    "softmax": (lambda x: F.softmax(x, dim=1), [(3, 5)]),
+    "silu of matmul": (lambda a, b: F.silu(a @ b), [(3, 4), (4, 2)]),
+    "cat, permute": (lambda a, b: tinydiff.cat([a, b], 1).permute(1, 0), [(2, 3), (2, 2)]),
+    "getitem, repeated indices": (lambda x: x[Tensor(x.xp.asarray([0, 2, 0]))], [(3, 4)]),
+    "var, max, mean": (lambda x: x.var(axis=1) * x.max(axis=1) + x.mean(), [(3, 5)]),
+    "mse_loss": (F.mse_loss, [(3, 4), (3, 4)]),
+}
+
+
+def gpu_op_inputs(shapes, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, s) for s in shapes]
+
+
+@pytest.mark.parametrize("name", list(GPU_OPS))
+def test_gpu_gradcheck(cp, gpu_kernels, name):
+    fn, shapes = GPU_OPS[name]
+    inputs = [Tensor(cp.asarray(a), requires_grad=True) for a in gpu_op_inputs(shapes, zlib.crc32(name.encode()))]
+    assert gradcheck(fn, inputs)
+
+
+def same_on_cpu_and_gpu(fn, arrays, rtol=1e-10, atol=1e-10, seed=0):
+    """Run fn on Tensors made from NumPy `arrays`, on the CPU and on the GPU, backpropagate the same
+    random upstream gradient, and assert that outputs and input gradients agree.
+
+    fn(*tensors) -> Tensor. Float arrays become tensors that require grad; integer arrays (indices,
+    labels) become plain tensors. Returns (cpu_output, gpu_output) as NumPy arrays.
+    """
+    results = []
+    for device in ("cpu", "cuda"):
+        tensors = [Tensor(backend.to_device(a, device), requires_grad=a.dtype.kind == "f") for a in arrays]
+        out = fn(*tensors)
+        if out.requires_grad:
+            upstream = np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype)
+            out.backward(backend.to_device(upstream, device))
+        grads = [None if t.grad is None else backend.to_device(t.grad, "cpu") for t in tensors]
+        results.append((out.numpy(), grads))
+    (out_cpu, grads_cpu), (out_gpu, grads_gpu) = results
+    tol = (rtol, atol)
+    assert_close(out_gpu, out_cpu, out_cpu.dtype.type, "output, GPU against CPU", tol)
+    for i, (g_cpu, g_gpu) in enumerate(zip(grads_cpu, grads_gpu)):
+        assert (g_cpu is None) == (g_gpu is None), f"input {i}: a gradient on one device only"
+        if g_cpu is not None:
+            assert_close(g_gpu, g_cpu, g_cpu.dtype.type, f"gradient of input {i}, GPU against CPU", tol)
+    return out_cpu, out_gpu
+
+
+@pytest.mark.parametrize("name", list(GPU_OPS))
+def test_gpu_op_equals_cpu(cp, gpu_kernels, name):
+    fn, shapes = GPU_OPS[name]
+    same_on_cpu_and_gpu(fn, gpu_op_inputs(shapes, zlib.crc32(name.encode())))
+
+
+def small_conv_net():
+    from tinydiff import nn
+    tinydiff.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.GroupNorm(2, 8), nn.GELU(), nn.MaxPool2d(2),
+                         nn.ConvTranspose2d(8, 4, 2, 2), nn.SiLU(), nn.Conv2d(4, 3, 3, 2, 1))
+
+
+def parameters_close(model_cpu, model_gpu, dtype, what, tol=None, grads=False):
+    for i, (p_cpu, p_gpu) in enumerate(zip(model_cpu.parameters(), model_gpu.parameters())):
+        a_cpu, a_gpu = (p_cpu.grad, p_gpu.grad) if grads else (p_cpu.data, p_gpu.data)
+        assert_close(backend.to_device(a_gpu, "cpu"), a_cpu, dtype, f"{what}, parameter {i} {p_cpu.shape}", tol)
+
+
+def test_gpu_conv_net_training_step_equals_cpu(cp):
+    """float32: forward, loss, every parameter gradient and one SGD step agree across devices."""
+    from tinydiff import optim
+    model_cpu = small_conv_net()
+    model_gpu = copy.deepcopy(model_cpu).to("cuda")
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((4, 3, 8, 6)).astype(np.float32)
+    target = rng.standard_normal((4, 3, 4, 3)).astype(np.float32)
+    tol, losses = (1e-4, 1e-5), []
+    for model, device in ((model_cpu, "cpu"), (model_gpu, "cuda")):
+        loss = F.mse_loss(model(Tensor(backend.to_device(x, device))), Tensor(backend.to_device(target, device)))
+        loss.backward()
+        optim.SGD(model.parameters(), lr=0.1).step()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) <= 1e-5 * (1 + abs(losses[0])), losses
+    parameters_close(model_cpu, model_gpu, np.float32, "gradient", tol, grads=True)
+    parameters_close(model_cpu, model_gpu, np.float32, "after one SGD step", tol)
+
+
+def context_unet_pair():
+    """A small ContextUnet in float64, on the CPU and (a copy) on the GPU, and its schedule."""
+    from tinydiff.context_unet import ContextUnet
+    from tinydiff.diffusion import NoiseSchedule
+    tinydiff.manual_seed(0)
+    model_cpu = ContextUnet(3, n_feat=8, n_cfeat=5, height=8).to(np.float64)
+    return model_cpu, copy.deepcopy(model_cpu).to("cuda"), NoiseSchedule(timesteps=50, dtype=np.float64)
+
+
+def test_gpu_context_unet_training_step_equals_cpu(cp):
+    """DDPM Alg. 1 with given t and eps: the loss, every gradient and one Adam step, float64."""
+    from tinydiff import optim
+    from tinydiff.diffusion import training_loss
+    model_cpu, model_gpu, schedule = context_unet_pair()
+    rng = np.random.default_rng(14)
+    x0 = rng.uniform(-1, 1, (4, 3, 8, 8))
+    eps = rng.standard_normal(x0.shape)
+    t = np.array([0, 7, 25, 49])
+    context = np.eye(5)[[0, 3, 1, 4]]
+    tol = (1e-9, 1e-11)
+    losses = []
+    for model, device in ((model_cpu, "cpu"), (model_gpu, "cuda")):
+        put = lambda a: backend.to_device(a, device)
+        loss = training_loss(model, schedule, put(x0), put(context), t=put(t), eps=put(eps))
+        loss.backward()
+        optim.Adam(model.parameters(), lr=1e-3).step()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) <= 1e-9 * abs(losses[0]), losses
+    parameters_close(model_cpu, model_gpu, np.float64, "gradient", tol, grads=True)
+    parameters_close(model_cpu, model_gpu, np.float64, "after one Adam step", tol)
+
+
+def test_gpu_ddim_sampling_equals_cpu(cp):
+    """DDIM with eta = 0 is deterministic given x_T: the same images on both devices (with guidance)."""
+    from tinydiff.samplers import ddim_sample
+    model_cpu, model_gpu, schedule = context_unet_pair()
+    rng = np.random.default_rng(15)
+    x_T = rng.standard_normal((4, 3, 8, 8))
+    context = np.eye(5)[[2, 0, 4, 1]]
+    images = []
+    for model, device in ((model_cpu, "cpu"), (model_gpu, "cuda")):
+        x = ddim_sample(model.eval(), schedule, x_T.shape, backend.to_device(context, device), steps=5, eta=0.0,
+                        device=device, dtype=np.float64, x_T=x_T, guidance_scale=2.0)
+        images.append(backend.to_device(x, "cpu"))
+    assert_close(images[1], images[0], np.float64, "DDIM images, GPU against CPU", (1e-9, 1e-10))
