@@ -23,7 +23,10 @@
 //            (w+p) mod s: in one phase only every s-th kernel tap contributes, so a stride-2 2x2
 //            transposed conv does no work on zeros. Backward weight splits its long K = N*OH*OW
 //            into chunks that run side by side and are summed by a second, deterministic kernel.
+//   "tiled_8x8" (kernel3): the same with 64x128 tiles (BK = 8), 128 threads of 8x8 outputs each,
+//            in groups of 4 neighbouring rows and columns: half the shared-memory reads per FMA.
 //   "naive" (kernel1): one thread per output element, a plain loop over the sum above.
+// The default was chosen before any GPU measured them: benchmarks/bench_gpu.py says which is faster.
 //
 // Compile alone:  nvcc -c -O3 -std=c++17 -Icsrc -arch=sm_80 csrc/conv2d.cu -o /tmp/conv2d.o
 // Build:          TINYDIFF_CUDA=1 pip install -e .   (setup.py compiles every csrc/*.cu)
@@ -34,11 +37,11 @@
 #include "cuda_check.h"
 #include "kernels_cuda.h"
 
-std::vector<std::string> conv2d_versions_cuda() { return {"tiled", "naive"}; }
+std::vector<std::string> conv2d_versions_cuda() { return {"tiled", "tiled_8x8", "naive"}; }
 
 namespace {
 
-enum { TILED = 0, NAIVE = 1 };   // indices into conv2d_versions_cuda()
+enum { TILED = 0, TILED_8X8 = 1, NAIVE = 2 };   // indices into conv2d_versions_cuda()
 
 // ---------------------------------------------------------------------------------------------
 // kernel1: one thread per output element
@@ -105,24 +108,33 @@ __global__ void conv2d_backward_weight_kernel1(T* dw, const T* dout, const T* x,
 }
 
 // ---------------------------------------------------------------------------------------------
-// kernel2: tiled implicit GEMM. One block computes a BM x BN tile of C; thread (ty, tx) of the
-// 16 x 16 threads owns rows ty + 16*a and columns tx + 16*b (a, b < 4), so that neighbouring
-// threads read neighbouring shared-memory words and write neighbouring output columns.
+// kernel2 and kernel3: tiled implicit GEMM. One block computes a BM x BN tile of C; a thread owns
+// TM x TN of its elements, held in registers, in groups of G neighbouring rows and columns:
+// thread (ty, tx) has rows a*(TY*G) + ty*G + i and columns b*(TX*G) + tx*G + j (i, j < G).
+// G = 1 (kernel2): neighbouring threads read neighbouring shared-memory words and write
+// neighbouring output columns. G = 4 (kernel3): each thread reads 4 neighbouring words at once
+// (one 128-bit load), and more outputs per thread mean fewer shared-memory reads per FMA.
 
-constexpr int BM = 64, BN = 64, BK = 16;
-constexpr int TILE_THREADS = 256;
-constexpr int TM = BM / 16, TN = BN / 16;      // outputs per thread: TM x TN = 4 x 4
+template <int BM_, int BN_, int BK_, int TM_, int TN_, int G_>
+struct Tile {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_, G = G_;
+    static constexpr int TY = BM / TM, TX = BN / TN, THREADS = TY * TX;
+    static constexpr int PAD = G == 1 ? 1 : 4;   // A is stored k-major: padding spreads its stores over banks
+};
+using Tile4x4 = Tile<64, 64, 16, 4, 4, 1>;       // kernel2: 256 threads, 4 x 4 outputs each
+using Tile8x8 = Tile<64, 128, 8, 8, 8, 4>;       // kernel3: 128 threads, 8 x 8 outputs each
 
 // The block's tile of C = A B over k in [k_begin, k_end). A View supplies the implicit matrices:
 //   view.A(m, k), view.B(k, n) read them (the caller's bounds are checked here), and
 //   view.store(m, n, value) writes one element of C.
-template <typename T, typename View>
+template <typename T, typename Tl, typename View>
 __device__ void gemm_block_tile(const View& view, int M, int N, int k_begin, int k_end) {
-    __shared__ T As[BK][BM + 1];   // A tile, transposed (k-major); +1 avoids bank conflicts on store
-    __shared__ T Bs[BK][BN];
+    constexpr int BM = Tl::BM, BN = Tl::BN, BK = Tl::BK, TM = Tl::TM, TN = Tl::TN, G = Tl::G;
+    __shared__ __align__(16) T As[BK][BM + Tl::PAD];   // A tile, transposed (k-major)
+    __shared__ __align__(16) T Bs[BK][BN];
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     if (m0 >= M || n0 >= N) return;                        // whole block: before any __syncthreads
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int tid = threadIdx.x, tx = tid % Tl::TX, ty = tid / Tl::TX;
 
     T acc[TM][TN];
     for (int a = 0; a < TM; ++a)
@@ -130,14 +142,14 @@ __device__ void gemm_block_tile(const View& view, int M, int N, int k_begin, int
 
     for (int k0 = k_begin; k0 < k_end; k0 += BK) {
         // load A[m0 : m0+BM, k0 : k0+BK]; consecutive threads take consecutive k
-        for (int r = 0; r < BM * BK / TILE_THREADS; ++r) {
-            int e = tid + r * TILE_THREADS, kk = e % BK, mm = e / BK;
+        for (int r = 0; r < BM * BK / Tl::THREADS; ++r) {
+            int e = tid + r * Tl::THREADS, kk = e % BK, mm = e / BK;
             int m = m0 + mm, k = k0 + kk;
             As[kk][mm] = (m < M && k < k_end) ? view.A(m, k) : T(0);
         }
         // load B[k0 : k0+BK, n0 : n0+BN]; consecutive threads take consecutive n
-        for (int r = 0; r < BK * BN / TILE_THREADS; ++r) {
-            int e = tid + r * TILE_THREADS, nn = e % BN, kk = e / BN;
+        for (int r = 0; r < BK * BN / Tl::THREADS; ++r) {
+            int e = tid + r * Tl::THREADS, nn = e % BN, kk = e / BN;
             int n = n0 + nn, k = k0 + kk;
             Bs[kk][nn] = (n < N && k < k_end) ? view.B(k, n) : T(0);
         }
@@ -146,9 +158,9 @@ __device__ void gemm_block_tile(const View& view, int M, int N, int k_begin, int
         for (int kk = 0; kk < BK; ++kk) {                  // acc += A[:, kk] outer B[kk, :]
             T a_col[TM], b_row[TN];
 #pragma unroll
-            for (int a = 0; a < TM; ++a) a_col[a] = As[kk][ty + 16 * a];
+            for (int a = 0; a < TM; ++a) a_col[a] = As[kk][a / G * (Tl::TY * G) + ty * G + a % G];
 #pragma unroll
-            for (int b = 0; b < TN; ++b) b_row[b] = Bs[kk][tx + 16 * b];
+            for (int b = 0; b < TN; ++b) b_row[b] = Bs[kk][b / G * (Tl::TX * G) + tx * G + b % G];
 #pragma unroll
             for (int a = 0; a < TM; ++a)
 #pragma unroll
@@ -158,7 +170,8 @@ __device__ void gemm_block_tile(const View& view, int M, int N, int k_begin, int
     }
     for (int a = 0; a < TM; ++a)
         for (int b = 0; b < TN; ++b) {
-            int m = m0 + ty + 16 * a, n = n0 + tx + 16 * b;
+            int m = m0 + a / G * (Tl::TY * G) + ty * G + a % G;
+            int n = n0 + b / G * (Tl::TX * G) + tx * G + b % G;
             if (m < M && n < N) view.store(m, n, acc[a][b]);
         }
 }
@@ -239,27 +252,28 @@ struct BackwardWeightView {
     }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(TILE_THREADS)
-conv2d_forward_kernel2(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
+// kernel2 = the kernels below with Tile4x4, kernel3 = with Tile8x8
+template <typename T, typename Tl>
+__global__ void __launch_bounds__(Tl::THREADS)
+conv2d_forward_tiled(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
     ForwardView<T> view{out, x, w, bias, s};
-    gemm_block_tile<T>(view, s.O, s.N * s.OH * s.OW, 0, s.C * s.kh * s.kw);
+    gemm_block_tile<T, Tl>(view, s.O, s.N * s.OH * s.OW, 0, s.C * s.kh * s.kw);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(TILE_THREADS)
-conv2d_backward_input_kernel2(T* dx, const T* dout, const T* w, Conv2dShape s) {
+template <typename T, typename Tl>
+__global__ void __launch_bounds__(Tl::THREADS)
+conv2d_backward_input_tiled(T* dx, const T* dout, const T* w, Conv2dShape s) {
     BackwardInputView<T> view(dx, dout, w, s, (int)blockIdx.z % s.stride, (int)blockIdx.z / s.stride);
-    gemm_block_tile<T>(view, s.C, s.N * view.Hq * view.Wq, 0, s.O * view.Tu * view.Tv);
+    gemm_block_tile<T, Tl>(view, s.C, s.N * view.Hq * view.Wq, 0, s.O * view.Tu * view.Tv);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(TILE_THREADS)
-conv2d_backward_weight_kernel2(T* partial, const T* dout, const T* x, Conv2dShape s, int chunk) {
+template <typename T, typename Tl>
+__global__ void __launch_bounds__(Tl::THREADS)
+conv2d_backward_weight_tiled(T* partial, const T* dout, const T* x, Conv2dShape s, int chunk) {
     BackwardWeightView<T> view{partial, dout, x, s};
     int K = s.N * s.OH * s.OW;
     int k_begin = min(K, (int)blockIdx.z * chunk), k_end = min(K, k_begin + chunk);
-    gemm_block_tile<T>(view, s.O, s.C * s.kh * s.kw, k_begin, k_end);
+    gemm_block_tile<T, Tl>(view, s.O, s.C * s.kh * s.kw, k_begin, k_end);
 }
 
 // dw[e] = sum_z partial[z][e], always in the same order: the result does not depend on timing
@@ -273,12 +287,13 @@ __global__ void sum_partials_kernel(T* dw, const T* partial, int splits, int siz
 }
 
 // How many chunks the tiled backward weight cuts K = N*OH*OW into: enough blocks for about two
-// per SM, but each chunk at least 8 tiles of BK long.
+// per SM, but each chunk at least 128 long.
+template <typename Tl>
 int backward_weight_splits(const Conv2dShape& s, int num_sms) {
-    long long tiles = (long long)ceil_div(s.O, BM) * ceil_div((long long)s.C * s.kh * s.kw, BN);
+    long long tiles = (long long)ceil_div(s.O, Tl::BM) * ceil_div((long long)s.C * s.kh * s.kw, Tl::BN);
     long long K = (long long)s.N * s.OH * s.OW;
     long long want = (2LL * std::max(num_sms, 1) + tiles - 1) / tiles;
-    long long most = (K + 8 * BK - 1) / (8 * BK);
+    long long most = (K + 127) / 128;
     return (int)std::max(1LL, std::min({want, most, 1024LL}));
 }
 
@@ -289,18 +304,32 @@ const int THREADS = 256;   // for the one-thread-per-element kernels
 // ---------------------------------------------------------------------------------------------
 // Launchers
 
+template <typename T, typename Tl>
+void conv2d_forward_tiled_launch(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
+                                 cudaStream_t stream) {
+    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM));
+    conv2d_forward_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(out, x, w, bias, s);
+}
+
 template <typename T>
 void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
                          int version, cudaStream_t stream) {
     int total = s.N * s.O * s.OH * s.OW;
     if (total == 0) return;
-    if (version == NAIVE) {
+    if (version == NAIVE)
         conv2d_forward_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, x, w, bias, s);
-    } else {
-        dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, BN), ceil_div(s.O, BM));
-        conv2d_forward_kernel2<T><<<grid, TILE_THREADS, 0, stream>>>(out, x, w, bias, s);
-    }
+    else if (version == TILED_8X8)
+        conv2d_forward_tiled_launch<T, Tile8x8>(out, x, w, bias, s, stream);
+    else
+        conv2d_forward_tiled_launch<T, Tile4x4>(out, x, w, bias, s, stream);
     CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, typename Tl>
+void conv2d_backward_input_tiled_launch(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
+    long long most_columns = (long long)s.N * ceil_div(s.H, s.stride) * ceil_div(s.W, s.stride);
+    dim3 grid(ceil_div(most_columns, Tl::BN), ceil_div(s.C, Tl::BM), s.stride * s.stride);   // z: the phases
+    conv2d_backward_input_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(dx, dout, w, s);
 }
 
 template <typename T>
@@ -308,20 +337,32 @@ void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dSh
                                 cudaStream_t stream) {
     int total = s.N * s.C * s.H * s.W;
     if (total == 0) return;
-    if (version == NAIVE) {
+    if (version == NAIVE)
         conv2d_backward_input_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(dx, dout, w, s);
-    } else {
-        long long most_columns = (long long)s.N * ceil_div(s.H, s.stride) * ceil_div(s.W, s.stride);
-        dim3 grid(ceil_div(most_columns, BN), ceil_div(s.C, BM), s.stride * s.stride);
-        conv2d_backward_input_kernel2<T><<<grid, TILE_THREADS, 0, stream>>>(dx, dout, w, s);
-    }
+    else if (version == TILED_8X8)
+        conv2d_backward_input_tiled_launch<T, Tile8x8>(dx, dout, w, s, stream);
+    else
+        conv2d_backward_input_tiled_launch<T, Tile4x4>(dx, dout, w, s, stream);
     CUDA_CHECK(cudaGetLastError());
 }
 
+int backward_weight_splits_for(const Conv2dShape& s, int version, int num_sms) {
+    if (version == NAIVE) return 1;
+    return version == TILED_8X8 ? backward_weight_splits<Tile8x8>(s, num_sms) : backward_weight_splits<Tile4x4>(s, num_sms);
+}
+
 long long conv2d_backward_weight_workspace(const Conv2dShape& s, int version, int num_sms) {
-    if (version != TILED) return 0;
-    int splits = backward_weight_splits(s, num_sms);
+    int splits = backward_weight_splits_for(s, version, num_sms);
     return splits > 1 ? (long long)splits * s.O * s.C * s.kh * s.kw : 0;
+}
+
+template <typename T, typename Tl>
+void conv2d_backward_weight_tiled_launch(T* partial, const T* dout, const T* x, const Conv2dShape& s, int splits,
+                                         cudaStream_t stream) {
+    int K = s.N * s.OH * s.OW;
+    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
+    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
+    conv2d_backward_weight_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(partial, dout, x, s, chunk);
 }
 
 template <typename T>
@@ -334,12 +375,12 @@ void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dS
         CUDA_CHECK(cudaGetLastError());
         return;
     }
-    int splits = backward_weight_splits(s, num_sms);
-    int K = s.N * s.OH * s.OW;
-    int chunk = ceil_div(ceil_div(K, splits), BK) * BK;
-    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, BN), ceil_div(s.O, BM), splits);
-    conv2d_backward_weight_kernel2<T><<<grid, TILE_THREADS, 0, stream>>>(splits > 1 ? workspace : dw,
-                                                                          dout, x, s, chunk);
+    int splits = backward_weight_splits_for(s, version, num_sms);
+    T* partial = splits > 1 ? workspace : dw;
+    if (version == TILED_8X8)
+        conv2d_backward_weight_tiled_launch<T, Tile8x8>(partial, dout, x, s, splits, stream);
+    else
+        conv2d_backward_weight_tiled_launch<T, Tile4x4>(partial, dout, x, s, splits, stream);
     CUDA_CHECK(cudaGetLastError());
     if (splits > 1) {
         sum_partials_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, workspace, splits, size);
