@@ -530,10 +530,11 @@ def test_conv2d_backward_weight_split_k_does_not_depend_on_the_sm_count(emulated
     case = (4, 3, 12, 12, 5, 3, 3, 1, 1)
     x, w, _, dout = conv_inputs(case, np.float64, seed=6)
     want = kernels.conv2d_backward_weight_ref(dout, x, (3, 3), 1, 1)
-    for sms in (1, 7, 132):
-        emulated.sms = sms
-        assert_close(emulated.conv2d_backward_weight(dout, x, (3, 3), 1, 1, version="tiled"), want,
-                     np.float64, f"{sms} SMs")
+    for version in [v for v in emulated.conv2d_versions() if v != "naive"]:
+        for sms in (1, 7, 132):
+            emulated.sms = sms
+            assert_close(emulated.conv2d_backward_weight(dout, x, (3, 3), 1, 1, version=version), want,
+                         np.float64, f"{version}, {sms} SMs")
     emulated.sms = 132
 
 
