@@ -337,7 +337,7 @@ void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dSh
                                 cudaStream_t stream) {
     int total = s.N * s.C * s.H * s.W;
     if (total == 0) return;
-    if (version == NAIVE)
+    if (version == NAIVE || (long long)s.stride * s.stride > 65535)   // grid.z: one per phase, at most 65535
         conv2d_backward_input_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(dx, dout, w, s);
     else if (version == TILED_8X8)
         conv2d_backward_input_tiled_launch<T, Tile8x8>(dx, dout, w, s, stream);
