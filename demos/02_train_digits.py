@@ -42,7 +42,7 @@ from tinydiff.tensor import no_grad
 CONFIG = dict(
     data="digits",          # scikit-learn's 8x8 digits, bilinearly upsampled to 16x16; 1497 train, 300 held out
     model="contextunet",    # the course's ContextUnet: time and one-hot context injected in the decoder
-    n_feat=64,              # width of the first level (the course's 64)
+    n_feat=32,              # width of the first level (the course uses 64; 32 learns more per CPU minute)
     batch_size=64,
     epochs=None,            # None: train.DEFAULT_EPOCHS passes over the data
     lr=1e-3,                # Adam's peak learning rate ...

@@ -126,7 +126,7 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/samples)")
     s.add_argument("--gif", action="store_true", help="also write denoising.gif, the trajectory")
-    s.add_argument("--batch-size", type=positive_int, default=500, help="images per network call (default 500)")
+    s.add_argument("--batch-size", type=positive_int, default=100, help="images per chunk; guidance doubles it (default 100)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     s.add_argument("--kernels", choices=("native", "numpy"), default="native")
 

@@ -24,6 +24,7 @@ Ctrl-C (or --time-budget) stops after the current step and writes all of the abo
 same command with --resume to go on. On the CPU a resumed run equals an uninterrupted one, bit
 for bit (tests/test_cli.py checks it).
 """
+import contextlib
 import io
 import json
 import math
@@ -44,7 +45,7 @@ DEFAULTS = dict(
     image_size=None,        # resize to this (None: the data set's own size; digits: 16)
     out="runs/digits",      # the run folder
     model="contextunet",    # "contextunet" (the course's) or "unet" (modern: GroupNorm, attention)
-    n_feat=64,              # model width: channels of the first level
+    n_feat=32,              # model width: channels of the first level (the course's is 64)
     steps=None,             # optimizer steps in all; None: from epochs
     epochs=None,            # passes over the data; None with steps None: DEFAULT_EPOCHS
     batch_size=64,
@@ -67,7 +68,7 @@ DEFAULTS = dict(
     sample_steps=50,        # DDIM steps for samples.png
     sample_per_class=10,    # samples.png: samples per class (one row per class)
 )
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 150       # 150 x 23 batches of 64 = 3450 steps
 # Settings that define the model and the data: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "image_size", "model", "n_feat", "batch_size", "timesteps", "schedule",
                    "objective", "seed", "optimizer")
@@ -204,6 +205,8 @@ def train(overrides=None, resume=False, progress=True):
         info = checkpoint.load_checkpoint(out, model, opt, ema)
         step, losses = info["step"], list(np.asarray(info["extra"]["losses"]).tolist())
         batches.load_state_dict(info["extra"]["batches"])
+        if step > total:
+            raise ConfigError(f"{out} is at step {step}, past the {total} steps asked for: give more --steps")
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=1).encode())
     print(f"training {cfg['model']} (n_feat {cfg['n_feat']}, {model.num_parameters():,} parameters) on "
@@ -266,7 +269,7 @@ def train(overrides=None, resume=False, progress=True):
         bar.close()
 
     write_loss_plot(os.path.join(out, "loss.png"), losses)
-    with (ema.average_parameters() if ema else _nothing()):
+    with (ema.average_parameters() if ema else contextlib.nullcontext()):
         grid = preview_samples(model, schedule, cfg)
     write_png(os.path.join(out, "samples.png"), image_grid(grid, ncol=cfg["sample_per_class"]))
     print(f"{out}: step {step}/{total}, loss {np.mean(losses[-50:]) if losses else float('nan'):.4f}, "
@@ -309,14 +312,6 @@ class StopFlag:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress_bar(total, initial, enabled):
