@@ -75,6 +75,17 @@ class Tensor:
         self._op = ""              # name of the op that made it, for error messages and printing
         self._freed = False        # True once backward() has released this op's saved arrays
 
+    # An op's backward closure refers to its output; storing it only when the output needs a
+    # gradient avoids a reference cycle (and arrays kept alive until the garbage collector runs)
+    # for every op run under no_grad() or on constants.
+    @property
+    def _backward(self):
+        return self.__dict__.get("_backward_fn")
+
+    @_backward.setter
+    def _backward(self, fn):
+        self.__dict__["_backward_fn"] = fn if (fn is None or self.requires_grad) else None
+
     # --- plain properties ------------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
