@@ -32,8 +32,6 @@ import time
 import numpy as np
 
 from tinydiff import backend, cli, evaluate, train
-from tinydiff.checkpoint import load_weights
-from tinydiff.diffusion import NoiseSchedule
 from tinydiff.samplers import ddim_sample, ddpm_sample
 from tinydiff.tensor import no_grad
 
@@ -50,12 +48,7 @@ def load_model(args):
         run = os.path.join(args.out, "tiny_run")
         if not os.path.exists(os.path.join(run, "checkpoint.json")):
             train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
-    run = run or "runs/digits"
-    if not os.path.exists(run):
-        raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")
-    cfg, weights = cli.find_weights(run)                       # config.json and the EMA weights
-    model = load_weights(train.model_from_config(cfg).to(args.device), weights).eval()
-    return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg
+    return cli.load_run(run or "runs/digits", args.device)
 
 
 def main(argv=None):

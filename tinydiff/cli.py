@@ -168,6 +168,16 @@ def find_weights(path):
     return json.loads(metadata["tinydiff.config"]), path
 
 
+def load_run(run, device="cpu"):
+    """A run's model (EMA weights, eval mode), its noise schedule and config: what the demos sample from."""
+    from tinydiff.diffusion import NoiseSchedule
+    if not os.path.exists(run):
+        raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")
+    cfg, weights = find_weights(run)                           # config.json and the EMA weights
+    model = load_weights(training.model_from_config(cfg).to(device), weights).eval()
+    return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg
+
+
 def sample_command(parser, args):
     from tinydiff.diffusion import NoiseSchedule
     from tinydiff.samplers import ddim_sample, ddpm_sample
