@@ -8,6 +8,7 @@
 TINYDIFF_CUDA=auto (default): build the CUDA module when nvcc is found, warn if that fails.
 TINYDIFF_CUDA=1: the install fails on any CUDA error.  TINYDIFF_CUDA=0: skip it.
 TINYDIFF_NATIVE_ARCH=0: no -march=native (for a wheel built on one machine, run on another).
+TINYDIFF_CUDA_ARCHS="90": build for these GPU architectures only (default 75 80 86 89 90, + PTX of the last).
 """
 import glob
 import os
@@ -19,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-CUDA_ARCHS = ["75", "80", "86", "89", "90"]  # + PTX for compute_90, so newer GPUs JIT it
+CUDA_ARCHS = os.environ.get("TINYDIFF_CUDA_ARCHS", "75 80 86 89 90").replace(",", " ").split()
+# + PTX for the last one (compute_90), so newer GPUs JIT it
 
 
 def compiler_accepts(flag):
@@ -70,7 +72,7 @@ class BuildExt(build_ext):
         def nvcc_compile(src):
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc",
-                   "-Xcompiler", "-fPIC", *gencode]
+                   "-Xcompiler", "-fPIC", "--threads", "0", *gencode]
             print(" ".join(cmd))
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
