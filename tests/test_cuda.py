@@ -7,7 +7,8 @@ Three groups, so that a machine without a GPU still tests all it can:
      the threads of a block as fibers, __syncthreads as a switch to the next one) and runs wherever g++
      and the CUDA headers are; "gpu" runs the real module on CuPy arrays. Every version of every
      kernel against the NumPy reference of tinydiff/kernels.py, on awkward shapes, float32 and
-     float64; outputs are checked for writes outside them and for elements never written.
+     float64 (the elementwise ones on 16-byte aligned and misaligned arrays: each picks its version
+     by alignment); outputs are checked for writes outside them and for elements never written.
   3. On the GPU only (skipped, saying why, without CuPy and a GPU): bad arguments, streams,
      float64 gradient checks through the CuPy backend, and the same computation on CPU and GPU:
      ops, a small conv net, a ContextUnet training step and DDIM sampling.
@@ -277,23 +278,31 @@ class EmulatedKernels:
         lib.emu_conv2d_version.restype = ctypes.c_char_p
         lib.emu_backward_weight_workspace.restype = ctypes.c_longlong
         self.sms = 132                    # the SM count the split-K heuristic plans for (an H100's)
+        self.misalign = 0                 # elements past a 16-byte boundary where each array starts
 
     def conv2d_versions(self):
         return [self.lib.emu_conv2d_version(i).decode() for i in range(self.lib.emu_conv2d_num_versions())]
 
     # buffers with guards: inputs surrounded by NaN (an out-of-bounds read poisons the result),
     # outputs by a sentinel (an out-of-bounds write is seen) and filled with NaN (so is a gap)
-    @staticmethod
-    def _in(a):
+    def _buffer(self, size, dtype):
+        """NaN, size + 2 GUARD elements, the array's first (element GUARD) `self.misalign` elements
+        past a 16-byte boundary: 0 as CuPy allocates, 1 as a view like x[1:] of a 1-D array."""
+        item = np.dtype(dtype).itemsize
+        raw = np.full(size + 2 * GUARD + 16 // item, np.nan, dtype=dtype)
+        skip = next(k for k in range(16 // item)
+                    if (raw.ctypes.data + (k + GUARD - self.misalign) * item) % 16 == 0)
+        return raw[skip:skip + size + 2 * GUARD]
+
+    def _in(self, a):
         if a is None:
             return None
-        buf = np.full(a.size + 2 * GUARD, np.nan, dtype=a.dtype)
+        buf = self._buffer(a.size, a.dtype)
         buf[GUARD:GUARD + a.size] = a.ravel()
         return buf
 
-    @staticmethod
-    def _out(shape, dtype):
-        buf = np.full(int(np.prod(shape)) + 2 * GUARD, np.nan, dtype=dtype)
+    def _out(self, shape, dtype):
+        buf = self._buffer(int(np.prod(shape)), dtype)
         buf[:GUARD] = buf[-GUARD:] = SENTINEL
         return buf
 
@@ -424,12 +433,23 @@ class GpuRunner:
 
     def __init__(self, cp, mod):
         self.cp, self.mod = cp, mod
+        self.misalign = 0       # 1: each input a view one element into its allocation (x[1:]), not 16-byte aligned
+
+    def _put(self, a):
+        if not isinstance(a, np.ndarray):
+            return a
+        if not self.misalign:
+            return self.cp.asarray(a)
+        buf = self.cp.empty(a.size + self.misalign, dtype=a.dtype)        # 256-byte aligned
+        view = buf[self.misalign:].reshape(a.shape)                       # C-contiguous, misaligned
+        view[...] = self.cp.asarray(a)
+        return view
 
     def __getattr__(self, name):
         fn = getattr(self.mod, name)
 
         def call(*args, **kwargs):
-            put = lambda a: self.cp.asarray(a) if isinstance(a, np.ndarray) else a
+            put = self._put
             out = fn(*map(put, args), **{k: put(v) for k, v in kwargs.items()})
             if isinstance(out, tuple):
                 return tuple(o.get() for o in out)
@@ -540,7 +560,25 @@ def test_conv2d_backward_weight_split_k_does_not_depend_on_the_sm_count(emulated
 
 # --- diffusion steps and GELU ------------------------------------------------------------------
 
-STEP_SHAPES = [(1, 3, 4, 4), (3, 5, 7), (2, 1), (70000, 1)]    # the last: more samples than a grid's y
+# B samples of per_sample elements, and the version the launchers pick for aligned arrays
+# (kernel2 needs per_sample a multiple of Pack<T>::N: 4 floats, 2 doubles; misaligned: kernel1)
+STEP_SHAPES = [
+    (1, 3, 4, 4),       # batch 1, per_sample 48: kernel2 (12 Packs of floats)
+    (2, 3, 20, 20),     # per_sample 1200: kernel2, 300 Packs over two blocks (600 over three for doubles)
+    (3, 5, 7),          # per_sample 35: kernel1
+    (3, 6),             # per_sample 6: kernel1 for floats, kernel2 for doubles (3 Packs)
+    (2, 1),             # per_sample 1, less than a Pack: kernel1
+    (70000, 4),         # more samples than a grid's y: kernel2 aligned, kernel1 misaligned
+]
+
+
+@pytest.fixture(params=["aligned", "misaligned"])
+def placed(runner, request):
+    """`runner` with its arrays 16-byte aligned, as CuPy allocates them (the Pack kernels where the
+    shape allows), or each one element off, as a view like x[1:] (the one-element kernels)."""
+    runner.misalign = 0 if request.param == "aligned" else 1
+    yield runner
+    runner.misalign = 0
 
 
 def skip_slow_emulation(runner, shape, *variant):
@@ -559,21 +597,21 @@ def step_inputs(shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=case_id)
-def test_q_sample(runner, shape, dtype):
-    skip_slow_emulation(runner, shape, dtype == np.float64)
+def test_q_sample(placed, shape, dtype):
+    skip_slow_emulation(placed, shape, dtype == np.float64)
     (x0, eps, _, _), coefs = step_inputs(shape, dtype, seed=7)
-    got = runner.q_sample(x0, eps, coefs[0], coefs[1])
+    got = placed.q_sample(x0, eps, coefs[0], coefs[1])
     assert_close(got, kernels.q_sample_ref(*f64(x0, eps, coefs[0], coefs[1])), dtype, "q_sample")
 
 
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=case_id)
-def test_ddpm_step(runner, shape, dtype, guided):
-    skip_slow_emulation(runner, shape, dtype == np.float64, guided)
+def test_ddpm_step(placed, shape, dtype, guided):
+    skip_slow_emulation(placed, shape, dtype == np.float64, guided)
     (xt, eps, z, eps_uncond), coefs = step_inputs(shape, dtype, seed=8)
     uncond, scale = (eps_uncond, 3.5) if guided else (None, 1.0)
-    got = runner.ddpm_step(xt, eps, z, coefs[0], coefs[1], coefs[2], uncond, scale)
+    got = placed.ddpm_step(xt, eps, z, coefs[0], coefs[1], coefs[2], uncond, scale)
     want = kernels.ddpm_step_ref(*f64(xt, eps, z, *coefs[:3], uncond), scale)
     assert_close(got, want, dtype, "ddpm_step")
 
@@ -582,11 +620,11 @@ def test_ddpm_step(runner, shape, dtype, guided):
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=case_id)
-def test_ddim_step(runner, shape, dtype, guided, clip):
-    skip_slow_emulation(runner, shape, dtype == np.float64, guided, clip)
+def test_ddim_step(placed, shape, dtype, guided, clip):
+    skip_slow_emulation(placed, shape, dtype == np.float64, guided, clip)
     (xt, eps, z, eps_uncond), coefs = step_inputs(shape, dtype, seed=9)
     uncond, scale = (eps_uncond, 0.5) if guided else (None, 1.0)
-    x_prev, x0 = runner.ddim_step(xt, eps, z, *coefs, clip, uncond, scale)
+    x_prev, x0 = placed.ddim_step(xt, eps, z, *coefs, clip, uncond, scale)
     want_prev, want_x0 = kernels.ddim_step_ref(*f64(xt, eps, z, *coefs), clip, *f64(uncond), scale)
     assert_close(x0, want_x0, dtype, "ddim_step x0")
     assert_close(x_prev, want_prev, dtype, "ddim_step x_prev")
@@ -595,8 +633,9 @@ def test_ddim_step(runner, shape, dtype, guided, clip):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape", [(0,), (1,), (3, 7, 5), (4096 + 3,)], ids=case_id)
-def test_gelu(runner, shape, dtype):
+# aligned: kernel2 on whole Packs (4 floats, 2 doubles) and one element per thread for the rest
+@pytest.mark.parametrize("shape", [(0,), (1,), (5,), (2, 64), (3, 7, 5), (4096 + 3,)], ids=case_id)
+def test_gelu(placed, shape, dtype):
     rng = np.random.default_rng(10)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     if x.size > 4:
@@ -604,8 +643,8 @@ def test_gelu(runner, shape, dtype):
     dout = rng.standard_normal(shape).astype(dtype)
     # the NumPy reference's erf is a fit accurate to 4e-15: compare float64 at that level
     tol = (1e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
-    assert_close(runner.gelu_forward(x), kernels.gelu_forward_ref(x.astype(np.float64)), dtype, "gelu_forward", tol)
-    assert_close(runner.gelu_backward(dout, x), kernels.gelu_backward_ref(*f64(dout, x)), dtype, "gelu_backward", tol)
+    assert_close(placed.gelu_forward(x), kernels.gelu_forward_ref(x.astype(np.float64)), dtype, "gelu_forward", tol)
+    assert_close(placed.gelu_backward(dout, x), kernels.gelu_backward_ref(*f64(dout, x)), dtype, "gelu_backward", tol)
 
 
 # ---------------------------------------------------------------------------------------------
