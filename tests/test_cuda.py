@@ -209,6 +209,8 @@ CONV_CASES = [
     (1, 3, 3, 3, 2, 5, 5, 2, 2),       # kernel larger than the image
     (4, 3, 12, 12, 5, 3, 3, 1, 1),     # N*OH*OW = 576: backward weight splits K
     (2, 70, 6, 5, 66, 3, 3, 1, 1),     # more than one 64-row tile, K = 630 over many BK tiles
+    (3, 17, 10, 10, 18, 3, 3, 1, 1),   # M > 16 on every pass (implicit_gemm's large tile), 300 columns: 3 tiles of 128
+    (2, 20, 9, 9, 24, 4, 4, 2, 1),     # the same with stride 2: 4 phases of taps 2x2
 ]
 # transposed convs: (N, C_in, H_in, W_in, C_out, k, stride, padding), as F.conv_transpose2d calls them
 TRANSPOSED_CASES = [
