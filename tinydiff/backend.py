@@ -155,22 +155,23 @@ def rebuild_if_stale():
 
 
 def import_native():
-    """tinydiff._C, with OpenMP's idle threads spinning only briefly (GOMP_SPINCOUNT=10000, a few
-    tens of microseconds) before they sleep, unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
-    GNU OpenMP's default spins 30 times longer; on a laptop or a 2-vCPU machine, whose two threads
-    share one core, that spinning takes the core from the NumPy code the main thread runs between
-    our kernels (a ContextUnet step: 430 -> 390 ms idle, 4x faster with a compiler running beside
-    it), while sleeping at once (OMP_WAIT_POLICY=passive) makes back-to-back kernels wait for their
-    threads to wake. OpenMP reads the variable when our extension loads it: set only for that."""
+    """tinydiff._C, with OpenMP's idle threads put to sleep at once (OMP_WAIT_POLICY=passive)
+    unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT. GNU OpenMP's threads spin after each
+    parallel loop by default; where two threads share one core (a 2-vCPU machine, hyper-threads)
+    that spinning takes the core from the NumPy code the main thread runs between our kernels, and
+    under any other load it stalls every loop (a ContextUnet step: 430 -> 390 ms idle, 2.5 s -> 0.4 s
+    with another busy process). The price: back-to-back kernels wait for their threads to wake
+    (benchmarks/bench_conv.py is faster with OMP_WAIT_POLICY=active). OpenMP reads the variable when
+    our extension loads it, so it is set only for that import."""
     user_chose = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
     if not user_chose:
-        os.environ["GOMP_SPINCOUNT"] = "10000"
+        os.environ["OMP_WAIT_POLICY"] = "passive"
     try:
         from tinydiff import _C
         return _C
     finally:
         if not user_chose:
-            del os.environ["GOMP_SPINCOUNT"]
+            del os.environ["OMP_WAIT_POLICY"]
 
 
 rebuild_if_stale()
