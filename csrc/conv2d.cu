@@ -39,7 +39,8 @@
 // Measured on an H100 and an H200 at batch 256 (benchmarks/results/gpu_h*_2026-11-26.md): kernel4
 // is the fastest on every ContextUnet layer and pass, within 2x of cuDNN on 29 of 30 (19 faster);
 // the exception is a forward with a 1x1 output (4 blocks: it would need split-K). kernel2 runs
-// at 0.3-0.45x of kernel4 on the large layers, kernel3 below kernel2, kernel1 at 1/3 to 1/60.
+// at 0.25-0.4x of kernel4 on the large layers, kernel3 about as fast or slower, kernel1 at 0.6x
+// (3 output channels) down to 1/60 (backward weight of the first layer).
 //
 // Compile alone:  nvcc -c -O3 -std=c++17 -Icsrc -arch=sm_90 --resource-usage csrc/conv2d.cu -o /tmp/conv2d.o
 // Build:          TINYDIFF_CUDA=1 pip install -e .   (setup.py compiles every csrc/*.cu)
