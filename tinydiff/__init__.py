@@ -1,7 +1,8 @@
 """tinydiff: a from-scratch diffusion engine. Read in this order:
 
 backend (NumPy or CuPy, compiled kernels) -> tensor (autograd) -> functional (layers as ops)
--> nn (modules) -> models (U-Nets) -> diffusion (schedules, loss) -> samplers -> train, cli.
+-> kernels (the NumPy references of csrc/) -> module, nn (modules) -> context_unet, unet (models)
+-> optim, checkpoint -> data -> diffusion (schedules, loss) -> samplers -> train, cli.
 """
 from tinydiff import functional
 from tinydiff.backend import cuda_available, get_kernels, manual_seed, set_kernels
