@@ -289,13 +289,18 @@ py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, 
     expect_int_conv(fn, s);
 
     check_device(fn, {&x, &w, b ? &*b : nullptr});
+    int sms = sm_count();
+    long long scratch = conv2d_forward_workspace(s, v, sms);
+    expect_int_size(fn, "the split-K scratch space", scratch);
     py::object out = new_array(fn, out_shape, x.dtype);
+    py::object workspace = scratch > 0 ? new_array(fn, {scratch}, x.dtype) : py::none();
     cudaStream_t stream = current_stream(fn);
     dispatch(x.dtype, [&](auto zero) {
         using T = decltype(zero);
-        conv2d_forward_cuda<T>(data_of<T>(out), x.data<T>(), w.data<T>(), b ? b->data<T>() : nullptr, s, v, stream);
+        conv2d_forward_cuda<T>(data_of<T>(out), x.data<T>(), w.data<T>(), b ? b->data<T>() : nullptr, s, v,
+                               scratch > 0 ? data_of<T>(workspace) : nullptr, sms, stream);
     });
-    return out;
+    return out;   // `workspace` goes back to CuPy's pool when this returns; the stream orders its reuse
 }
 
 py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, py::object input_hw_obj,

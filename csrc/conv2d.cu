@@ -25,7 +25,9 @@
 //            step). Tiles: 64 x 128, BK = 8, 128 threads of 8 x 8 outputs (the layers have 64 or
 //            128 channels, so M = 64 wastes nothing); 16 x 128 with 4 x 4 each where M <= 16
 //            (the image's 3 channels), instead of a 64-row tile of which 61 rows are thrown away.
-//            Backward input with stride > 4 (more than 16 phases) falls back to kernel2.
+//            Backward input with stride > 4 (more than 16 phases) falls back to kernel2. A forward
+//            with too few output tiles to fill the GPU splits K = C*kh*kw too (split-K, like
+//            backward weight): partial sums side by side, then summed in a fixed order, plus bias.
 //   "tiled" (kernel2): 64x64 output tiles per block of 256 threads, each thread 4x4 outputs; A and
 //            B are read tile by tile (BK = 16) into shared memory, with the im2col index arithmetic
 //            done while loading. Backward input splits dx into the s*s "phases" (h+p) mod s,
@@ -38,7 +40,7 @@
 // Shapes whose matrices or single images pass 2^31 elements run on kernel1 (all long long).
 // Measured on an H100 and an H200 at batch 256 (benchmarks/results/gpu_h*_2026-11-26.md): kernel4
 // is the fastest on every ContextUnet layer and pass, within 2x of cuDNN on 29 of 30 (19 faster);
-// the exception is a forward with a 1x1 output (4 blocks: it would need split-K). kernel2 runs
+// the exception, a forward with a 1x1 output (4 blocks), was measured before its split-K. kernel2 runs
 // at 0.25-0.4x of kernel4 on the large layers, kernel3 about as fast or slower, kernel1 at 0.6x
 // (3 output channels) down to 1/60 (backward weight of the first layer).
 //
@@ -468,11 +470,12 @@ struct ForwardViewFast {
         return (q.valid && (unsigned)h < (unsigned)s.H && (unsigned)wi < (unsigned)s.W) ? col.x[q.offset + col.offset] : T(0);
     }
 
-    struct CCol { T* out; };                               // out[n, :, i, j]
+    struct CCol { T* out; };                               // out[n, :, i, j]; with split-K, of partial[z]
     __device__ CCol c_col(int col) const {
         int n, pixel;
         ohow.divmod(col, n, pixel);
-        return {out + (long long)n * s.O * s.OH * s.OW + pixel};
+        long long size = (long long)s.N * s.O * s.OH * s.OW;
+        return {out + blockIdx.z * size + (long long)n * s.O * s.OH * s.OW + pixel};
     }
     __device__ void store(const CCol& col, int o, T value) const {
         col.out[o * (s.OH * s.OW)] = bias ? value + bias[o] : value;
@@ -586,9 +589,11 @@ using TileFastSmall = Tile<16, 128, 8, 4, 4, 4>;
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_forward_kernel4(ForwardViewFast<T> view) {
+conv2d_forward_kernel4(ForwardViewFast<T> view, int chunk) {
     const Conv2dShape& s = view.s;
-    gemm_block_tile_fast<T, Tl>(view, s.O, s.N * s.OH * s.OW, 0, s.C * s.kh * s.kw);
+    int K = s.C * s.kh * s.kw;
+    int k_begin = min(K, (int)blockIdx.z * chunk), k_end = min(K, k_begin + chunk);
+    gemm_block_tile_fast<T, Tl>(view, s.O, s.N * s.OH * s.OW, k_begin, k_end);
 }
 
 template <typename T, typename Tl>
@@ -608,14 +613,16 @@ conv2d_backward_weight_kernel4(BackwardWeightViewFast<T> view, int chunk) {
     gemm_block_tile_fast<T, Tl>(view, s.O, s.C * s.kh * s.kw, k_begin, k_end);
 }
 
-// dw[e] = sum_z partial[z][e], always in the same order: the result does not depend on timing
+// out[e] = sum_z partial[z][e] (+ bias[o], o = e / per_o % O), always in the same order: the
+// result does not depend on timing
 template <typename T>
-__global__ void sum_partials_kernel(T* dw, const T* partial, int splits, int size) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void sum_partials_kernel(T* out, const T* partial, const T* bias, int splits, long long size,
+                                    int O, int per_o) {
+    long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (e >= size) return;
     T acc = 0;
-    for (int z = 0; z < splits; ++z) acc += partial[(long long)z * size + e];
-    dw[e] = acc;
+    for (int z = 0; z < splits; ++z) acc += partial[z * size + e];
+    out[e] = bias ? acc + bias[e / per_o % O] : acc;
 }
 
 // How many chunks the tiled backward weight cuts K = N*OH*OW into: enough blocks for about
@@ -627,6 +634,17 @@ int backward_weight_splits(const Conv2dShape& s, int num_sms, int per_sm) {
     long long want = ((long long)per_sm * std::max(num_sms, 1) + tiles - 1) / tiles;
     long long most = (K + 127) / 128;
     return (int)std::max(1LL, std::min({want, most, 1024LL}));
+}
+
+// How many chunks kernel4's forward cuts K = C*kh*kw into: only where the output tiles are fewer
+// than the SMs, then about 2 blocks per SM, each chunk at least 128 long.
+template <typename Tl>
+int forward_splits(const Conv2dShape& s, int num_sms) {
+    long long tiles = (long long)ceil_div(s.O, Tl::BM) * ceil_div((long long)s.N * s.OH * s.OW, Tl::BN);
+    long long K = (long long)s.C * s.kh * s.kw;
+    if (tiles >= num_sms || K < 256) return 1;
+    long long want = (2LL * num_sms + tiles - 1) / tiles;
+    return (int)std::max(1LL, std::min({want, K / 128, 1024LL}));
 }
 
 // The tiled kernels index within int: every matrix side and every image-sized block must fit
@@ -657,25 +675,48 @@ void conv2d_forward_tiled_launch(T* out, const T* x, const T* w, const T* bias, 
     conv2d_forward_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(out, x, w, bias, s);
 }
 
+// splits > 1: chunk z of K goes, without bias, to partial[z] = workspace + z * (N*O*OH*OW), then summed
 template <typename T, typename Tl>
 void conv2d_forward_kernel4_launch(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                                   cudaStream_t stream) {
-    ForwardViewFast<T> view{out, x, w, bias, s, FastDiv(s.kh * s.kw), FastDiv(s.kw), FastDiv(s.OH * s.OW), FastDiv(s.OW)};
-    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM));
-    conv2d_forward_kernel4<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view);
+                                   T* workspace, int splits, cudaStream_t stream) {
+    T* partial = splits > 1 ? workspace : out;
+    ForwardViewFast<T> view{partial, x, w, splits > 1 ? nullptr : bias, s,
+                            FastDiv(s.kh * s.kw), FastDiv(s.kw), FastDiv(s.OH * s.OW), FastDiv(s.OW)};
+    int K = s.C * s.kh * s.kw;
+    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
+    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
+    conv2d_forward_kernel4<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view, chunk);
+    if (splits > 1) {
+        CUDA_CHECK(cudaGetLastError());
+        long long total = (long long)s.N * s.O * s.OH * s.OW;
+        sum_partials_kernel<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, workspace, bias, splits, total,
+                                                                                 s.O, s.OH * s.OW);
+    }
+}
+
+// 1: no split (every version but kernel4, and shapes past int)
+int forward_splits_for(const Conv2dShape& s, int version, int num_sms) {
+    if (version != IMPLICIT_GEMM || !fits_int(s)) return 1;
+    return small_m(s.O) ? forward_splits<TileFastSmall>(s, num_sms) : forward_splits<TileFast>(s, num_sms);
+}
+
+long long conv2d_forward_workspace(const Conv2dShape& s, int version, int num_sms) {
+    int splits = forward_splits_for(s, version, num_sms);
+    return splits > 1 ? (long long)splits * s.N * s.O * s.OH * s.OW : 0;
 }
 
 template <typename T>
 void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                         int version, cudaStream_t stream) {
+                         int version, T* workspace, int num_sms, cudaStream_t stream) {
     long long total = (long long)s.N * s.O * s.OH * s.OW;
     if (total == 0) return;
+    int splits = forward_splits_for(s, version, num_sms);
     if (version == NAIVE || !fits_int(s))
         conv2d_forward_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, x, w, bias, s);
     else if (version == IMPLICIT_GEMM && small_m(s.O))
-        conv2d_forward_kernel4_launch<T, TileFastSmall>(out, x, w, bias, s, stream);
+        conv2d_forward_kernel4_launch<T, TileFastSmall>(out, x, w, bias, s, workspace, splits, stream);
     else if (version == IMPLICIT_GEMM)
-        conv2d_forward_kernel4_launch<T, TileFast>(out, x, w, bias, s, stream);
+        conv2d_forward_kernel4_launch<T, TileFast>(out, x, w, bias, s, workspace, splits, stream);
     else if (version == TILED_8X8)
         conv2d_forward_tiled_launch<T, Tile8x8>(out, x, w, bias, s, stream);
     else
@@ -792,14 +833,14 @@ void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dS
         conv2d_backward_weight_tiled_launch<T, Tile4x4>(partial, dout, x, s, splits, stream);
     CUDA_CHECK(cudaGetLastError());
     if (splits > 1) {
-        sum_partials_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, workspace, splits, size);
+        sum_partials_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, workspace, nullptr, splits, size, 1, 1);
         CUDA_CHECK(cudaGetLastError());
     }
 }
 
 #define INSTANTIATE(T)                                                                              \
     template void conv2d_forward_cuda<T>(T*, const T*, const T*, const T*, const Conv2dShape&, int,  \
-                                         cudaStream_t);                                             \
+                                         T*, int, cudaStream_t);                                    \
     template void conv2d_backward_input_cuda<T>(T*, const T*, const T*, const Conv2dShape&, int,     \
                                                 cudaStream_t);                                      \
     template void conv2d_backward_weight_cuda<T>(T*, const T*, const T*, const Conv2dShape&, int, T*, \

@@ -22,10 +22,15 @@ struct Conv2dShape {
 // The kernel versions by name; the first is the default.
 std::vector<std::string> conv2d_versions_cuda();
 
-// out (N, O, OH, OW) = conv(x (N, C, H, W), w (O, C, kh, kw)) + bias (O,) or nullptr
+// How many elements of scratch memory conv2d_forward_cuda needs (0 if none): where the output has
+// too few tiles to fill the GPU, implicit_gemm splits the reduction over C*kh*kw into chunks.
+long long conv2d_forward_workspace(const Conv2dShape& s, int version, int num_sms);
+
+// out (N, O, OH, OW) = conv(x (N, C, H, W), w (O, C, kh, kw)) + bias (O,) or nullptr;
+// workspace as sized above
 template <typename T>
 void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                         int version, cudaStream_t stream);
+                         int version, T* workspace, int num_sms, cudaStream_t stream);
 
 // dx (N, C, H, W) from dout (N, O, OH, OW) and w (O, C, kh, kw)
 template <typename T>

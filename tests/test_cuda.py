@@ -211,6 +211,7 @@ CONV_CASES = [
     (2, 70, 6, 5, 66, 3, 3, 1, 1),     # more than one 64-row tile, K = 630 over many BK tiles
     (3, 17, 10, 10, 18, 3, 3, 1, 1),   # M > 16 on every pass (implicit_gemm's large tile), 300 columns: 3 tiles of 128
     (2, 20, 9, 9, 24, 4, 4, 2, 1),     # the same with stride 2: 4 phases of taps 2x2
+    (3, 40, 4, 4, 20, 4, 4, 4, 0),     # 1x1 output, K = 640: implicit_gemm's forward splits K
 ]
 # transposed convs: (N, C_in, H_in, W_in, C_out, k, stride, padding), as F.conv_transpose2d calls them
 TRANSPOSED_CASES = [
@@ -279,6 +280,7 @@ class EmulatedKernels:
         self.lib = lib
         lib.emu_conv2d_version.restype = ctypes.c_char_p
         lib.emu_backward_weight_workspace.restype = ctypes.c_longlong
+        lib.emu_forward_workspace.restype = ctypes.c_longlong
         self.sms = 132                    # the SM count the split-K heuristic plans for (an H100's)
         self.misalign = 0                 # elements past a 16-byte boundary where each array starts
 
@@ -335,8 +337,15 @@ class EmulatedKernels:
         oh, ow = conv_out(h, kh, stride, padding), conv_out(wd, kw, stride, padding)
         ins, out = [self._in(x), self._in(w), self._in(b)], self._out((n, o, oh, ow), x.dtype)
         self.lib.emu_conv2d_forward(self._f(x), self._ptr(out), *map(self._ptr, ins),
-                                    self._shape(n, c, h, wd, o, kh, kw, oh, ow, stride, padding), self._version(version))
+                                    self._shape(n, c, h, wd, o, kh, kw, oh, ow, stride, padding), self._version(version),
+                                    ctypes.c_int(self.sms))
         return self._result(out, (n, o, oh, ow))
+
+    def forward_workspace(self, case, version):
+        """The elements of scratch memory the forward asks for: > 0 where it splits K."""
+        n, c, h, wd, o, kh, kw, s, p = case
+        shape = self._shape(n, c, h, wd, o, kh, kw, conv_out(h, kh, s, p), conv_out(wd, kw, s, p), s, p)
+        return self.lib.emu_forward_workspace(shape, self._version(version), ctypes.c_int(self.sms))
 
     def conv2d_backward_input(self, dout, w, input_hw, stride, padding, version=None):
         n, o, oh, ow = dout.shape
@@ -557,6 +566,30 @@ def test_conv2d_backward_weight_split_k_does_not_depend_on_the_sm_count(emulated
             emulated.sms = sms
             assert_close(emulated.conv2d_backward_weight(dout, x, (3, 3), 1, 1, version=version), want,
                          np.float64, f"{version}, {sms} SMs")
+    emulated.sms = 132
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_conv2d_forward_split_k_does_not_depend_on_the_sm_count(emulated, dtype):
+    """implicit_gemm's forward splits K = C*kh*kw where the output has too few tiles for the SMs;
+    the result must not depend on the SM count (beyond rounding), nor change from run to run."""
+    cases = [(2, 160, 4, 4, 5, 4, 4, 4, 0),     # 1x1 output, K = 2560, small tile (O <= 16)
+             (3, 40, 5, 5, 20, 4, 4, 4, 0)]     # 1x1 output, K = 640, large tile, 4x4 input pixels unread
+    for case in cases:
+        x, w, b, _ = conv_inputs(case, dtype, seed=7)
+        s, p = case[7], case[8]
+        for bias in (b, None):
+            want = kernels.conv2d_forward_ref(*f64(x, w, bias), s, p)
+            for version in emulated.conv2d_versions():
+                for sms in (1, 7, 132):
+                    emulated.sms = sms
+                    splits = version == "implicit_gemm" and sms > 1
+                    assert (emulated.forward_workspace(case, version) > 0) == splits, f"{version}, {sms} SMs"
+                    got = emulated.conv2d_forward(x, w, bias, s, p, version=version)
+                    what = f"{case} {version}, {sms} SMs, bias={bias is not None}"
+                    assert_close(got, want, dtype, what)
+                    if splits:
+                        assert np.array_equal(got, emulated.conv2d_forward(x, w, bias, s, p, version=version)), what
     emulated.sms = 132
 
 

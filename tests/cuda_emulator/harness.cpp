@@ -10,6 +10,12 @@ Conv2dShape conv_shape(const int* v) {   // N, C, H, W, O, kh, kw, OH, OW, strid
 }
 
 template <typename T>
+void forward(void* out, const void* x, const void* w, const void* b, const Conv2dShape& s, int version, int sms) {
+    std::vector<T> workspace(conv2d_forward_workspace(s, version, sms));
+    conv2d_forward_cuda<T>((T*)out, (const T*)x, (const T*)w, (const T*)b, s, version, workspace.data(), sms, nullptr);
+}
+
+template <typename T>
 void backward_weight(void* dw, const void* dout, const void* x, const Conv2dShape& s, int version, int sms) {
     std::vector<T> workspace(conv2d_backward_weight_workspace(s, version, sms));
     conv2d_backward_weight_cuda<T>((T*)dw, (const T*)dout, (const T*)x, s, version, workspace.data(), sms, nullptr);
@@ -30,9 +36,13 @@ long long emu_backward_weight_workspace(const int* shape, int version, int sms) 
     return conv2d_backward_weight_workspace(conv_shape(shape), version, sms);
 }
 
-void emu_conv2d_forward(int f, void* out, const void* x, const void* w, const void* b, const int* shape, int version) {
-    if (f == 0) conv2d_forward_cuda<float>((float*)out, (const float*)x, (const float*)w, (const float*)b, conv_shape(shape), version, nullptr);
-    else conv2d_forward_cuda<double>((double*)out, (const double*)x, (const double*)w, (const double*)b, conv_shape(shape), version, nullptr);
+long long emu_forward_workspace(const int* shape, int version, int sms) {
+    return conv2d_forward_workspace(conv_shape(shape), version, sms);
+}
+
+void emu_conv2d_forward(int f, void* out, const void* x, const void* w, const void* b, const int* shape, int version, int sms) {
+    if (f == 0) forward<float>(out, x, w, b, conv_shape(shape), version, sms);
+    else forward<double>(out, x, w, b, conv_shape(shape), version, sms);
 }
 
 void emu_conv2d_backward_input(int f, void* dx, const void* dout, const void* w, const int* shape, int version) {
