@@ -39,8 +39,8 @@
 //   "naive" (kernel1): one thread per output element, a plain loop over the sum above.
 // Shapes whose matrices or single images pass 2^31 elements run on kernel1 (all long long).
 // Measured on an H100 and an H200 at batch 256 (benchmarks/results/gpu_h*_2026-11-26.md): kernel4
-// is the fastest on every ContextUnet layer and pass, within 2x of cuDNN on 29 of 30 (19 faster);
-// the exception, a forward with a 1x1 output (4 blocks), was measured before its split-K. kernel2 runs
+// is the fastest on every ContextUnet layer and pass; with the forward split-K, all 30 are within
+// 2x of cuDNN on the H200 (18 faster; the 1x1-output forward went from 3.2x slower to 2x faster). kernel2 runs
 // at 0.25-0.4x of kernel4 on the large layers, kernel3 about as fast or slower, kernel1 at 0.6x
 // (3 output channels) down to 1/60 (backward weight of the first layer).
 //
