@@ -7,7 +7,8 @@ Each row runs in its own subprocess, so that its peak memory (getrusage's max RS
   tinydiff, kernels="numpy"   the NumPy reference kernels
   tinydiff, kernels="native"  the compiled C++ kernels (tinydiff._C), where built
   torch                       PyTorch CPU on the identical architecture (the test's twins), if installed
-All use --threads threads (default 2: OMP/BLAS for tinydiff, torch.set_num_threads for PyTorch).
+All use --threads threads (default 2: OMP/BLAS for tinydiff, torch.set_num_threads for PyTorch);
+the native rows run NumPy's BLAS on one thread, as tinydiff's training loop does (backend.one_blas_thread).
 The step is the same everywhere: loss = mse(model(x_t, t, c), eps); zero_grad; backward; Adam.
 Time is the median over the timed steps after one warm-up step. "vs torch" = time / torch's time.
 """
@@ -75,7 +76,7 @@ def worker(model_name, impl, b, steps):
     else:
         sys.path.insert(0, ROOT)
         import tinydiff
-        from tinydiff import F, Tensor
+        from tinydiff import F, Tensor, backend
         from tinydiff.models import ContextUnet, UNet
         from tinydiff.optim import Adam
         tinydiff.set_kernels(impl.split("-")[1])
@@ -86,10 +87,11 @@ def worker(model_name, impl, b, steps):
         xt, eps = Tensor(xt), Tensor(eps)
 
         def step():
-            loss = F.mse_loss(model(xt, t, c), eps)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with backend.one_blas_thread():      # as tinydiff's training loop runs a step
+                loss = F.mse_loss(model(xt, t, c), eps)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
 
     step()                                                       # warm-up (allocations, caches)
     times = []
@@ -103,8 +105,9 @@ def worker(model_name, impl, b, steps):
 
 def run(model_name, impl, b, steps, threads):
     """One configuration in a fresh interpreter; returns its JSON result or {'error': why}."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+    # OpenBLAS takes OMP_NUM_THREADS too; OPENBLAS_NUM_THREADS is left unset, as it would turn
+    # tinydiff's one_blas_thread off
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, impl,
            "--batch", str(b), "--steps", str(steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

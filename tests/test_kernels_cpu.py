@@ -493,3 +493,29 @@ def test_rebuild_if_stale_rebuilds_the_cpu_extension_when_a_source_is_newer(monk
     calls.clear()
     backend.rebuild_if_stale()
     assert calls == []
+
+
+def test_one_blas_thread_limits_numpys_blas_only_for_the_native_kernels(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("NumPy's BLAS is not visible to threadpoolctl")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    threads = lambda: [lib.num_threads for lib in blas.lib_controllers]  # noqa: E731
+    with blas.limit(limits=2):                       # a known starting point, also on a 1-core machine
+        before = threads()
+        with backend.one_blas_thread("cpu"):
+            assert threads() == [1] * len(before)
+        assert threads() == before                   # given back on exit
+        with backend.one_blas_thread("cuda"):        # the GPU's matrix products are not OpenBLAS's
+            assert threads() == before
+        previous = backend.get_kernels()
+        try:
+            backend.set_kernels("numpy")             # the reference convolutions are BLAS products
+            with backend.one_blas_thread("cpu"):
+                assert threads() == before
+        finally:
+            backend.set_kernels(previous)
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")   # the user's choice wins
+        with backend.one_blas_thread("cpu"):
+            assert threads() == before

@@ -229,3 +229,25 @@ def set_kernels(name):
 def get_kernels():
     """The kernels asked for: 'native' (compiled where built, reference elsewhere) or 'numpy'."""
     return _kernels
+
+
+_blas = []   # threadpoolctl's handle on NumPy's BLAS, made on first use (empty list: not yet)
+
+
+def one_blas_thread(device="cpu"):
+    """A context in which NumPy's BLAS runs on one thread, when the C++ kernels run on the CPU.
+    OpenBLAS's threads spin for up to 2^28 cycles (~0.1 s) after each product, and the small
+    products of our models kept them spinning on the cores our OpenMP convolutions need: a
+    ContextUnet training step took 360 ms instead of 270 on 2 vCPUs. The NumPy reference kernels
+    keep BLAS's threads (their convolutions are matrix products), and so does OPENBLAS_NUM_THREADS
+    when the user set it. The training loop and the samplers enter it once per step (~10 us)."""
+    import contextlib
+    if device != "cpu" or _kernels != "native" or native is None or "OPENBLAS_NUM_THREADS" in os.environ:
+        return contextlib.nullcontext()
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas.append(ThreadpoolController().select(user_api="blas"))
+        except ImportError:
+            _blas.append(None)
+    return _blas[0].limit(limits=1) if _blas[0] is not None else contextlib.nullcontext()

@@ -174,7 +174,7 @@ def ddpm_sample(model, schedule, shape, context=None, *, generator=None, seed=No
 
     for i, t in enumerate(reversed(range(schedule.T))):               # DDPM Alg. 2, line 2
         tt = xp.full((b,), t, dtype=np.int64)
-        with no_grad():
+        with no_grad(), backend.one_blas_thread(backend.device_of(x)):
             eps, eps_uncond = _eps(model, schedule, x, tt, context, guidance_scale, objective)
         last = t == 0
         z = (xp.zeros_like(x) if last or noise_free
@@ -267,7 +267,7 @@ def ddim_sample(model, schedule, shape, context=None, *, steps=50, eta=0.0, spac
 
     for i, (t, t_prev) in enumerate(zip(timesteps, prev_timesteps)):
         tt = xp.full((b,), t, dtype=np.int64)
-        with no_grad():
+        with no_grad(), backend.one_blas_thread(backend.device_of(x)):
             eps, eps_uncond = _eps(model, schedule, x, tt, context, guidance_scale, objective)
         # 1. alpha_bar at t and at the previous timestep ("t = -1": the clean image, alpha_bar = 1)
         ab, ab_prev = alpha_bar[t], (alpha_bar[t_prev] if t_prev >= 0 else 1.0)

@@ -228,7 +228,7 @@ def train(overrides=None, resume=False, progress=True):
     seen = 0
     bar = _progress_bar(total, step, progress)
     try:
-        with stop:
+        with stop, backend.one_blas_thread(device):          # see backend.one_blas_thread
             while step < total:
                 idx = batches.next()                                  # (B,) indices into the data
                 x0 = images_dev[idx]                                  # (B, C, H, W) in [-1, 1]
