@@ -39,7 +39,7 @@ from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.samplers import ddim_sample
 from tinydiff.tensor import no_grad
 
-# The defaults: what `tinydiff train` does with no flags (digits, about 7 minutes on 2 vCPUs).
+# The defaults: what `tinydiff train` does with no flags (digits, about 6.5 minutes on 2 vCPUs).
 DEFAULTS = dict(
     data="digits",          # "digits" or a path (see data.py)
     image_size=None,        # resize to this (None: the data set's own size; digits: 16)
