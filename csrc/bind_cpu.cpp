@@ -1,6 +1,6 @@
 // bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
-// conv2d_cpu.cpp, diffusion_steps_cpu.cpp and gelu_cpu.cpp.
+// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp and batch_norm_cpu.cpp.
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
 // order, with the dtype of the first array argument. Anything else raises TypeError or
@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -367,9 +368,88 @@ static py::array gelu_backward(const py::object& dout_, const py::object& x_) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Batch norm, training mode: x-like arrays are (N, C, ...), per-channel arrays (C,)
+
+static py::array channel_arg(const py::object& obj, const py::array& first, const char* fn, const char* name,
+                             const char* first_name) {
+    py::array a = array_arg(obj, fn, name, 1);
+    same_dtype(a, first, fn, name, first_name);
+    if (a.shape(0) != first.shape(1))
+        throw py::value_error(std::string(fn) + ": " + name + " has " + std::to_string(a.shape(0)) +
+                              " values but " + first_name + " has " + std::to_string(first.shape(1)) + " channels");
+    return a;
+}
+
+static py::array nchw_arg(const py::object& obj, const char* fn, const char* name) {
+    py::array a = array_arg(obj, fn, name, -1);
+    if (a.ndim() < 2)
+        throw py::value_error(std::string(fn) + ": " + name + " must have a channel axis (N, C, ...), got shape " +
+                              std::string(py::str(obj.attr("shape"))));
+    return a;
+}
+
+template <typename T>
+static py::tuple batch_norm_forward_train_t(const py::array& x, const py::array* w, const py::array* b, double eps) {
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.size() / (N * C);
+    const bool affine = w || b;
+    py::array_t<T> xhat(x.request().shape), mean(C), var(C), inv_std(C);
+    py::array_t<T> out = affine ? py::array_t<T>(x.request().shape) : xhat;
+    T *o = affine ? out.mutable_data() : nullptr, *h = xhat.mutable_data();
+    T *m = mean.mutable_data(), *v = var.mutable_data(), *is = inv_std.mutable_data();
+    const T* wp = w ? ptr<T>(*w) : nullptr;
+    const T* bp = b ? ptr<T>(*b) : nullptr;
+    {
+        py::gil_scoped_release release;
+        td::batch_norm_forward_train_cpu<T>(o, h, m, v, is, ptr<T>(x), wp, bp, eps, N, C, S);
+    }
+    return py::make_tuple(out, xhat, mean, var, inv_std);
+}
+
+static py::tuple batch_norm_forward_train(const py::object& x_, const py::object& w_, const py::object& b_,
+                                          const py::object& eps_) {
+    const char* fn = "batch_norm_forward_train";
+    py::array x = nchw_arg(x_, fn, "x"), w, b;
+    if (!w_.is_none()) w = channel_arg(w_, x, fn, "w", "x");
+    if (!b_.is_none()) b = channel_arg(b_, x, fn, "b", "x");
+    const double eps = float_arg(eps_, fn, "eps");
+    if (!(eps >= 0) || !std::isfinite(eps))
+        throw py::value_error(std::string(fn) + ": eps must be finite and >= 0, got " + std::to_string(eps));
+    const py::array* wp = w_.is_none() ? nullptr : &w;
+    const py::array* bp = b_.is_none() ? nullptr : &b;
+    return is_f32(x) ? batch_norm_forward_train_t<float>(x, wp, bp, eps)
+                     : batch_norm_forward_train_t<double>(x, wp, bp, eps);
+}
+
+template <typename T>
+static py::tuple batch_norm_backward_train_t(const py::array& dout, const py::array& xhat, const py::array& inv_std,
+                                             const py::array* w) {
+    const int64_t N = dout.shape(0), C = dout.shape(1), S = dout.size() / (N * C);
+    py::array_t<T> dx(dout.request().shape), dw(C), db(C);
+    T *d = dx.mutable_data(), *dwp = dw.mutable_data(), *dbp = db.mutable_data();
+    const T* wp = w ? ptr<T>(*w) : nullptr;
+    {
+        py::gil_scoped_release release;
+        td::batch_norm_backward_train_cpu<T>(d, dwp, dbp, ptr<T>(dout), ptr<T>(xhat), ptr<T>(inv_std), wp, N, C, S);
+    }
+    return py::make_tuple(dx, dw, db);
+}
+
+static py::tuple batch_norm_backward_train(const py::object& dout_, const py::object& xhat_,
+                                           const py::object& inv_std_, const py::object& w_) {
+    const char* fn = "batch_norm_backward_train";
+    py::array dout = nchw_arg(dout_, fn, "dout");
+    py::array xhat = like_arg(xhat_, dout, fn, "xhat", "dout");
+    py::array inv_std = channel_arg(inv_std_, dout, fn, "inv_std", "dout"), w;
+    if (!w_.is_none()) w = channel_arg(w_, dout, fn, "w", "dout");
+    const py::array* wp = w_.is_none() ? nullptr : &w;
+    return is_f32(dout) ? batch_norm_backward_train_t<float>(dout, xhat, inv_std, wp)
+                        : batch_norm_backward_train_t<double>(dout, xhat, inv_std, wp);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU";
+    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm";
     m.def("conv2d_versions", [] {
         py::list names;
         for (const char* name : td::CONV2D_VERSIONS) names.append(name);
@@ -392,4 +472,9 @@ PYBIND11_MODULE(_C, m) {
           "DDIM eq. 12 -> (x_prev, x0)");
     m.def("gelu_forward", &gelu_forward, py::arg("x"));
     m.def("gelu_backward", &gelu_backward, py::arg("dout"), py::arg("x"));
+    m.def("batch_norm_forward_train", &batch_norm_forward_train, py::arg("x"), py::arg("w") = py::none(),
+          py::arg("b") = py::none(), py::arg("eps") = 1e-5,
+          "x (N,C,...), w, b (C,) or None -> (out, xhat, mean, var, inv_std); out is xhat without w and b");
+    m.def("batch_norm_backward_train", &batch_norm_backward_train, py::arg("dout"), py::arg("xhat"),
+          py::arg("inv_std"), py::arg("w") = py::none(), "dout, xhat (N,C,...), inv_std, w (C,) -> (dx, dw, db)");
 }

@@ -61,4 +61,18 @@ void ddim_step_cpu(T* x_prev, T* x0, const T* xt, const T* eps, const T* z, cons
 template <typename T> void gelu_forward_cpu(T* out, const T* x, int64_t n);
 template <typename T> void gelu_backward_cpu(T* dx, const T* dout, const T* x, int64_t n);
 
+// ---------------------------------------------------------------------------------------------
+// batch_norm_cpu.cpp: training-mode batch norm of x (N, C, S), statistics per channel over (N, S)
+//   xhat = (x - mean_c) inv_std_c, inv_std_c = 1 / sqrt(var_c + eps), out = xhat w_c + b_c
+
+// out, xhat (N, C, S), mean, var (biased), inv_std (C,) <- x (N, C, S), w, b (C,) or nullptr;
+// out == nullptr: only xhat is written (no affine)
+template <typename T>
+void batch_norm_forward_train_cpu(T* out, T* xhat, T* mean, T* var, T* inv_std, const T* x, const T* w,
+                                  const T* b, double eps, int64_t N, int64_t C, int64_t S);
+// dx (N, C, S), dw, db (C,) <- dout, xhat (N, C, S), inv_std (C,), w (C,) or nullptr
+template <typename T>
+void batch_norm_backward_train_cpu(T* dx, T* dw, T* db, const T* dout, const T* xhat, const T* inv_std,
+                                   const T* w, int64_t N, int64_t C, int64_t S);
+
 }  // namespace td

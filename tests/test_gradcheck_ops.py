@@ -245,7 +245,7 @@ def rng_mask(*shape):
 
 
 # The heavy ops that go through kernels.py, where the compiled kernels can take over
-KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu"}
+KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.group_norm"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@
    backward weight, float32 and float64, on 120 random shapes (batch 1, odd and non-square
    images and kernels, strides 1-4, padding 0-2, 1x1, 2x2 stride 2, 4x4 stride 4, sizes that
    leave partial tiles and several K blocks), plus the transposed-convolution uses.
-2. The fused diffusion steps and GELU, with and without guidance and clipping.
-3. Float64 gradient checks of F.conv2d, F.conv_transpose2d and F.gelu through the native path.
+2. The fused diffusion steps and GELU, with and without guidance and clipping; training-mode
+   batch norm, forward and backward, on 120 random shapes (batch 1, C = 1, 1x1, odd and
+   non-square images, (N, C, L) and (N, C) inputs).
+3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.gelu and F.batch_norm through the
+   native path (and F.group_norm, which runs on the batch-norm kernels, against the reference).
 4. Bad arguments for every binding, and hypothesis property tests: random shapes, dtypes,
    strides and layouts give either the reference's result or a TypeError/ValueError.
 5. The stale-build check of tinydiff.backend.
@@ -223,6 +226,56 @@ def test_gelu(shape, dtype):
     assert_close(_C.gelu_backward(dout, x), kernels.gelu_backward_ref(*f64(dout, x)), dtype, "gelu_backward", tol)
 
 
+BATCH_NORM_SHAPES = [(1, 1, 1, 1), (1, 3, 7, 5), (2, 1, 4, 4), (3, 4, 1, 1), (5, 3), (1, 2, 9), (4, 6, 2, 3, 2),
+                     (4, 64, 16, 16), (32, 1, 32, 32), (2, 5, 3001)]   # the last three: several threads
+
+
+def batch_norm_shapes(count=120, seed=3):
+    rng = np.random.default_rng(seed)
+    shapes = list(BATCH_NORM_SHAPES)
+    while len(shapes) < count:
+        spatial = tuple(int(s) for s in rng.integers(1, 10, size=rng.integers(0, 4)))   # (), (L,), (H, W), 3-D
+        shapes.append((int(rng.integers(1, 5)), int(rng.integers(1, 7))) + spatial)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_train_on_random_shapes(dtype):
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for i, shape in enumerate(batch_norm_shapes()):
+        c = shape[1]
+        x = (rng.uniform(-50, 50) + rng.uniform(0.1, 3) * rng.standard_normal(shape)).astype(dtype)  # off-centre
+        w, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+        affine = [(w, b), (None, None), (w, None), (None, b)][i % 4]
+        got = _C.batch_norm_forward_train(x, *affine, 1e-5)
+        want = kernels.batch_norm_forward_train_ref(*f64(x, *affine), 1e-5)
+        for g, r, name in zip(got, want, ("out", "xhat", "mean", "var", "inv_std")):
+            assert_close(g, r, dtype, f"batch_norm_forward_train {shape} {name}")
+            worst = max(worst, float(np.abs(g - r).max()))
+        if affine[0] is None and affine[1] is None:
+            assert got[0] is got[1]                                 # no affine: out is xhat
+        dout = rng.standard_normal(shape).astype(dtype)
+        xhat, inv_std = got[1], got[4]
+        got = _C.batch_norm_backward_train(dout, xhat, inv_std, affine[0])
+        want = kernels.batch_norm_backward_train_ref(*f64(dout, xhat, inv_std, affine[0]))
+        for g, r, name in zip(got, want, ("dx", "dw", "db")):
+            assert_close(g, r, dtype, f"batch_norm_backward_train {shape} {name}")
+            worst = max(worst, float(np.abs(g - r).max()))
+    print(f"batch norm, {dtype.__name__}, 120 shapes: largest |difference| {worst:.3g}")
+
+
+def test_batch_norm_train_is_deterministic_and_normalises():
+    x = np.random.default_rng(5).standard_normal((8, 32, 20, 20)).astype(np.float32) * 4 + 7
+    first, second = _C.batch_norm_forward_train(x), _C.batch_norm_forward_train(x)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    xhat = first[1].astype(np.float64)
+    assert np.abs(xhat.mean(axis=(0, 2, 3))).max() < 1e-5 and np.abs(xhat.var(axis=(0, 2, 3)) - 1).max() < 1e-3
+    dout = np.ones_like(x)
+    dx, dw, db = _C.batch_norm_backward_train(dout, first[1], first[4])
+    assert np.abs(dx).max() < 1e-4 and np.allclose(db, 8 * 20 * 20)   # a constant dout moves nothing
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Gradient checks through the dispatched native path
 
@@ -263,6 +316,33 @@ def test_gradcheck_gelu_native(native_kernels):
     x = Tensor(np.random.default_rng(6).standard_normal((3, 5)) * 2, requires_grad=True)
     assert kernels._compiled("gelu_forward", x.data) is not None
     assert gradcheck(F.gelu, [x])
+
+
+@pytest.mark.parametrize("shape, affine", [((3, 2, 3, 2), True), ((1, 3, 2, 3), False), ((4, 3), True),
+                                           ((2, 2, 5), True)])
+def test_gradcheck_batch_norm_native(native_kernels, shape, affine):
+    rng = np.random.default_rng(7)
+    x = Tensor(rng.standard_normal(shape), requires_grad=True)
+    wb = [Tensor(rng.standard_normal(shape[1]), requires_grad=True) for _ in range(2)] if affine else []
+    assert kernels._compiled("batch_norm_forward_train", x.data) is not None
+    rm, rv = Tensor(np.zeros(shape[1])), Tensor(np.ones(shape[1]))
+    assert gradcheck(lambda x, *wb: F.batch_norm(x, rm, rv, *wb, training=True), [x] + wb)
+
+
+def test_group_norm_native_matches_the_reference(native_kernels):
+    """Group norm runs on the batch-norm kernels, as batch norm of the (1, N*G, C/G * H * W) view."""
+    rng = np.random.default_rng(8)
+    x, dout = (rng.standard_normal((3, 8, 5, 3)).astype(np.float32) for _ in range(2))
+    w, b = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    results = {}
+    for name in ("native", "numpy"):
+        tinydiff.set_kernels(name)
+        xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        out = F.group_norm(xt, 4, wt, bt)
+        (out * Tensor(dout)).sum().backward()
+        results[name] = [out.data, xt.grad, wt.grad, bt.grad]
+    for got, want, what in zip(results["native"], f64(*results["numpy"]), ("out", "dx", "dw", "db")):
+        assert_close(got, want, np.float32, f"group_norm {what}")
 
 
 def test_dispatch_falls_back_to_the_reference(native_kernels):
@@ -366,6 +446,38 @@ CO = np.ones(3, np.float32)
     (lambda: _C.gelu_backward(XT, XT.astype(np.float64)), TypeError, "x has dtype"),
 ])
 def test_step_and_gelu_bindings_refuse_bad_arguments(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+
+
+C2 = np.ones(2, np.float32)                                     # per channel of XT (3, 2, 4)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: _C.batch_norm_forward_train(XT.astype(np.float16)), TypeError, "x must be a float32"),
+    (lambda: _C.batch_norm_forward_train(XT.tolist()), TypeError, "x must be a numpy.ndarray"),
+    (lambda: _C.batch_norm_forward_train(XT.transpose(0, 2, 1)), ValueError, "x must be C-contiguous"),
+    (lambda: _C.batch_norm_forward_train(XT[:0]), ValueError, "x is empty"),
+    (lambda: _C.batch_norm_forward_train(XT[:, :0]), ValueError, "x is empty"),
+    (lambda: _C.batch_norm_forward_train(CO), ValueError, "x must have a channel axis"),
+    (lambda: _C.batch_norm_forward_train(XT, C2.astype(np.float64)), TypeError, "w has dtype"),
+    (lambda: _C.batch_norm_forward_train(XT, C2, CO), ValueError, "b has 3 values but x has 2 channels"),
+    (lambda: _C.batch_norm_forward_train(XT, C2.reshape(1, 2)), ValueError, "w must have 1 dimensions"),
+    (lambda: _C.batch_norm_forward_train(XT, None, None, -1.0), ValueError, "eps must be"),
+    (lambda: _C.batch_norm_forward_train(XT, None, None, "1e-5"), TypeError, "eps must be a number"),
+    (lambda: _C.batch_norm_backward_train(XT, XT[:2].copy(), C2), ValueError, "xhat has shape"),
+    (lambda: _C.batch_norm_backward_train(XT, XT.astype(np.float64), C2), TypeError, "xhat has dtype"),
+    (lambda: _C.batch_norm_backward_train(XT, XT, CO), ValueError, "inv_std has 3 values but dout has 2 channels"),
+    (lambda: _C.batch_norm_backward_train(XT, XT, C2.astype(np.float64)), TypeError, "inv_std has dtype"),
+    (lambda: _C.batch_norm_backward_train(XT, XT, C2, CO), ValueError, "w has 3 values"),
+    (lambda: _C.batch_norm_backward_train(XT[..., ::2], XT[..., ::2], C2), ValueError, "dout must be C-contiguous"),
+    (lambda: _C.batch_norm_backward_train(XT, XT[..., ::2], C2), ValueError, "xhat must be C-contiguous"),
+    (lambda: _C.batch_norm_backward_train(XT, XT, np.ones(4, np.float32)[::2]), ValueError, "inv_std must be C-contig"),
+    (lambda: _C.batch_norm_backward_train(XT[:0], XT[:0], C2), ValueError, "dout is empty"),
+    (lambda: _C.batch_norm_backward_train(XT.astype(np.int32), XT, C2), TypeError, "dout must be a float32"),
+])
+def test_batch_norm_bindings_refuse_bad_arguments(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert words in str(info.value)

@@ -328,19 +328,15 @@ def pad(input, pad, mode="constant", value=0.0):
 # Normalisation
 
 
-def _norm_backward(dxhat, xhat, inv_std, axes):
-    """Backward of xhat = (x - mean) * inv_std over `axes`:
-    dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
-    return inv_std * (dxhat - dxhat.mean(axis=axes, keepdims=True)
-                      - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
-
+# Group norm (Wu & He 2018) normalises each sample's group of C/G channels: it is the training-mode
+# batch norm of the (1, N*G, C/G * H * W) view, whose "channels" are the (sample, group) pairs, and
+# runs on the same kernels; only its affine is per channel of x, so that is applied here.
 
 def group_norm_forward(x, num_groups, w, b, eps):
     n, c = x.shape[:2]
-    xg = x.reshape(n, num_groups, -1)                            # (N, G, C/G * H * W)
-    mean = xg.mean(axis=2, keepdims=True)
-    inv_std = 1 / backend.get_array_module(x).sqrt(xg.var(axis=2, keepdims=True) + eps)
-    xhat = ((xg - mean) * inv_std).reshape(x.shape)
+    xg = x.reshape(1, n * num_groups, -1)                        # (1, N*G, C/G * H * W)
+    _, xhat, _, _, inv_std = kernels.batch_norm_forward_train(xg, None, None, eps)   # inv_std (N*G,)
+    xhat = xhat.reshape(x.shape)
     shape = (1, c) + (1,) * (x.ndim - 2)
     out = xhat * w.reshape(shape) if w is not None else xhat
     out = out + b.reshape(shape) if b is not None else out
@@ -354,7 +350,8 @@ def group_norm_backward(dout, cache, needs):
     dw = (dout * xhat).sum(axis=axes) if needs[1] else None
     db = dout.sum(axis=axes) if needs[2] else None
     dxhat = dout * w.reshape((1, c) + (1,) * (xhat.ndim - 2)) if w is not None else dout
-    dx = _norm_backward(dxhat.reshape(n, num_groups, -1), xhat.reshape(n, num_groups, -1), inv_std, 2)
+    dx, _, _ = kernels.batch_norm_backward_train(dxhat.reshape(1, n * num_groups, -1),
+                                                 xhat.reshape(1, n * num_groups, -1), inv_std, None)
     return dx.reshape(xhat.shape), dw, db
 
 
@@ -369,36 +366,35 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps):
-    xp = backend.get_array_module(x)
-    axes = (0,) + tuple(range(2, x.ndim))                        # statistics per channel
-    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
-    if training:
-        mean = x.mean(axis=axes, keepdims=True)
-        var = x.var(axis=axes, keepdims=True)
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)                # per-channel values broadcast
+    if training:                                                 # statistics of this batch, per channel
+        out, xhat, mean, var, inv_std = kernels.batch_norm_forward_train(x, w, b, eps)
         if running_mean is not None:                             # running stats use the unbiased var
             count = x.size // x.shape[1]
             running_mean *= 1 - momentum
-            running_mean += momentum * mean.reshape(-1)
+            running_mean += momentum * mean
             running_var *= 1 - momentum
-            running_var += momentum * var.reshape(-1) * (count / max(count - 1, 1))
-    else:
-        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
-    inv_std = 1 / xp.sqrt(var + eps)
-    xhat = (x - mean) * inv_std
+            running_var += momentum * var * (count / max(count - 1, 1))
+        return out, (xhat, inv_std, w, training)
+    inv_std = 1 / backend.get_array_module(x).sqrt(running_var + eps)   # eval: the running statistics
+    xhat = (x - running_mean.reshape(shape)) * inv_std.reshape(shape)
     out = xhat * w.reshape(shape) if w is not None else xhat
     out = out + b.reshape(shape) if b is not None else out
-    return out, (xhat, inv_std, w, training, axes)
+    return out, (xhat, inv_std, w, training)
 
 
 def batch_norm_backward(dout, cache, needs):
-    xhat, inv_std, w, training, axes = cache
+    xhat, inv_std, w, training = cache                           # inv_std, w: (C,)
+    if training:                                                 # the statistics depend on x: one fused call
+        dx, dw, db = kernels.batch_norm_backward_train(dout, xhat, inv_std, w)
+        return dx, dw if needs[1] else None, db if needs[2] else None
+    # eval: the statistics are constants, so dx = dout * w * inv_std
     shape = (1, xhat.shape[1]) + (1,) * (xhat.ndim - 2)
+    axes = (0,) + tuple(range(2, xhat.ndim))
     dw = (dout * xhat).sum(axis=axes) if needs[1] else None
     db = dout.sum(axis=axes) if needs[2] else None
-    dxhat = dout * w.reshape(shape) if w is not None else dout
-    # training: the statistics depend on x; eval: they are constants, so dx = dxhat * inv_std
-    dx = _norm_backward(dxhat, xhat, inv_std, axes) if training else dxhat * inv_std
-    return dx, dw, db
+    scale = inv_std * w if w is not None else inv_std
+    return dout * scale.reshape(shape), dw, db
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,

@@ -20,6 +20,12 @@ Diffusion steps (per-sample coefficients, arrays of shape (B,), broadcast over C
                                                                                     (DDIM eq. 12)
     guidance:  eps = eps_uncond + s * (eps_cond - eps_uncond)  (classifier-free guidance,
                fused into the two updates when eps_uncond is given)
+
+Batch norm in training mode (Ioffe & Szegedy 2015, arXiv:1502.03167, Alg. 1), x (N, C, ...),
+statistics per channel c over the M = N * H * W ... values of that channel:
+    mean_c = sum x / M,  var_c = sum (x - mean_c)^2 / M,  xhat = (x - mean_c) / sqrt(var_c + eps)
+    out = xhat w_c + b_c
+    backward: db_c = sum dout, dw_c = sum dout xhat, dx = inv_std_c w_c (dout - db_c/M - xhat dw_c/M)
 """
 import numpy as np
 
@@ -279,3 +285,62 @@ def gelu_backward(dout, x):
     if kernel is not None:
         return kernel(*_contiguous(dout, x))
     return gelu_backward_ref(dout, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm, training mode (Ioffe & Szegedy 2015, Alg. 1 and its backward). Per channel c, over
+# the M = x.size / C values of axes (0, 2, 3, ...); the sums in float64 whatever the dtype, the
+# per-element work in x's dtype with the per-channel constants rounded to it (as the C++ kernel).
+
+
+def _channel(a, x):
+    """(C,) per-channel values -> (1, C, 1, 1, ...) so they broadcast over x."""
+    return a.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def batch_norm_forward_train_ref(x, w, b, eps):
+    """x (N, C, ...), w, b (C,) or None -> (out, xhat, mean, var, inv_std), the last three (C,);
+    var is the biased variance (divided by M), and out is xhat itself when w and b are None."""
+    xp, dtype = _xp(x), x.dtype
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, dtype=np.float64)                          # Alg. 1: mini-batch mean
+    var = x.var(axis=axes, dtype=np.float64)                            # Alg. 1: variance (two-pass)
+    inv_std = (1 / xp.sqrt(var + eps)).astype(dtype)
+    mean, var = mean.astype(dtype), var.astype(dtype)
+    xhat = (x - _channel(mean, x)) * _channel(inv_std, x)               # Alg. 1: normalize
+    if w is None and b is None:
+        return xhat, xhat, mean, var, inv_std
+    out = xhat * _channel(w, x) if w is not None else xhat              # Alg. 1: scale and shift
+    out = out + _channel(b, x) if b is not None else out
+    return out, xhat, mean, var, inv_std
+
+
+def batch_norm_backward_train_ref(dout, xhat, inv_std, w):
+    """dout, xhat (N, C, ...), inv_std, w (C,) or None -> (dx, dw, db), dw and db (C,).
+    With dxhat = dout w_c, the backward of xhat = (x - mean) inv_std through mean and var is
+    dx = inv_std (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) = inv_std w_c (dout - db/M - xhat dw/M)."""
+    dtype = dout.dtype
+    axes = (0,) + tuple(range(2, dout.ndim))
+    count = dout.size // dout.shape[1]                                  # M
+    db = dout.sum(axis=axes, dtype=np.float64)
+    dw = (dout * xhat).sum(axis=axes, dtype=np.float64)
+    k = inv_std * w if w is not None else inv_std
+    mean_d, mean_dh = (db / count).astype(dtype), (dw / count).astype(dtype)
+    dx = _channel(k, dout) * (dout - _channel(mean_d, dout) - xhat * _channel(mean_dh, dout))
+    return dx, dw.astype(dtype), db.astype(dtype)
+
+
+def batch_norm_forward_train(x, w, b, eps):
+    """-> (out, xhat, mean, var, inv_std); see batch_norm_forward_train_ref."""
+    kernel = _compiled("batch_norm_forward_train", x, w, b)
+    if kernel is not None and x.ndim >= 2:
+        return kernel(*_contiguous(x, w, b), float(eps))
+    return batch_norm_forward_train_ref(x, w, b, eps)
+
+
+def batch_norm_backward_train(dout, xhat, inv_std, w):
+    """-> (dx, dw, db); see batch_norm_backward_train_ref."""
+    kernel = _compiled("batch_norm_backward_train", dout, xhat, inv_std, w)
+    if kernel is not None and dout.ndim >= 2:
+        return kernel(*_contiguous(dout, xhat, inv_std, w))
+    return batch_norm_backward_train_ref(dout, xhat, inv_std, w)
