@@ -1,6 +1,6 @@
 """Lesson 2 (training): teach a U-Net to predict the noise that was added to a digit.
 
-    python demos/02_train_digits.py                    # about 6.5 minutes on a 2-vCPU machine -> runs/digits
+    python demos/02_train_digits.py                    # about 7.5 minutes on a 2-vCPU machine -> runs/digits
     python demos/02_train_digits.py --minutes 3        # stop earlier (a checkpoint is written)
     python demos/02_train_digits.py --resume           # go on from that checkpoint
     python demos/02_train_digits.py --device cuda      # on a GPU

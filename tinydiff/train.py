@@ -39,7 +39,7 @@ from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.samplers import ddim_sample
 from tinydiff.tensor import no_grad
 
-# The defaults: what `tinydiff train` does with no flags (digits, about 6.5 minutes on 2 vCPUs).
+# The defaults: what `tinydiff train` does with no flags (digits, about 7.5 minutes on 2 vCPUs).
 DEFAULTS = dict(
     data="digits",          # "digits" or a path (see data.py)
     image_size=None,        # resize to this (None: the data set's own size; digits: 16)
@@ -68,7 +68,7 @@ DEFAULTS = dict(
     sample_steps=50,        # DDIM steps for samples.png
     sample_per_class=10,    # samples.png: samples per class (one row per class)
 )
-DEFAULT_EPOCHS = 150       # 150 x 23 batches of 64 = 3450 steps
+DEFAULT_EPOCHS = 200       # 200 x 23 batches of 64 = 4600 steps
 # Settings that define the model and the data: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "image_size", "model", "n_feat", "batch_size", "timesteps", "schedule",
                    "objective", "seed", "optimizer")
