@@ -35,16 +35,19 @@ driver_cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1
 note "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1) (driver CUDA ${driver_cuda:-?})"
 
 echo "== 2. install"
-if [ "${GPU_CHECK_INSTALL:-1}" = "inplace" ]; then
-    start=$(date +%s)
+build_inplace() {   # the compiled modules next to the sources, found through PYTHONPATH; $1: what came before
+    local start=$(date +%s)
     if TINYDIFF_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-        note "install: setup.py build_ext --inplace (archs ${TINYDIFF_CUDA_ARCHS:-all}): ok in $(( $(date +%s) - start )) s"
+        note "install: ${1}setup.py build_ext --inplace (archs ${TINYDIFF_CUDA_ARCHS:-all}): ok in $(( $(date +%s) - start )) s"
     else
-        note "install: FAILED, see $OUT/build.log"
+        note "install: ${1}setup.py build_ext --inplace FAILED, see $OUT/build.log"
         tail -30 "$OUT/build.log"
         status=1
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+}
+if [ "${GPU_CHECK_INSTALL:-1}" = "inplace" ]; then
+    build_inplace ""
 elif [ "${GPU_CHECK_INSTALL:-1}" != "0" ]; then
     extra="gpu"
     [ "${driver_cuda:-13}" = "12" ] && extra="cuda12"
@@ -53,14 +56,7 @@ elif [ "${GPU_CHECK_INSTALL:-1}" != "0" ]; then
         note "install: pip install -e .[test,$extra] with TINYDIFF_CUDA=1: ok in $(( $(date +%s) - start )) s"
     else
         echo "pip install failed (offline?), see $OUT/install.log; building in place instead"
-        start=$(date +%s)
-        if TINYDIFF_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-            note "install: pip failed (see install.log); setup.py build_ext --inplace: ok in $(( $(date +%s) - start )) s"
-        else
-            note "install: FAILED, see $OUT/install.log and $OUT/build.log"
-            tail -30 "$OUT/build.log"
-            status=1
-        fi
+        build_inplace "pip failed (see install.log); "
     fi
 else
     note "install: skipped (GPU_CHECK_INSTALL=0)"
