@@ -7,7 +7,10 @@
 
 TINYDIFF_CUDA=auto (default): build the CUDA module when nvcc is found, warn if that fails.
 TINYDIFF_CUDA=1: the install fails on any CUDA error.  TINYDIFF_CUDA=0: skip it.
-TINYDIFF_NATIVE_ARCH=0: no -march=native (for a wheel built on one machine, run on another).
+TINYDIFF_ARCH=native (default): -march=native, the instruction set of this machine.
+TINYDIFF_ARCH=avx2 | avx512: x86-64-v3 (AVX2, FMA) or x86-64-v4 (AVX-512), e.g. to measure an AVX2
+    build on an AVX-512 machine.  TINYDIFF_ARCH=generic: the compiler's default (a portable wheel).
+    (TINYDIFF_NATIVE_ARCH=0, the older spelling, means generic.)
 TINYDIFF_CUDA_ARCHS="90": build for these GPU architectures only (default 75 80 86 89 90, + PTX of the last).
 """
 import glob
@@ -35,11 +38,18 @@ def compiler_accepts(flag):
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
+ARCH_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-64-v4"],
+              "generic": []}
+
+
 def cpu_flags():
     flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("TINYDIFF_NATIVE_ARCH", "1") != "0" and compiler_accepts("-march=native"):
-        flags.append("-march=native")
-    return flags
+    arch = os.environ.get("TINYDIFF_ARCH", "generic" if os.environ.get("TINYDIFF_NATIVE_ARCH") == "0" else "native")
+    if arch not in ARCH_FLAGS:
+        sys.exit(f"TINYDIFF_ARCH must be one of {', '.join(ARCH_FLAGS)}, got {arch!r}")
+    if arch == "native" and not compiler_accepts("-march=native"):
+        arch = "generic"                       # a compiler that has no -march=native (some clangs)
+    return flags + ARCH_FLAGS[arch]
 
 
 def find_cuda():

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "gemm_cpu.h"
 #include "kernels_cpu.h"
 
 namespace py = pybind11;
@@ -448,8 +449,41 @@ static py::tuple batch_norm_backward_train(const py::object& dout_, const py::ob
 
 // ---------------------------------------------------------------------------------------------
 
+// What this build is: the instruction set it was compiled for, OpenMP or not, the compiler.
+static py::dict build_info() {
+    py::dict info;
+#if defined(__AVX512F__)
+    info["isa"] = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    info["isa"] = "avx2";
+#elif defined(__AVX__)
+    info["isa"] = "avx";
+#elif defined(__ARM_NEON)
+    info["isa"] = "neon";
+#elif defined(__SSE2__)
+    info["isa"] = "sse2";
+#else
+    info["isa"] = "scalar";
+#endif
+    info["vector_bytes"] = td::VEC_BYTES;
+#if defined(_OPENMP)
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+#if defined(__clang__)
+    info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = "gcc " __VERSION__;
+#else
+    info["compiler"] = "unknown";
+#endif
+    return info;
+}
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm";
+    m.def("build_info", &build_info, "The build: {'isa', 'vector_bytes', 'openmp', 'compiler'}.");
     m.def("conv2d_versions", [] {
         py::list names;
         for (const char* name : td::CONV2D_VERSIONS) names.append(name);
