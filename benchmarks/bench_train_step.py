@@ -9,7 +9,7 @@ Rows (one subprocess per model, so that each has the machine to itself):
   UNet channels (32, 64, 128), 10 classes    (GroupNorm, SiLU, attention at 4x4)
 Passes:
   train     loss = mse(model(x_t, t, c), eps); zero_grad; backward; Adam      batch 64
-  denoise   model(x_t, t, c) under no_grad, the sampler's call            batch 100, 200 (guidance)
+  denoise   model(x_t, t, c) in eval mode under no_grad, the sampler's call     batch 100, 200 (guidance)
 In each subprocess tinydiff and PyTorch (the test suite's twin of the model, tests/test_models.py)
 run interleaved, one call of each per round, with the same thread count (--threads, default 2:
 OpenMP for us, torch.set_num_threads for PyTorch); the time is the median over the rounds, so
@@ -83,13 +83,14 @@ def tinydiff_calls(kind, kw, train_batch, denoise_batches):
             opt.step()
 
     calls = {"train": train}
+    sampler_model = (ContextUnet(**kw) if kind == "ContextUnet" else UNet(**kw)).eval()   # as the samplers run it
     for b in denoise_batches:
         x, _, tb, cb = inputs(kind, b, seed=1)
         x = Tensor(x)
 
         def denoise(x=x, tb=tb, cb=cb):
             with backend.one_blas_thread(), no_grad():
-                model(x, tb, cb)
+                sampler_model(x, tb, cb)
         calls[f"denoise {b}"] = denoise
     return calls
 
@@ -113,12 +114,14 @@ def torch_calls(kind, kw, train_batch, denoise_batches, threads):
         opt.step()
 
     calls = {"train": train}
+    sampler_model = (torch_context_unet(torch, **kw) if kind == "ContextUnet"
+                     else torch_unet(torch, kw["in_channels"], kw["channels"], kw["num_classes"])).eval()
     for b in denoise_batches:
         x, _, tb, cb = (torch.from_numpy(np.asarray(a)) for a in inputs(kind, b, seed=1))
 
         def denoise(x=x, tb=tb, cb=cb):
             with torch.no_grad():
-                model(x, tb, cb)
+                sampler_model(x, tb, cb)
         calls[f"denoise {b}"] = denoise
     return calls
 

@@ -1,6 +1,6 @@
 // bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
-// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp and batch_norm_cpu.cpp.
+// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp and batch_norm_cpu.cpp (batch norm, alone or with GELU).
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
 // order, with the dtype of the first array argument. Anything else raises TypeError or
@@ -389,26 +389,29 @@ static py::array nchw_arg(const py::object& obj, const char* fn, const char* nam
     return a;
 }
 
+// gelu: the fused gelu(batch norm) kernels, whose out is always written (and whose backward takes b)
 template <typename T>
-static py::tuple batch_norm_forward_train_t(const py::array& x, const py::array* w, const py::array* b, double eps) {
+static py::tuple batch_norm_forward_train_t(const py::array& x, const py::array* w, const py::array* b, double eps,
+                                            bool gelu) {
     const int64_t N = x.shape(0), C = x.shape(1), S = x.size() / (N * C);
-    const bool affine = w || b;
+    const bool own_out = gelu || w || b;
     py::array_t<T> xhat(x.request().shape), mean(C), var(C), inv_std(C);
-    py::array_t<T> out = affine ? py::array_t<T>(x.request().shape) : xhat;
-    T *o = affine ? out.mutable_data() : nullptr, *h = xhat.mutable_data();
+    py::array_t<T> out = own_out ? py::array_t<T>(x.request().shape) : xhat;
+    T *o = own_out ? out.mutable_data() : nullptr, *h = xhat.mutable_data();
     T *m = mean.mutable_data(), *v = var.mutable_data(), *is = inv_std.mutable_data();
     const T* wp = w ? ptr<T>(*w) : nullptr;
     const T* bp = b ? ptr<T>(*b) : nullptr;
     {
         py::gil_scoped_release release;
-        td::batch_norm_forward_train_cpu<T>(o, h, m, v, is, ptr<T>(x), wp, bp, eps, N, C, S);
+        if (gelu) td::batch_norm_gelu_forward_train_cpu<T>(o, h, m, v, is, ptr<T>(x), wp, bp, eps, N, C, S);
+        else td::batch_norm_forward_train_cpu<T>(o, h, m, v, is, ptr<T>(x), wp, bp, eps, N, C, S);
     }
     return py::make_tuple(out, xhat, mean, var, inv_std);
 }
 
 static py::tuple batch_norm_forward_train(const py::object& x_, const py::object& w_, const py::object& b_,
-                                          const py::object& eps_) {
-    const char* fn = "batch_norm_forward_train";
+                                          const py::object& eps_, bool gelu) {
+    const char* fn = gelu ? "batch_norm_gelu_forward_train" : "batch_norm_forward_train";
     py::array x = nchw_arg(x_, fn, "x"), w, b;
     if (!w_.is_none()) w = channel_arg(w_, x, fn, "w", "x");
     if (!b_.is_none()) b = channel_arg(b_, x, fn, "b", "x");
@@ -417,34 +420,62 @@ static py::tuple batch_norm_forward_train(const py::object& x_, const py::object
         throw py::value_error(std::string(fn) + ": eps must be finite and >= 0, got " + std::to_string(eps));
     const py::array* wp = w_.is_none() ? nullptr : &w;
     const py::array* bp = b_.is_none() ? nullptr : &b;
-    return is_f32(x) ? batch_norm_forward_train_t<float>(x, wp, bp, eps)
-                     : batch_norm_forward_train_t<double>(x, wp, bp, eps);
+    return is_f32(x) ? batch_norm_forward_train_t<float>(x, wp, bp, eps, gelu)
+                     : batch_norm_forward_train_t<double>(x, wp, bp, eps, gelu);
 }
 
 template <typename T>
 static py::tuple batch_norm_backward_train_t(const py::array& dout, const py::array& xhat, const py::array& inv_std,
-                                             const py::array* w) {
+                                             const py::array* w, const py::array* b, bool gelu) {
     const int64_t N = dout.shape(0), C = dout.shape(1), S = dout.size() / (N * C);
     py::array_t<T> dx(dout.request().shape), dw(C), db(C);
     T *d = dx.mutable_data(), *dwp = dw.mutable_data(), *dbp = db.mutable_data();
     const T* wp = w ? ptr<T>(*w) : nullptr;
+    const T* bp = b ? ptr<T>(*b) : nullptr;
     {
         py::gil_scoped_release release;
-        td::batch_norm_backward_train_cpu<T>(d, dwp, dbp, ptr<T>(dout), ptr<T>(xhat), ptr<T>(inv_std), wp, N, C, S);
+        if (gelu)
+            td::batch_norm_gelu_backward_train_cpu<T>(d, dwp, dbp, ptr<T>(dout), ptr<T>(xhat), ptr<T>(inv_std), wp, bp,
+                                                      N, C, S);
+        else
+            td::batch_norm_backward_train_cpu<T>(d, dwp, dbp, ptr<T>(dout), ptr<T>(xhat), ptr<T>(inv_std), wp, N, C, S);
     }
     return py::make_tuple(dx, dw, db);
 }
 
 static py::tuple batch_norm_backward_train(const py::object& dout_, const py::object& xhat_,
-                                           const py::object& inv_std_, const py::object& w_) {
-    const char* fn = "batch_norm_backward_train";
+                                           const py::object& inv_std_, const py::object& w_, const py::object& b_,
+                                           bool gelu) {
+    const char* fn = gelu ? "batch_norm_gelu_backward_train" : "batch_norm_backward_train";
     py::array dout = nchw_arg(dout_, fn, "dout");
     py::array xhat = like_arg(xhat_, dout, fn, "xhat", "dout");
-    py::array inv_std = channel_arg(inv_std_, dout, fn, "inv_std", "dout"), w;
+    py::array inv_std = channel_arg(inv_std_, dout, fn, "inv_std", "dout"), w, b;
     if (!w_.is_none()) w = channel_arg(w_, dout, fn, "w", "dout");
+    if (!b_.is_none()) b = channel_arg(b_, dout, fn, "b", "dout");
     const py::array* wp = w_.is_none() ? nullptr : &w;
-    return is_f32(dout) ? batch_norm_backward_train_t<float>(dout, xhat, inv_std, wp)
-                        : batch_norm_backward_train_t<double>(dout, xhat, inv_std, wp);
+    const py::array* bp = b_.is_none() ? nullptr : &b;
+    return is_f32(dout) ? batch_norm_backward_train_t<float>(dout, xhat, inv_std, wp, bp, gelu)
+                        : batch_norm_backward_train_t<double>(dout, xhat, inv_std, wp, bp, gelu);
+}
+
+template <typename T>
+static py::array batch_norm_gelu_forward_eval_t(const py::array& x, const py::array& scale, const py::array& shift) {
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.size() / (N * C);
+    py::array_t<T> out(x.request().shape);
+    T* o = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        td::batch_norm_gelu_forward_eval_cpu<T>(o, ptr<T>(x), ptr<T>(scale), ptr<T>(shift), N, C, S);
+    }
+    return out;
+}
+
+static py::array batch_norm_gelu_forward_eval(const py::object& x_, const py::object& scale_, const py::object& shift_) {
+    const char* fn = "batch_norm_gelu_forward_eval";
+    py::array x = nchw_arg(x_, fn, "x");
+    py::array scale = channel_arg(scale_, x, fn, "scale", "x"), shift = channel_arg(shift_, x, fn, "shift", "x");
+    return is_f32(x) ? batch_norm_gelu_forward_eval_t<float>(x, scale, shift)
+                     : batch_norm_gelu_forward_eval_t<double>(x, scale, shift);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,9 +537,24 @@ PYBIND11_MODULE(_C, m) {
           "DDIM eq. 12 -> (x_prev, x0)");
     m.def("gelu_forward", &gelu_forward, py::arg("x"));
     m.def("gelu_backward", &gelu_backward, py::arg("dout"), py::arg("x"));
-    m.def("batch_norm_forward_train", &batch_norm_forward_train, py::arg("x"), py::arg("w") = py::none(),
-          py::arg("b") = py::none(), py::arg("eps") = 1e-5,
+    m.def("batch_norm_forward_train", [](const py::object& x, const py::object& w, const py::object& b,
+                                         const py::object& eps) { return batch_norm_forward_train(x, w, b, eps, false); },
+          py::arg("x"), py::arg("w") = py::none(), py::arg("b") = py::none(), py::arg("eps") = 1e-5,
           "x (N,C,...), w, b (C,) or None -> (out, xhat, mean, var, inv_std); out is xhat without w and b");
-    m.def("batch_norm_backward_train", &batch_norm_backward_train, py::arg("dout"), py::arg("xhat"),
-          py::arg("inv_std"), py::arg("w") = py::none(), "dout, xhat (N,C,...), inv_std, w (C,) -> (dx, dw, db)");
+    m.def("batch_norm_backward_train", [](const py::object& dout, const py::object& xhat, const py::object& inv_std,
+                                          const py::object& w) {
+        return batch_norm_backward_train(dout, xhat, inv_std, w, py::none(), false);
+    }, py::arg("dout"), py::arg("xhat"), py::arg("inv_std"), py::arg("w") = py::none(),
+          "dout, xhat (N,C,...), inv_std, w (C,) -> (dx, dw, db)");
+    m.def("batch_norm_gelu_forward_train", [](const py::object& x, const py::object& w, const py::object& b,
+                                              const py::object& eps) { return batch_norm_forward_train(x, w, b, eps, true); },
+          py::arg("x"), py::arg("w") = py::none(), py::arg("b") = py::none(), py::arg("eps") = 1e-5,
+          "gelu(batch norm): x (N,C,...), w, b (C,) or None -> (out, xhat, mean, var, inv_std)");
+    m.def("batch_norm_gelu_backward_train", [](const py::object& dout, const py::object& xhat,
+                                               const py::object& inv_std, const py::object& w, const py::object& b) {
+        return batch_norm_backward_train(dout, xhat, inv_std, w, b, true);
+    }, py::arg("dout"), py::arg("xhat"), py::arg("inv_std"), py::arg("w") = py::none(), py::arg("b") = py::none(),
+          "dout (of gelu's output), xhat (N,C,...), inv_std, w, b (C,) -> (dx, dw, db)");
+    m.def("batch_norm_gelu_forward_eval", &batch_norm_gelu_forward_eval, py::arg("x"), py::arg("scale"), py::arg("shift"),
+          "eval mode: x (N,C,...), scale, shift (C,) -> gelu(x scale_c + shift_c)");
 }

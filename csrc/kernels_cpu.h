@@ -75,4 +75,17 @@ template <typename T>
 void batch_norm_backward_train_cpu(T* dx, T* dw, T* db, const T* dout, const T* xhat, const T* inv_std,
                                    const T* w, int64_t N, int64_t C, int64_t S);
 
+// gelu(batch norm): out = gelu(xhat w_c + b_c), the rest as batch_norm_forward_train_cpu (out != nullptr)
+template <typename T>
+void batch_norm_gelu_forward_train_cpu(T* out, T* xhat, T* mean, T* var, T* inv_std, const T* x, const T* w,
+                                       const T* b, double eps, int64_t N, int64_t C, int64_t S);
+// dx, dw, db <- dout (the gradient of gelu(y)), xhat, inv_std, w and b (C,) or nullptr
+template <typename T>
+void batch_norm_gelu_backward_train_cpu(T* dx, T* dw, T* db, const T* dout, const T* xhat, const T* inv_std,
+                                        const T* w, const T* b, int64_t N, int64_t C, int64_t S);
+// eval mode: out (N, C, S) = gelu(x scale_c + shift_c) <- x (N, C, S), scale, shift (C,)
+template <typename T>
+void batch_norm_gelu_forward_eval_cpu(T* out, const T* x, const T* scale, const T* shift, int64_t N, int64_t C,
+                                      int64_t S);
+
 }  // namespace td

@@ -54,7 +54,7 @@ def dropout_seeded(x):
     return F.dropout(x, p=0.3, training=True)
 
 
-def batch_norm_case(shape, training, affine=True, stats=True):
+def batch_norm_case(shape, training, affine=True, stats=True, gelu=False):
     def make(rng):
         c = shape[1]
         x = rand(rng, *shape)
@@ -62,8 +62,9 @@ def batch_norm_case(shape, training, affine=True, stats=True):
         rm, rv = Tensor(rng.uniform(-0.5, 0.5, c)), Tensor(rng.uniform(0.5, 1.5, c))
         if not stats:
             rm = rv = None
-        fn = lambda x, *wb: F.batch_norm(x, rm, rv, *wb, training=training)   # noqa: E731
+        fn = lambda x, *wb: op(x, rm, rv, *wb, training=training)   # noqa: E731
         return fn, [x] + ([w, b] if affine else [])
+    op = F.batch_norm_gelu if gelu else F.batch_norm
     return make
 
 
@@ -223,6 +224,11 @@ CASES = {
                                                                             stats=False)),
                      ("train (N, C)", batch_norm_case((4, 3), True)),
                      ("eval", batch_norm_case((2, 3, 3, 2), training=False))],
+    "F.batch_norm_gelu": [("train, running stats", batch_norm_case((3, 2, 3, 2), True, gelu=True)),
+                          ("train batch 1, no stats, no affine", batch_norm_case((1, 3, 2, 3), True, affine=False,
+                                                                                 stats=False, gelu=True)),
+                          ("train (N, C, L) odd", batch_norm_case((5, 3, 7), True, gelu=True)),
+                          ("eval", batch_norm_case((2, 3, 3, 2), training=False, gelu=True))],
     "F.layer_norm": [("last axis, affine", lambda rng: ((lambda x, w, b: F.layer_norm(x, 5, w, b)),
                                                         [rand(rng, 3, 5), rand(rng, 5), rand(rng, 5)])),
                      ("last two axes", unary(lambda x: F.layer_norm(x, (3, 4)), (2, 3, 4)))],
@@ -245,7 +251,7 @@ def rng_mask(*shape):
 
 
 # The heavy ops that go through kernels.py, where the compiled kernels can take over
-KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.group_norm"}
+KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.batch_norm_gelu", "F.group_norm"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tinydiff
-from tinydiff import F, Tensor, backend, gradcheck, kernels
+from tinydiff import F, Tensor, backend, gradcheck, kernels, nn
 from tinydiff import _C  # the tests need the built extension: a failed build is a failure here
 
 VERSIONS = _C.conv2d_versions()
@@ -276,6 +276,75 @@ def test_batch_norm_train_is_deterministic_and_normalises():
     assert np.abs(dx).max() < 1e-4 and np.allclose(db, 8 * 20 * 20)   # a constant dout moves nothing
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_gelu_train_on_random_shapes(dtype):
+    """The fused gelu(batch norm) against its reference (the two references in a row)."""
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for i, shape in enumerate(batch_norm_shapes(seed=8)):
+        c = shape[1]
+        x = (rng.uniform(-5, 5) + rng.uniform(0.1, 3) * rng.standard_normal(shape)).astype(dtype)
+        w, b = (2 * rng.standard_normal(c)).astype(dtype), rng.standard_normal(c).astype(dtype)
+        affine = [(w, b), (None, None), (w, None), (None, b)][i % 4]
+        got = _C.batch_norm_gelu_forward_train(x, *affine, 1e-5)
+        want = kernels.batch_norm_gelu_forward_train_ref(*f64(x, *affine), 1e-5)
+        for g, r, name in zip(got, want, ("out", "xhat", "mean", "var", "inv_std")):
+            assert_close(g, r, dtype, f"batch_norm_gelu_forward_train {shape} {name}")
+            worst = max(worst, float(np.abs(g - r).max()))
+        dout = rng.standard_normal(shape).astype(dtype)
+        xhat, inv_std = got[1], got[4]
+        got = _C.batch_norm_gelu_backward_train(dout, xhat, inv_std, *affine)
+        want = kernels.batch_norm_gelu_backward_train_ref(*f64(dout, xhat, inv_std, *affine))
+        for g, r, name in zip(got, want, ("dx", "dw", "db")):
+            assert_close(g, r, dtype, f"batch_norm_gelu_backward_train {shape} {name}")
+            worst = max(worst, float(np.abs(g - r).max()))
+    print(f"batch norm + GELU, {dtype.__name__}, 120 shapes: largest |difference| {worst:.3g}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_gelu_eval_on_random_shapes(dtype):
+    rng = np.random.default_rng(9)
+    for shape in batch_norm_shapes(count=60, seed=10):
+        c = shape[1]
+        x = (3 * rng.standard_normal(shape)).astype(dtype)
+        scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+        want = kernels.batch_norm_gelu_forward_eval_ref(*f64(x, scale, shift))
+        assert_close(_C.batch_norm_gelu_forward_eval(x, scale, shift), want, dtype, f"batch_norm_gelu eval {shape}")
+
+
+def test_batch_norm_gelu_eval_is_batch_norm_then_gelu():
+    """Sampling's fused path (no gradient) gives what the two ops in a row give."""
+    rng = np.random.default_rng(11)
+    norm = nn.BatchNorm2d(5).eval()
+    norm.running_mean.data[:] = rng.standard_normal(5)
+    norm.running_var.data[:] = rng.uniform(0.5, 2, 5)
+    norm.weight.data[:], norm.bias.data[:] = rng.standard_normal(5), rng.standard_normal(5)
+    x = Tensor(rng.standard_normal((3, 5, 4, 6)).astype(np.float32))
+    with tinydiff.no_grad():
+        fused = norm(x, then_gelu=True)
+        apart = F.gelu(norm(x))
+    assert fused._op == "batch_norm_gelu"
+    assert_close(fused.numpy(), apart.numpy().astype(np.float64), np.float32, "eval fused vs apart")
+
+
+def test_gelu_float32_over_its_whole_range():
+    """Every float32 branch of gelu_math.h (small z, the erfc form, the underflow past z = 9.3, -0,
+    infinities) against the float64 reference, on a dense grid and at the branch points."""
+    split, top = 0.921875 * 2 ** 0.5, 9.3 * 2 ** 0.5                 # the branch points in x
+    x = np.concatenate([np.linspace(-20, 20, 400001), [0.0, -0.0, split, -split, top, -top, np.inf, -np.inf],
+                        np.nextafter(np.float32([split, -split, top, -top]), 0)]).astype(np.float32)
+    dout = np.ones_like(x)
+    finite = np.isfinite(x)
+    want = kernels.gelu_forward_ref(x[finite].astype(np.float64))
+    assert_close(_C.gelu_forward(x[finite]), want, np.float32, "gelu_forward grid", (1e-5, 1e-6))
+    want = kernels.gelu_backward_ref(dout[finite].astype(np.float64), x[finite].astype(np.float64))
+    assert_close(_C.gelu_backward(dout[finite], x[finite]), want, np.float32, "gelu_backward grid", (1e-5, 1e-6))
+    inf = np.float32([np.inf, -np.inf])              # as the float64 kernel (libm): inf, and inf * 0 = nan
+    np.testing.assert_array_equal(_C.gelu_forward(inf), _C.gelu_forward(inf.astype(np.float64)).astype(np.float32))
+    np.testing.assert_array_equal(_C.gelu_backward(np.ones(2, np.float32), inf),
+                                  _C.gelu_backward(np.ones(2), inf.astype(np.float64)).astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Gradient checks through the dispatched native path
 
@@ -476,6 +545,18 @@ C2 = np.ones(2, np.float32)                                     # per channel of
     (lambda: _C.batch_norm_backward_train(XT, XT, np.ones(4, np.float32)[::2]), ValueError, "inv_std must be C-contig"),
     (lambda: _C.batch_norm_backward_train(XT[:0], XT[:0], C2), ValueError, "dout is empty"),
     (lambda: _C.batch_norm_backward_train(XT.astype(np.int32), XT, C2), TypeError, "dout must be a float32"),
+    (lambda: _C.batch_norm_gelu_forward_train(XT.astype(np.float16)), TypeError,
+     "batch_norm_gelu_forward_train: x must be a float32"),
+    (lambda: _C.batch_norm_gelu_forward_train(XT, C2, CO), ValueError, "b has 3 values but x has 2 channels"),
+    (lambda: _C.batch_norm_gelu_forward_train(XT, None, None, float("nan")), ValueError, "eps must be"),
+    (lambda: _C.batch_norm_gelu_backward_train(XT, XT, C2, C2, CO), ValueError,
+     "batch_norm_gelu_backward_train: b has 3 values but dout has 2 channels"),
+    (lambda: _C.batch_norm_gelu_backward_train(XT, XT, C2, None, C2.astype(np.float64)), TypeError, "b has dtype"),
+    (lambda: _C.batch_norm_gelu_backward_train(XT, XT[..., ::2], C2), ValueError, "xhat must be C-contiguous"),
+    (lambda: _C.batch_norm_gelu_forward_eval(XT, C2, CO), ValueError,
+     "batch_norm_gelu_forward_eval: shift has 3 values but x has 2 channels"),
+    (lambda: _C.batch_norm_gelu_forward_eval(XT, C2.astype(np.float64), C2), TypeError, "scale has dtype"),
+    (lambda: _C.batch_norm_gelu_forward_eval(XT[..., ::2], C2, C2), ValueError, "x must be C-contiguous"),
 ])
 def test_batch_norm_bindings_refuse_bad_arguments(call, error, words):
     with pytest.raises(error) as info:

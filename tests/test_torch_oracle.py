@@ -173,6 +173,12 @@ ORACLE = {
     "F.batch_norm": [("train, no running stats", normal((3, 2, 3, 2), (2,), (2,)),
                       lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
                       lambda x, w, b: TF.batch_norm(x, None, None, w, b, training=True))],
+    "F.batch_norm_gelu": [("train, affine", normal((3, 2, 3, 2), (2,), (2,)),
+                           lambda x, w, b: F.batch_norm_gelu(x, None, None, w, b, training=True),
+                           lambda x, w, b: TF.gelu(TF.batch_norm(x, None, None, w, b, training=True))),
+                          ("train batch 1, odd, no affine", normal((1, 3, 5, 3)),
+                           lambda x: F.batch_norm_gelu(x, None, None, training=True),
+                           lambda x: TF.gelu(TF.batch_norm(x, None, None, training=True)))],
     "F.layer_norm": [("last axis, affine", normal((3, 5), (5,), (5,)), lambda x, w, b: F.layer_norm(x, 5, w, b),
                       lambda x, w, b: TF.layer_norm(x, (5,), w, b)),
                      ("last two axes", normal((2, 3, 4)), lambda x: F.layer_norm(x, (3, 4)),
@@ -219,7 +225,7 @@ def test_matches_torch_float64(op, make, td_fn, th_fn):
 
 
 # float32, the dtype of training: the same code must stay accurate at single precision
-FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.group_norm", "F.layer_norm", "F.softmax",
+FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm", "F.layer_norm", "F.softmax",
            "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
 
 

@@ -9,7 +9,7 @@ to the graph by `_from_pair`. Layouts are PyTorch's: NCHW images, conv weight
 import numpy as np
 
 from tinydiff import backend, kernels
-from tinydiff.tensor import Tensor, cat, stack, where  # noqa: F401  (re-exported for F.cat etc.)
+from tinydiff.tensor import Tensor, cat, is_grad_enabled, stack, where  # noqa: F401  (re-exported for F.cat etc.)
 
 
 def _from_pair(name, inputs, out, cache, backward):
@@ -365,16 +365,24 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return _from_pair("group_norm", (input, weight, bias), out, cache, group_norm_backward)
 
 
+def _batch_statistics(x, running_mean, running_var, w, b, momentum, eps, forward_train):
+    """Training mode: forward_train(x, w, b, eps) -> (out, xhat, mean, var, inv_std), and the
+    running statistics updated in place (with the unbiased variance, as PyTorch)."""
+    out, xhat, mean, var, inv_std = forward_train(x, w, b, eps)
+    if running_mean is not None:
+        count = x.size // x.shape[1]
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * var * (count / max(count - 1, 1))
+    return out, xhat, inv_std
+
+
 def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps):
     shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)                # per-channel values broadcast
     if training:                                                 # statistics of this batch, per channel
-        out, xhat, mean, var, inv_std = kernels.batch_norm_forward_train(x, w, b, eps)
-        if running_mean is not None:                             # running stats use the unbiased var
-            count = x.size // x.shape[1]
-            running_mean *= 1 - momentum
-            running_mean += momentum * mean
-            running_var *= 1 - momentum
-            running_var += momentum * var * (count / max(count - 1, 1))
+        out, xhat, inv_std = _batch_statistics(x, running_mean, running_var, w, b, momentum, eps,
+                                               kernels.batch_norm_forward_train)
         return out, (xhat, inv_std, w, training)
     inv_std = 1 / backend.get_array_module(x).sqrt(running_var + eps)   # eval: the running statistics
     xhat = (x - running_mean.reshape(shape)) * inv_std.reshape(shape)
@@ -397,22 +405,55 @@ def batch_norm_backward(dout, cache, needs):
     return dout * scale.reshape(shape), dw, db
 
 
+def _check_batch_norm(name, input, running_mean, running_var, weight, bias, training):
+    if input.ndim < 2:
+        raise ValueError(f"{name}: input must have a channel axis, got shape {input.shape}")
+    if not training and running_mean is None:
+        raise ValueError(f"{name}: eval mode needs running_mean and running_var")
+    if training and input.size() // input.shape[1] <= 1:
+        raise ValueError(f"{name}: training needs more than one value per channel, got shape {input.shape}")
+    _check_float(name, input=input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_channels(name, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Batch norm over (N, C, ...). running_mean/var are Tensors (or None), updated in place when training."""
-    if input.ndim < 2:
-        raise ValueError(f"batch_norm: input must have a channel axis, got shape {input.shape}")
-    if not training and running_mean is None:
-        raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if training and input.size() // input.shape[1] <= 1:
-        raise ValueError(f"batch_norm: training needs more than one value per channel, got shape {input.shape}")
-    _check_float("batch_norm", input=input, running_mean=running_mean, running_var=running_var,
-                 weight=weight, bias=bias)
-    _check_channels("batch_norm", input, running_mean=running_mean, running_var=running_var,
-                    weight=weight, bias=bias)
+    _check_batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training)
     raw = [None if t is None else t.data for t in (running_mean, running_var, weight, bias)]
     out, cache = batch_norm_forward(input.data, *raw, training, momentum, eps)
     return _from_pair("batch_norm", (input, weight, bias), out, cache, batch_norm_backward)
+
+
+# gelu(batch_norm(x)) in training mode, as one op: one kernel forward, one backward (the GELU's
+# input y = xhat w + b is recomputed there rather than stored). In eval mode, the two ops in a row.
+
+def batch_norm_gelu_backward(dout, cache, needs):
+    xhat, inv_std, w, b = cache
+    dx, dw, db = kernels.batch_norm_gelu_backward_train(dout, xhat, inv_std, w, b)   # dy = dout gelu'(y), then as above
+    return dx, dw if needs[1] else None, db if needs[2] else None
+
+
+def batch_norm_gelu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """gelu(batch_norm(input, ...)), with the arguments of batch_norm."""
+    if not training:
+        wants_grad = is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+        if wants_grad or running_mean is None:
+            return gelu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+        _check_batch_norm("batch_norm_gelu", input, running_mean, running_var, weight, bias, training)
+        xp = backend.get_array_module(input.data)                # sampling: one pass, gelu(x scale + shift)
+        scale = 1 / xp.sqrt(running_var.data + eps)              # (C,)
+        scale = scale * weight.data if weight is not None else scale
+        shift = -running_mean.data * scale
+        shift = shift + bias.data if bias is not None else shift
+        out = kernels.batch_norm_gelu_forward_eval(input.data, scale.astype(input.dtype), shift.astype(input.dtype))
+        return input._result(out, (input,), "batch_norm_gelu")
+    _check_batch_norm("batch_norm_gelu", input, running_mean, running_var, weight, bias, training)
+    rm, rv, w, b = [None if t is None else t.data for t in (running_mean, running_var, weight, bias)]
+    out, xhat, inv_std = _batch_statistics(input.data, rm, rv, w, b, momentum, eps,
+                                           kernels.batch_norm_gelu_forward_train)
+    return _from_pair("batch_norm_gelu", (input, weight, bias), out, (xhat, inv_std, w, b), batch_norm_gelu_backward)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -344,3 +344,48 @@ def batch_norm_backward_train(dout, xhat, inv_std, w):
     if kernel is not None and dout.ndim >= 2:
         return kernel(*_contiguous(dout, xhat, inv_std, w))
     return batch_norm_backward_train_ref(dout, xhat, inv_std, w)
+
+
+# Batch norm followed by GELU (the ContextUnet's BatchNorm2d -> GELU), fused in one kernel on the CPU:
+# out = gelu(y), y = xhat w + b; the backward recomputes y from xhat, so y is never stored.
+
+def batch_norm_gelu_forward_train_ref(x, w, b, eps):
+    """-> (gelu(out), xhat, mean, var, inv_std), with out, ... those of batch_norm_forward_train_ref."""
+    out, xhat, mean, var, inv_std = batch_norm_forward_train_ref(x, w, b, eps)
+    return gelu_forward_ref(out), xhat, mean, var, inv_std
+
+
+def batch_norm_gelu_backward_train_ref(dout, xhat, inv_std, w, b):
+    """dout: the gradient of gelu(y), y = xhat w + b -> (dx, dw, db) of the batch norm."""
+    y = xhat * _channel(w, xhat) if w is not None else xhat
+    y = y + _channel(b, xhat) if b is not None else y
+    return batch_norm_backward_train_ref(gelu_backward_ref(dout, y), xhat, inv_std, w)
+
+
+def batch_norm_gelu_forward_train(x, w, b, eps):
+    """-> (out, xhat, mean, var, inv_std); see batch_norm_gelu_forward_train_ref."""
+    kernel = _compiled("batch_norm_gelu_forward_train", x, w, b)
+    if kernel is not None and x.ndim >= 2:
+        return kernel(*_contiguous(x, w, b), float(eps))
+    return batch_norm_gelu_forward_train_ref(x, w, b, eps)
+
+
+def batch_norm_gelu_backward_train(dout, xhat, inv_std, w, b):
+    """-> (dx, dw, db); see batch_norm_gelu_backward_train_ref."""
+    kernel = _compiled("batch_norm_gelu_backward_train", dout, xhat, inv_std, w, b)
+    if kernel is not None and dout.ndim >= 2:
+        return kernel(*_contiguous(dout, xhat, inv_std, w, b))
+    return batch_norm_gelu_backward_train_ref(dout, xhat, inv_std, w, b)
+
+
+def batch_norm_gelu_forward_eval_ref(x, scale, shift):
+    """Eval mode: gelu(x scale_c + shift_c), the running statistics and the affine folded per channel."""
+    return gelu_forward_ref(x * _channel(scale, x) + _channel(shift, x))
+
+
+def batch_norm_gelu_forward_eval(x, scale, shift):
+    kernel = _compiled("batch_norm_gelu_forward_eval", x, scale, shift)
+    if kernel is not None and x.ndim >= 2:
+        return kernel(*_contiguous(x, scale, shift))
+    return batch_norm_gelu_forward_eval_ref(x, scale, shift)
+

@@ -98,7 +98,8 @@ class BatchNorm2d(Module):
         self.register_buffer("running_var", Tensor(np.ones(num_features, np.float32)))
         self.register_buffer("num_batches_tracked", Tensor(np.zeros((), np.int64)))
 
-    def forward(self, x):                                        # (B, C, H, W) -> (B, C, H, W)
+    def forward(self, x, then_gelu=False):                       # (B, C, H, W) -> (B, C, H, W)
+        """then_gelu=True: gelu(batch norm of x) as one fused op (F.batch_norm_gelu)."""
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d({self.num_features}): expected input (B, {self.num_features}, H, W), "
                              f"got shape {x.shape}")
@@ -107,8 +108,8 @@ class BatchNorm2d(Module):
             self.num_batches_tracked.data += 1
             if momentum is None:                                 # cumulative average, as PyTorch
                 momentum = 1.0 / int(self.num_batches_tracked.item())
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            self.training, momentum, self.eps)
+        norm = F.batch_norm_gelu if then_gelu else F.batch_norm
+        return norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
