@@ -4,6 +4,8 @@ A block runs in a fresh namespace with the repository root as the working direct
 are the checks. A block announced by the line `<!-- excerpt: PATH -->` just above it shows a piece
 of a source file instead: it must be that file's lines exactly, up to one common indentation.
 Shell lines (```bash, or ``` alone) install or run for minutes and are not run here.
+The prose is held to the code too: every repository path and every `module.function` of tinydiff
+that the docs write in backticks must exist.
 """
 import os
 import re
@@ -103,3 +105,42 @@ def test_an_excerpt_that_drifted_is_caught():
     assert not is_excerpt_of("def f(self):\n    return 2", source)
     assert not is_excerpt_of("def g(self):\n    return 2\ndef f(self):", source)
     assert not is_excerpt_of("def f(self):\n  return 1", source)          # a different indentation
+
+
+PATH_IN_CODE = re.compile(r"`((?:tinydiff|demos|benchmarks|tests|csrc|scripts|docs)/[\w.*/-]*)`")
+NAME_IN_CODE = re.compile(r"`(?:tinydiff\.)?([a-z_]+)\.([A-Za-z_]\w*)")
+FILE_SUFFIXES = {"py", "pkl", "md", "json", "safetensors", "png", "gif", "npz", "npy", "pth", "cu", "cpp", "h", "sh"}
+
+
+def doc_text(relpath):
+    with open(os.path.join(ROOT, relpath), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("relpath", doc_files())
+def test_the_files_the_docs_name_exist(relpath):
+    """Every repository path written in backticks (`tinydiff/samplers.py`, `csrc/*.cu`) exists."""
+    import glob
+    missing = sorted({p for p in PATH_IN_CODE.findall(doc_text(relpath))
+                      if not glob.glob(os.path.join(ROOT, p.rstrip("/")))})
+    assert not missing, f"{relpath} names files that are not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("relpath", doc_files())
+def test_the_functions_the_docs_name_exist(relpath):
+    """Every `module.name` whose module is a tinydiff module (`samplers.ddim_sample`,
+    `diffusion.model_time`, `tinydiff.manual_seed`) names an attribute that module has."""
+    import importlib
+    modules = {n[:-3] for n in os.listdir(os.path.join(ROOT, "tinydiff")) if n.endswith(".py")}
+    modules.discard("__init__")
+    missing = []
+    for module, name in set(NAME_IN_CODE.findall(doc_text(relpath))):
+        if module == "tinydiff" and not name.startswith("_"):        # `tinydiff.manual_seed`; not the built modules
+            found = hasattr(importlib.import_module("tinydiff"), name)
+        elif module in modules and name not in FILE_SUFFIXES:
+            found = hasattr(importlib.import_module(f"tinydiff.{module}"), name)
+        else:
+            continue
+        if not found:
+            missing.append(f"{module}.{name}")
+    assert not missing, f"{relpath} names functions that tinydiff does not have: {sorted(missing)}"
