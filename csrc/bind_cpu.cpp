@@ -468,9 +468,9 @@ static double hyper_arg(const py::object& obj, const char* fn, const char* name,
                         bool hi_open) {
     const double x = float_arg(obj, fn, name);
     if (!(x >= lo && (hi_open ? x < hi : x <= hi)))
-        throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::to_string(lo) + ", " +
-                              (std::isinf(hi) ? std::string("inf") : std::to_string(hi)) + (hi_open ? ")" : "]") +
-                              ", got " + std::string(py::str(obj)));
+        throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::string(py::str(py::float_(lo))) +
+                              ", " + std::string(py::str(py::float_(hi))) + (hi_open ? ")" : "]") + ", got " +
+                              std::string(py::str(obj)));
     return x;
 }
 
