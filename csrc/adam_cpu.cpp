@@ -5,10 +5,11 @@
 // Alg. 1; AdamW: Loshchilov & Hutter 2019, arXiv:1711.05101, Alg. 2), in this order:
 //   Adam   g = g + weight_decay p                     L2 penalty in the gradient
 //   AdamW  p = p (1 - lr weight_decay)                decoupled decay (Alg. 2, line 12)
-//   m = beta1 m + (1 - beta1) g                       first moment   (Alg. 1, line 7)
-//   v = beta2 v + (1 - beta2) g^2                     second moment  (Alg. 1, line 8)
+//   m = beta1 m + (1 - beta1) g                       first moment   (Alg. 1: m_t)
+//   v = beta2 v + (1 - beta2) g^2                     second moment  (Alg. 1: v_t)
 //   p = p - lr / (1 - beta1^t) m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-//                                                     bias-corrected, eps after the sqrt (torch)
+//                                                     Alg. 1: theta_t with m_hat, v_hat (bias
+//                                                     corrections), eps after the sqrt
 // The scalars (1 - beta1, lr / (1 - beta1^t), sqrt(1 - beta2^t), ...) are computed in double and
 // rounded to T once, and each element is updated in T, one operation at a time in the order above:
 // the NumPy reference (adam_step_ref in tinydiff/kernels.py) does the same, so the two agree to
@@ -53,12 +54,12 @@ static void adam_update(T* p, T* m, T* v, const T* g, int64_t n, const AdamScala
         T gi = g[i], pi = p[i];
         if constexpr (D == Decay::decoupled) pi = pi * s.decay;              // AdamW Alg. 2, line 12
         if constexpr (D == Decay::l2) gi = gi + s.weight_decay * pi;         // Adam: L2 in the gradient
-        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;               // Alg. 1, line 7
-        const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);        // Alg. 1, line 8
+        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;               // Alg. 1: m_t
+        const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);        // Alg. 1: v_t
         const T denom = std::sqrt(vi) / s.sqrt_bc2 + s.eps;                 // sqrt(v_hat) + eps
         m[i] = mi;
         v[i] = vi;
-        p[i] = pi - s.step_size * (mi / denom);                             // Alg. 1, line 12
+        p[i] = pi - s.step_size * (mi / denom);                             // Alg. 1: theta_t
     }
 }
 

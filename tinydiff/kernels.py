@@ -372,10 +372,10 @@ def adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, w
                 p = p * (1 - lr * weight_decay)                # AdamW Alg. 2, line 12
             else:
                 g = g + weight_decay * p                       # Adam: L2 penalty in the gradient
-        m = beta1 * m + (1 - beta1) * g                        # Alg. 1, line 7: first moment
-        v = beta2 * v + (1 - beta2) * (g * g)                  # Alg. 1, line 8: second moment
-        denom = _xp(v).sqrt(v) / sqrt_bc2 + eps                # sqrt(v_hat) + eps
-        new_p.append(p - step_size * (m / denom))              # Alg. 1, line 12
+        m = beta1 * m + (1 - beta1) * g                        # Alg. 1: m_t, the first moment
+        v = beta2 * v + (1 - beta2) * (g * g)                  # Alg. 1: v_t, the second moment
+        denom = _xp(v).sqrt(v) / sqrt_bc2 + eps                # sqrt(v_hat) + eps, v_hat = v / (1 - b2^t)
+        new_p.append(p - step_size * (m / denom))              # Alg. 1: theta_t
         new_m.append(m)
         new_v.append(v)
     return new_p, new_m, new_v
@@ -390,7 +390,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weigh
               decoupled, step):
     """-> (params, exp_avgs, exp_avg_sqs); see adam_step_ref. The C++ kernel updates the arrays
     in place (after copying any it may not write) and returns them; the reference returns new ones."""
-    kernel = _compiled("adam_step", *params, *grads, *exp_avgs, *exp_avg_sqs)
+    kernel = _compiled("adam_step", *params, *grads, *exp_avgs, *exp_avg_sqs) if params else None
     if kernel is None:
         return adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
                              weight_decay, decoupled, step)

@@ -134,24 +134,26 @@ class Adam(Optimizer):
                 "decoupled_weight_decay": self.decoupled_weight_decay}
 
     def step(self):
-        """The update of the class docstring, written out in kernels.adam_step_ref (NumPy/CuPy);
-        on the CPU with native kernels, the C++ kernel does it for all parameters in one pass."""
-        live = [(p, state) for p, state in zip(self.params, self.state) if p.grad is not None]
-        by_step = {}                          # parameters whose grad was None skip steps: group by t
-        for p, state in live:
+        """The update above for every parameter that has a gradient, by kernels.adam_step: its
+        reference kernels.adam_step_ref spells it out in NumPy/CuPy; on the CPU with native kernels
+        one C++ call updates all parameters (and their m, v) in place."""
+        lr = float(self.lr)     # a schedule may hand over a NumPy scalar
+        by_step = {}            # t -> [(p, state)]: a parameter whose grad was None skipped steps
+        for p, state in zip(self.params, self.state):
+            if p.grad is None:
+                continue
             if not state:
                 xp = backend.get_array_module(p.data)
                 state.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
             state["step"] += 1
             by_step.setdefault(state["step"], []).append((p, state))
         for t, group in by_step.items():
-            params, exp_avgs, exp_avg_sqs = kernels.adam_step(
+            new_p, new_m, new_v = kernels.adam_step(
                 [p.data for p, _ in group], [p.grad.astype(p.dtype, copy=False) for p, _ in group],
                 [s["exp_avg"] for _, s in group], [s["exp_avg_sq"] for _, s in group],
-                float(self.lr), *self.betas, self.eps, self.weight_decay,   # lr: a schedule may hand a NumPy scalar
-                self.decoupled_weight_decay, t)
-            for (p, state), new_p, m, v in zip(group, params, exp_avgs, exp_avg_sqs):
-                p.data, state["exp_avg"], state["exp_avg_sq"] = new_p, m, v
+                lr, *self.betas, self.eps, self.weight_decay, self.decoupled_weight_decay, t)
+            for (p, state), p_t, m_t, v_t in zip(group, new_p, new_m, new_v):
+                p.data, state["exp_avg"], state["exp_avg_sq"] = p_t, m_t, v_t
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
