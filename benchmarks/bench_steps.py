@@ -1,4 +1,4 @@
-"""Fused diffusion steps and GELU: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU and Adam: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -7,6 +7,9 @@ Each step reads its inputs and writes its outputs once: "GB/s" counts exactly th
 (the per-sample coefficients are negligible), so it can be set beside the machine's own array
 copy bandwidth (np.copyto on 1M elements, measured in the same run; bytes read + written).
 The NumPy reference evaluates the same formula one operator at a time, a pass over memory each.
+The row "adam step" is one Adam step over all parameters of the ContextUnet (n_feat 32, 10
+classes): _C.adam_step, kernels.adam_step_ref, and torch.optim.Adam(...).step() (its defaults);
+it reads p, g, m, v and writes p, m, v.
 """
 import argparse
 import os
@@ -57,6 +60,27 @@ def cases(shape, dtype):
     return out, torch
 
 
+def adam_case(dtype, torch):
+    """(arrays read + written, numel, {impl: closure}) for one Adam step over the ContextUnet's
+    parameters (n_feat 32, 10 classes, as the quick start trains)."""
+    from tinydiff.models import ContextUnet
+    model = ContextUnet(in_channels=1, n_feat=32, n_cfeat=10, height=16)
+    rng = np.random.default_rng(0)
+    p = [t.data.astype(dtype) for t in model.parameters()]
+    g = [rng.standard_normal(a.shape).astype(dtype) for a in p]
+    m = [np.zeros_like(a) for a in p]
+    v = [np.zeros_like(a) for a in p]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, False, 1)               # lr, betas, eps, weight decay, Adam, t
+    fns = {"C++": lambda: _C.adam_step(p, g, m, v, *hyper),        # in place
+           "numpy": lambda: kernels.adam_step_ref(p, g, m, v, *hyper)}
+    if torch is not None:
+        tparams = [torch.tensor(a.copy(), requires_grad=True) for a in p]
+        for t, a in zip(tparams, g):
+            t.grad = torch.from_numpy(a)
+        fns["torch"] = torch.optim.Adam(tparams, lr=1e-3).step
+    return 7, sum(a.size for a in p), fns
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
@@ -74,12 +98,15 @@ def main():
     print(f"array copy (np.copyto): {copy:.1f} GB/s" + (f"; PyTorch {torch.__version__}" if torch else ""))
     header = ["kernel"] + [f"{i} ms" for i in impls] + [f"{i} GB/s" for i in impls] + ["C++ % of copy", "numpy/C++"]
     rows = []
-    for name, (arrays, fns) in table.items():
+    table = {name: (arrays, numel, fns) for name, (arrays, fns) in table.items()}
+    table["adam step"] = adam_case(dtype, torch)
+    for name, (arrays, n, fns) in table.items():
         times = {i: best_time(fns[i], repeat=repeat, number=number) for i in impls}
-        gbs = {i: arrays * numel * dtype.itemsize / times[i] / 1e9 for i in impls}
+        gbs = {i: arrays * n * dtype.itemsize / times[i] / 1e9 for i in impls}
         rows.append([name] + [1e3 * times[i] for i in impls] + [gbs[i] for i in impls]
                     + [f"{100 * gbs['C++'] / copy:.0f}%", times["numpy"] / times["C++"]])
     print(markdown_table(header, rows))
+    print(f"adam step: {table['adam step'][1]} {dtype.name} parameters (the ContextUnet, n_feat 32)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 // bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
-// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp and batch_norm_cpu.cpp (batch norm, alone or with GELU).
+// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp, batch_norm_cpu.cpp (batch norm, alone or with GELU)
+// and adam_cpu.cpp.
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
 // order, with the dtype of the first array argument. Anything else raises TypeError or
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -479,6 +481,105 @@ static py::array batch_norm_gelu_forward_eval(const py::object& x_, const py::ob
 }
 
 // ---------------------------------------------------------------------------------------------
+// Adam / AdamW over lists of arrays, updated in place: params, exp_avgs, exp_avg_sqs must be
+// writable, and no two written arrays may share memory (nor one of them with a gradient).
+
+static std::vector<py::array> array_list_arg(const py::object& obj, const char* fn, const char* name) {
+    if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
+        throw py::type_error(std::string(fn) + ": " + name + " must be a list of arrays, got " + repr_type(obj));
+    std::vector<py::array> arrays;
+    int64_t i = 0;
+    for (const py::handle item : obj) {
+        const std::string where = std::string(name) + "[" + std::to_string(i++) + "]";
+        arrays.push_back(array_arg(py::reinterpret_borrow<py::object>(item), fn, where.c_str(), -2));
+    }
+    return arrays;
+}
+
+static double hyper_arg(const py::object& obj, const char* fn, const char* name, double lo, double hi,
+                        bool hi_open) {
+    const double x = float_arg(obj, fn, name);
+    if (!(x >= lo && (hi_open ? x < hi : x <= hi)))
+        throw py::value_error(std::string(fn) + ": " + name + " must be in [" + std::string(py::str(py::float_(lo))) +
+                              ", " + std::string(py::str(py::float_(hi))) + (hi_open ? ")" : "]") + ", got " +
+                              std::string(py::str(obj)));
+    return x;
+}
+
+// Byte ranges of the arrays; refuse any overlap that touches a written array.
+static void check_no_overlap(const std::vector<std::vector<py::array>>& lists, const char* const* names,
+                             const bool* written, const char* fn) {
+    struct Range { uintptr_t lo, hi; bool written; std::string name; };
+    std::vector<Range> ranges;
+    for (size_t l = 0; l < lists.size(); ++l)
+        for (size_t i = 0; i < lists[l].size(); ++i) {
+            const auto lo = reinterpret_cast<uintptr_t>(lists[l][i].data());
+            ranges.push_back({lo, lo + lists[l][i].nbytes(), written[l], std::string(names[l]) + "[" + std::to_string(i) + "]"});
+        }
+    std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+    const Range *reach_any = nullptr, *reach_written = nullptr;   // the ranges reaching furthest so far
+    for (const Range& r : ranges) {
+        const Range* hit = r.written && reach_any && r.lo < reach_any->hi ? reach_any
+                         : reach_written && r.lo < reach_written->hi ? reach_written : nullptr;
+        if (hit)
+            throw py::value_error(std::string(fn) + ": " + r.name + " shares memory with " + hit->name +
+                                  " (params, exp_avgs and exp_avg_sqs are updated in place)");
+        if (!reach_any || r.hi > reach_any->hi) reach_any = &r;
+        if (r.written && (!reach_written || r.hi > reach_written->hi)) reach_written = &r;
+    }
+}
+
+template <typename T>
+static void adam_step_t(std::vector<std::vector<py::array>>& a, const td::AdamHyper& h) {
+    const size_t num = a[0].size();
+    std::vector<T*> p(num), m(num), v(num);
+    std::vector<const T*> g(num);
+    std::vector<int64_t> sizes(num);
+    for (size_t k = 0; k < num; ++k) {
+        p[k] = static_cast<T*>(a[0][k].mutable_data());
+        g[k] = ptr<T>(a[1][k]);
+        m[k] = static_cast<T*>(a[2][k].mutable_data());
+        v[k] = static_cast<T*>(a[3][k].mutable_data());
+        sizes[k] = a[0][k].size();
+    }
+    py::gil_scoped_release release;
+    td::adam_step_cpu<T>(p.data(), m.data(), v.data(), g.data(), sizes.data(), int64_t(num), h);
+}
+
+static void adam_step(const py::object& params, const py::object& grads, const py::object& exp_avgs,
+                      const py::object& exp_avg_sqs, const py::object& lr, const py::object& beta1,
+                      const py::object& beta2, const py::object& eps, const py::object& weight_decay,
+                      const py::object& decoupled, const py::object& step) {
+    const char* fn = "adam_step";
+    const char* names[4] = {"params", "grads", "exp_avgs", "exp_avg_sqs"};
+    const bool written[4] = {true, false, true, true};
+    std::vector<std::vector<py::array>> a{array_list_arg(params, fn, names[0]), array_list_arg(grads, fn, names[1]),
+                                          array_list_arg(exp_avgs, fn, names[2]),
+                                          array_list_arg(exp_avg_sqs, fn, names[3])};
+    if (a[0].empty()) throw py::value_error(std::string(fn) + ": params is an empty list");
+    for (int l = 1; l < 4; ++l)
+        if (a[l].size() != a[0].size())
+            throw py::value_error(std::string(fn) + ": " + names[l] + " has " + std::to_string(a[l].size()) +
+                                  " arrays but params has " + std::to_string(a[0].size()));
+    for (size_t k = 0; k < a[0].size(); ++k)
+        for (int l = 0; l < 4; ++l) {
+            const std::string name = std::string(names[l]) + "[" + std::to_string(k) + "]";
+            const std::string first = "params[" + std::to_string(k) + "]";
+            same_dtype(a[l][k], a[0][0], fn, name.c_str(), "params[0]");
+            same_shape(a[l][k], a[0][k], fn, name.c_str(), first.c_str());
+            if (written[l] && !a[l][k].writeable())
+                throw py::value_error(std::string(fn) + ": " + name + " is read-only (it is updated in place)");
+        }
+    check_no_overlap(a, names, written, fn);
+    const double inf = std::numeric_limits<double>::infinity();
+    td::AdamHyper h{hyper_arg(lr, fn, "lr", 0, inf, true), hyper_arg(beta1, fn, "beta1", 0, 1, true),
+                    hyper_arg(beta2, fn, "beta2", 0, 1, true), hyper_arg(eps, fn, "eps", 0, inf, true),
+                    hyper_arg(weight_decay, fn, "weight_decay", 0, inf, true), bool_arg(decoupled, fn, "decoupled"),
+                    int_arg(step, fn, "step", 1)};
+    is_f32(a[0][0]) ? adam_step_t<float>(a, h) : adam_step_t<double>(a, h);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 // What this build is: the instruction set it was compiled for, OpenMP or not, the compiler.
 static py::dict build_info() {
@@ -513,7 +614,7 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm";
+    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm, Adam";
     m.def("build_info", &build_info, "The build: {'isa', 'vector_bytes', 'openmp', 'compiler'}.");
     m.def("conv2d_versions", [] {
         py::list names;
@@ -557,4 +658,8 @@ PYBIND11_MODULE(_C, m) {
           "dout (of gelu's output), xhat (N,C,...), inv_std, w, b (C,) -> (dx, dw, db)");
     m.def("batch_norm_gelu_forward_eval", &batch_norm_gelu_forward_eval, py::arg("x"), py::arg("scale"), py::arg("shift"),
           "eval mode: x (N,C,...), scale, shift (C,) -> gelu(x scale_c + shift_c)");
+    m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+          py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+          py::arg("decoupled"), py::arg("step"),
+          "One Adam (decoupled=False) or AdamW step over lists of arrays; params, exp_avgs, exp_avg_sqs in place");
 }

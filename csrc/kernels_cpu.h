@@ -88,4 +88,22 @@ template <typename T>
 void batch_norm_gelu_forward_eval_cpu(T* out, const T* x, const T* scale, const T* shift, int64_t N, int64_t C,
                                       int64_t S);
 
+// ---------------------------------------------------------------------------------------------
+// adam_cpu.cpp: one Adam / AdamW step over a list of parameters, in place (Kingma & Ba Alg. 1,
+// Loshchilov & Hutter Alg. 2), per element:
+//   g += wd p (Adam) or p *= 1 - lr wd (AdamW);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+struct AdamHyper {
+    double lr, beta1, beta2, eps, weight_decay;
+    bool decoupled;         // true: AdamW's decay of p; false: Adam's L2 term in g
+    int64_t step;           // t >= 1, after this step's increment
+};
+
+// params[k], exp_avgs[k], exp_avg_sqs[k] (sizes[k]) updated in place <- grads[k] (sizes[k]),
+// k < num_params; no two of the written arrays overlap, nor any of them a gradient
+template <typename T>
+void adam_step_cpu(T* const* params, T* const* exp_avgs, T* const* exp_avg_sqs, const T* const* grads,
+                   const int64_t* sizes, int64_t num_params, const AdamHyper& h);
+
 }  // namespace td

@@ -26,7 +26,14 @@ statistics per channel c over the M = N * H * W ... values of that channel:
     mean_c = sum x / M,  var_c = sum (x - mean_c)^2 / M,  xhat = (x - mean_c) / sqrt(var_c + eps)
     out = xhat w_c + b_c
     backward: db_c = sum dout, dw_c = sum dout xhat, dx = inv_std_c w_c (dout - db_c/M - xhat dw_c/M)
+
+Adam / AdamW, one step t over all parameters (Kingma & Ba 2015, Alg. 1; Loshchilov & Hutter 2019,
+Alg. 2), per element:
+    g = g + wd p (Adam)  or  p = p (1 - lr wd) (AdamW);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+    p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 """
+import math
+
 import numpy as np
 
 from tinydiff import backend
@@ -389,3 +396,48 @@ def batch_norm_gelu_forward_eval(x, scale, shift):
         return kernel(*_contiguous(x, scale, shift))
     return batch_norm_gelu_forward_eval_ref(x, scale, shift)
 
+# ---------------------------------------------------------------------------------------------
+# Adam / AdamW over a list of parameters (Kingma & Ba 2015, Alg. 1; Loshchilov & Hutter 2019,
+# Alg. 2), as torch.optim.Adam / AdamW. The scalars are Python floats (float64); NumPy rounds each
+# to the arrays' dtype, and the C++ kernel does the same, in the same order, so the two agree.
+
+
+def adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+                  decoupled, step):
+    """One step t = `step` (>= 1) -> (params, exp_avgs, exp_avg_sqs), three new lists of arrays;
+    the arrays given are not changed. decoupled: AdamW's decay, else Adam's L2 term."""
+    step_size = lr / (1 - beta1 ** step)                       # bias corrections, in float64
+    sqrt_bc2 = math.sqrt(1 - beta2 ** step)
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if weight_decay != 0:
+            if decoupled:
+                p = p * (1 - lr * weight_decay)                # AdamW Alg. 2, line 12
+            else:
+                g = g + weight_decay * p                       # Adam: L2 penalty in the gradient
+        m = beta1 * m + (1 - beta1) * g                        # Alg. 1: m_t, the first moment
+        v = beta2 * v + (1 - beta2) * (g * g)                  # Alg. 1: v_t, the second moment
+        denom = _xp(v).sqrt(v) / sqrt_bc2 + eps                # sqrt(v_hat) + eps, v_hat = v / (1 - b2^t)
+        new_p.append(p - step_size * (m / denom))              # Alg. 1: theta_t
+        new_m.append(m)
+        new_v.append(v)
+    return new_p, new_m, new_v
+
+
+def _own(a):
+    """a itself if the kernel may write it in place (C-contiguous, writable), else a private copy."""
+    return a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+              decoupled, step):
+    """-> (params, exp_avgs, exp_avg_sqs); see adam_step_ref. The C++ kernel updates the arrays
+    in place (after copying any it may not write) and returns them; the reference returns new ones."""
+    kernel = _compiled("adam_step", *params, *grads, *exp_avgs, *exp_avg_sqs) if params else None
+    if kernel is None:
+        return adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                             weight_decay, decoupled, step)
+    params, exp_avgs, exp_avg_sqs = ([_own(a) for a in arrays] for arrays in (params, exp_avgs, exp_avg_sqs))
+    kernel(params, _contiguous(*grads), exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2),
+           float(eps), float(weight_decay), bool(decoupled), int(step))
+    return params, exp_avgs, exp_avg_sqs

@@ -2,7 +2,8 @@
 
 Every update rule is PyTorch's, line for line (torch.optim.SGD, Adam, AdamW), so that the same
 parameters and gradients give the same weights. Each optimizer works on the Tensors it is given:
-it reads `p.grad` and rebinds `p.data` to the updated array (nothing is changed in place).
+it reads `p.grad` and rebinds `p.data` to the updated array. The exception: Adam on the CPU with
+native kernels, whose C++ step (kernels.adam_step) updates `p.data` and its moments in place.
 The arrays may be NumPy or CuPy; `xp` is whichever module they belong to. Optimizer state is
 kept in each parameter's dtype and on its device.
 
@@ -21,7 +22,7 @@ Ba, arXiv:1412.6980, Alg. 1; AdamW, Loshchilov & Hutter, arXiv:1711.05101, Alg. 
 import contextlib
 import math
 
-from tinydiff import backend
+from tinydiff import backend, kernels
 
 
 class Optimizer:
@@ -45,8 +46,9 @@ class Optimizer:
 
     def state_dict(self):
         """{"hparams": {...}, "state": [per-parameter dict of arrays and the int "step"]}."""
-        return {"hparams": self.hparams(),
-                "state": [dict(s) for s in self.state]}
+        return {"hparams": self.hparams(),     # copies of the arrays: Adam may update them in place
+                "state": [{k: v.copy() if hasattr(v, "shape") else v for k, v in s.items()}
+                          for s in self.state]}
 
     def load_state_dict(self, state_dict):
         """Restore hyper-parameters and moments; arrays go to each parameter's device and dtype."""
@@ -132,28 +134,26 @@ class Adam(Optimizer):
                 "decoupled_weight_decay": self.decoupled_weight_decay}
 
     def step(self):
-        beta1, beta2 = self.betas
+        """The update above for every parameter that has a gradient, by kernels.adam_step: its
+        reference kernels.adam_step_ref spells it out in NumPy/CuPy; on the CPU with native kernels
+        one C++ call updates all parameters (and their m, v) in place."""
         lr = float(self.lr)     # a schedule may hand over a NumPy scalar
+        by_step = {}            # t -> [(p, state)]: a parameter whose grad was None skipped steps
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
-            xp = backend.get_array_module(p.data)
-            g = p.grad.astype(p.dtype, copy=False)
             if not state:
+                xp = backend.get_array_module(p.data)
                 state.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
             state["step"] += 1
-            t = state["step"]
-            if self.weight_decay != 0:
-                if self.decoupled_weight_decay:
-                    p.data = p.data * (1 - lr * self.weight_decay)
-                else:
-                    g = g + self.weight_decay * p.data
-            m = beta1 * state["exp_avg"] + (1 - beta1) * g
-            v = beta2 * state["exp_avg_sq"] + (1 - beta2) * (g * g)
-            state["exp_avg"], state["exp_avg_sq"] = m, v
-            step_size = lr / (1 - beta1 ** t)                  # bias corrections, in float64
-            denom = xp.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
-            p.data = p.data - step_size * (m / denom)
+            by_step.setdefault(state["step"], []).append((p, state))
+        for t, group in by_step.items():
+            new_p, new_m, new_v = kernels.adam_step(
+                [p.data for p, _ in group], [p.grad.astype(p.dtype, copy=False) for p, _ in group],
+                [s["exp_avg"] for _, s in group], [s["exp_avg_sq"] for _, s in group],
+                lr, *self.betas, self.eps, self.weight_decay, self.decoupled_weight_decay, t)
+            for (p, state), p_t, m_t, v_t in zip(group, new_p, new_m, new_v):
+                p.data, state["exp_avg"], state["exp_avg_sq"] = p_t, m_t, v_t
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
