@@ -79,7 +79,7 @@ void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_
 
 // out (N, M, OH, OW) += A (M x C*kh*kw, packed) @ im2col(xp), for xp (N, C, Hp, Wp) already padded:
 // the forward convolution without its padding. Columns of the GEMM are output pixels (n, i, j).
-template <typename T>
+template <typename T, int MR>
 void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t N, int64_t C,
                       int64_t Hp, int64_t Wp, int64_t kh, int64_t kw, int64_t stride, int64_t OH, int64_t OW) {
     constexpr int NR = gemm_nr<T>();
@@ -130,8 +130,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
         return 0;
     };
     // out[n, i0.., p..] += tile, one run of pixels of the same sample at a time
-    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {
-        const int64_t rows = std::min<int64_t>(GEMM_MR, M - i0);
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile, int64_t rows) {
         for (int64_t j = j0; j < j_end;) {
             const int64_t n = j / P, p = j % P, len = std::min(P - p, j_end - j);
             for (int64_t i = 0; i < rows; ++i) {
@@ -142,30 +141,37 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
             j += len;
         }
     };
-    gemm_packed_a<T>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, M * C * kh * kw * npix >= 32 * PARALLEL_MIN_WORK);
+    gemm_packed_a<T, MR>(M, C * kh * kw, a_packed, 0, npix, pack_b, store, M * C * kh * kw * npix >= 32 * PARALLEL_MIN_WORK);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The three passes
 
-template <typename T>
-void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+// Each pass runs with the tile height MR that pads the fewest rows (with_tile_rows, gemm_cpu.h).
+
+template <typename T, int MR>
+void conv2d_forward_gemm_mr(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
     const int64_t K = s.C * s.kh * s.kw, P = s.OH * s.OW;
     const int64_t Hp = (s.OH - 1) * s.stride + s.kh, Wp = (s.OW - 1) * s.stride + s.kw;
-    AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, GEMM_MR) * GEMM_MR * K);
+    AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, MR) * MR * K);
     pad_images(xp.data, x, s.N * s.C, s.H, s.W, Hp, Wp, s.pad, s.pad);
     std::vector<int64_t> rows(s.O), cols(K);                                         // A = w (O x C*kh*kw)
     for (int64_t o = 0; o < s.O; ++o) rows[o] = o * K;
     for (int64_t k = 0; k < K; ++k) cols[k] = k;
-    pack_a<T>(s.O, K, w, rows.data(), cols.data(), a.data);
+    pack_a<T, MR>(s.O, K, w, rows.data(), cols.data(), a.data);
 #pragma omp parallel for collapse(2) schedule(static) if (s.N * s.O * P >= PARALLEL_MIN_WORK)
     for (int64_t n = 0; n < s.N; ++n)                                               // out = b
         for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
-    conv_gemm_padded(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
+    conv_gemm_padded<T, MR>(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
 }
 
 template <typename T>
-void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s) {
+void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+    with_tile_rows(s.O, [&](auto mr) { conv2d_forward_gemm_mr<T, mr()>(out, x, w, b, s); });
+}
+
+template <typename T, int MR>
+void conv2d_backward_input_gemm_mr(T* dx, const T* dout, const T* w, const ConvShape& s) {
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, taps = kh * kw;
     std::fill_n(dx, s.N * C * s.H * s.W, T(0));
     if (s.stride == 1) {
@@ -173,25 +179,25 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
         // padded by k-1-p, with the kernel flipped and its channels swapped:
         //   A[c][(o,u,v)] = w[o, c, kh-1-u, kw-1-v]
         const int64_t Hp = s.H + kh - 1, Wp = s.W + kw - 1;
-        AlignedBuffer<T> dp(s.N * O * Hp * Wp), a(ceil_div(C, GEMM_MR) * GEMM_MR * O * taps);
+        AlignedBuffer<T> dp(s.N * O * Hp * Wp), a(ceil_div(C, MR) * MR * O * taps);
         pad_images(dp.data, dout, s.N * O, s.OH, s.OW, Hp, Wp, kh - 1 - s.pad, kw - 1 - s.pad);
         std::vector<int64_t> rows(C), cols(O * taps);     // w[o, c, t'] with t' = taps-1-t: the flip
         for (int64_t c = 0; c < C; ++c) rows[c] = c * taps;
         for (int64_t o = 0; o < O; ++o)
             for (int64_t t = 0; t < taps; ++t) cols[o * taps + t] = o * C * taps + taps - 1 - t;
-        pack_a<T>(C, O * taps, w, rows.data(), cols.data(), a.data);
-        conv_gemm_padded(dx, a.data, C, dp.data, s.N, O, Hp, Wp, kh, kw, 1, s.H, s.W);
+        pack_a<T, MR>(C, O * taps, w, rows.data(), cols.data(), a.data);
+        conv_gemm_padded<T, MR>(dx, a.data, C, dp.data, s.N, O, Hp, Wp, kh, kw, 1, s.H, s.W);
         return;
     }
     // Stride > 1: dcols[(c,u,v)][(n,i,j)] = sum_o w[o,c,u,v] dout[n,o,i,j]   (A = w^T, B = dout)
     // then col2im: dx[n, c, s*i+u-p, s*j+v-p] += dcols, done tile by tile in `store`.
     constexpr int NR = gemm_nr<T>();
     const int64_t M = C * taps, P = s.OH * s.OW, npix = s.N * P, st = s.stride, H = s.H, W = s.W;
-    AlignedBuffer<T> a(ceil_div(M, GEMM_MR) * GEMM_MR * O), d_copy(s.N * O * P);
+    AlignedBuffer<T> a(ceil_div(M, MR) * MR * O), d_copy(s.N * O * P);
     std::vector<int64_t> rows(M), cols(O);                              // A[(c,u,v)][o] = w[o, (c,u,v)]
     for (int64_t r = 0; r < M; ++r) rows[r] = r;
     for (int64_t o = 0; o < O; ++o) cols[o] = o * M;
-    pack_a<T>(M, O, w, rows.data(), cols.data(), a.data);
+    pack_a<T, MR>(M, O, w, rows.data(), cols.data(), a.data);
     std::memcpy(d_copy.data, dout, s.N * O * P * sizeof(T));            // with room for copy_vectors
     // each row (c,u,v) of dcols, and each pixel (n,i,j) of dout: where they land in dx
     std::vector<int64_t> row_off(M), row_u(M), row_v(M), pix_j(npix), pix_h(npix), pix_off(npix);
@@ -224,7 +230,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
         }
         return 0;                                                 // B[o][(n,i,j)]: packed
     };
-    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile) {   // col2im of one tile
+    auto store = [&](int64_t i0, int64_t j0, int64_t j_end, const T* tile, int64_t tile_rows) {   // col2im of one tile
         int64_t run_col[NR], run_len[NR];                               // the pixels as runs along dout rows
         int nruns = 0;
         for (int64_t j = j0; j < j_end; ++nruns) {
@@ -232,7 +238,7 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
             run_len[nruns] = std::min(s.OW - pix_j[j], j_end - j);
             j += run_len[nruns];
         }
-        for (int64_t r = i0; r < std::min<int64_t>(i0 + GEMM_MR, M); ++r)
+        for (int64_t r = i0; r < i0 + tile_rows; ++r)
             for (int k = 0; k < nruns; ++k) {
                 const int64_t q = j0 + run_col[k], h = pix_h[q] + row_u[r];
                 if (h < 0 || h >= H) continue;
@@ -248,13 +254,20 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
     if (kh <= s.stride && kw <= s.stride) {
         // the taps do not overlap: every dx element comes from one (pixel, tap), so panels of
         // pixels can go to any thread
-        gemm_packed_a<T>(M, O, a.data, 0, npix, pack_b, store, M * O * npix >= 32 * PARALLEL_MIN_WORK);
+        gemm_packed_a<T, MR>(M, O, a.data, 0, npix, pack_b, store, M * O * npix >= 32 * PARALLEL_MIN_WORK);
     } else {
         // overlapping taps: one thread per sample, so that no two threads add into one dx element
 #pragma omp parallel for schedule(dynamic, 1) if (M * O * npix >= 32 * PARALLEL_MIN_WORK)
         for (int64_t n = 0; n < s.N; ++n)
-            gemm_packed_a<T>(M, O, a.data, n * P, (n + 1) * P, pack_b, store, false);
+            gemm_packed_a<T, MR>(M, O, a.data, n * P, (n + 1) * P, pack_b, store, false);
     }
+}
+
+template <typename T>
+void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s) {
+    // the GEMM's rows: input channels at stride 1, (channel, tap) pairs above
+    with_tile_rows(s.stride == 1 ? s.C : s.C * s.kh * s.kw,
+                   [&](auto mr) { conv2d_backward_input_gemm_mr<T, mr()>(dx, dout, w, s); });
 }
 
 // dw[o][(u,v,c)] = sum over pixels q = (n,i,j) of dout[n,o,i,j] * xp[n, c, s*i+u, s*j+v]: a GEMM with
@@ -262,15 +275,16 @@ void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShap
 // to channels-last, dt[q][o] and xt[n][h][w][c]; then A[q][o-panel] and B[q][(u,v,c)-panel] are
 // contiguous copies. Each thread takes a range of pixels and sums into its own dw; they are added
 // (and put back in (c,u,v) order) at the end.
-template <typename T>
-void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s) {
-    constexpr int NR = gemm_nr<T>(), MR = GEMM_MR, L = NR / GEMM_NV;
+template <typename T, int MR>
+void conv2d_backward_weight_gemm_mr(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    constexpr int NR = gemm_nr<T>(), L = NR / GEMM_NV;
+    constexpr int64_t KC = gemm_kc_max<T>();
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, ntaps = kh * kw * C;
     const int64_t Hp = (s.OH - 1) * s.stride + kh, Wp = (s.OW - 1) * s.stride + kw;
     const int64_t npix = s.N * s.OH * s.OW, m_pad = ceil_div(O, MR) * MR, n_pad = ceil_div(ntaps, NR) * NR;
     const int nthreads = O * ntaps * npix >= 32 * PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
     AlignedBuffer<T> dt(npix * O), xt(s.N * Hp * Wp * C);
-    AlignedBuffer<T> a(int64_t(nthreads) * m_pad * GEMM_KC), partial(int64_t(nthreads) * m_pad * n_pad);
+    AlignedBuffer<T> a(int64_t(nthreads) * m_pad * KC), partial(int64_t(nthreads) * m_pad * n_pad);
     to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, s.OH, s.OW, 0, 0);
     to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);
     std::fill_n(partial.data, int64_t(nthreads) * m_pad * n_pad, T(0));
@@ -285,12 +299,12 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), team = omp_get_num_threads();
-        T* a_block = a.data + int64_t(t) * m_pad * GEMM_KC;
+        T* a_block = a.data + int64_t(t) * m_pad * KC;
         T* c_mine = partial.data + int64_t(t) * m_pad * n_pad;
-        alignas(64) T b_panel[GEMM_KC * NR + GEMM_SLACK];
+        alignas(64) T b_panel[KC * NR + GEMM_SLACK];
         alignas(64) T tile[MR * NR];
         const int64_t q_begin = npix * t / team, q_end = npix * (t + 1) / team;
-        const int64_t kc_max = gemm_kc(q_end - q_begin);
+        const int64_t kc_max = gemm_kc<T>(q_end - q_begin);
         for (int64_t k0 = q_begin; k0 < q_end; k0 += kc_max) {
             const int64_t kc = std::min(kc_max, q_end - k0);
             for (int64_t ip = 0; ip < m_pad / MR; ++ip)                  // A block: dt[q][o], panels of MR o's
@@ -320,8 +334,8 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                     for (int64_t jj = j_end - j0; jj < NR; ++jj) d[jj] = T(0);
                 }
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip) {
-                    if (in_place) gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, rows, tile);
-                    else gemm_micro_kernel<T>(kc, a_block + ip * kc * MR, PackedB<T>{b_panel}, tile);
+                    if (in_place) gemm_micro_kernel<T, MR>(kc, a_block + ip * kc * MR, rows, tile);
+                    else gemm_micro_kernel<T, MR>(kc, a_block + ip * kc * MR, PackedB<T>{b_panel}, tile);
                     for (int r = 0; r < MR; ++r) {
                         T* __restrict dst = c_mine + (ip * MR + r) * n_pad + j0;
                         for (int jj = 0; jj < NR; ++jj) dst[jj] += tile[r * NR + jj];
@@ -339,6 +353,11 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
                 for (int t = 0; t < nthreads; ++t) sum += partial.data[(int64_t(t) * m_pad + o) * n_pad + uv * C + c];
                 dw[(o * C + c) * kh * kw + uv] = sum;
             }
+}
+
+template <typename T>
+void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    with_tile_rows(s.O, [&](auto mr) { conv2d_backward_weight_gemm_mr<T, mr()>(dw, dout, x, s); });
 }
 
 #define TD_INSTANTIATE(T)                                                                              \

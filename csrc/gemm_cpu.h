@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 #include <utility>
 
 namespace td {
@@ -30,18 +31,21 @@ namespace td {
 #if defined(__AVX512F__)
 constexpr int VEC_BYTES = 64;   // zmm: 16 floats or 8 doubles; 32 registers
 constexpr int GEMM_MR = 8;      // tile 8 x 2 vectors: 16 accumulators + 2 B vectors + 1 broadcast
+constexpr int GEMM_MR_ALT = 8;
 #elif defined(__AVX__)
 constexpr int VEC_BYTES = 32;   // ymm; 16 registers
-constexpr int GEMM_MR = 6;      // tile 6 x 2 vectors: 12 accumulators
+constexpr int GEMM_MR = 6;      // tile 6 x 2 vectors: 12 accumulators + 2 B vectors + 1 broadcast
+constexpr int GEMM_MR_ALT = 4;  // or 4 x 2 (8 accumulators), where M is a multiple of 4 but not of 6
 #else
 constexpr int VEC_BYTES = 16;   // xmm; 16 registers
 constexpr int GEMM_MR = 6;
+constexpr int GEMM_MR_ALT = 4;
 #endif
 // Below this much work (elements moved, or multiply-adds / 32) a loop runs on one thread: starting
 // the OpenMP team would cost more than it saves.
 constexpr int64_t PARALLEL_MIN_WORK = int64_t(1) << 16;
 constexpr int GEMM_NV = 2;          // vectors per tile row
-constexpr int64_t GEMM_KC = 256;    // at most this many k steps per packed block (B panel: 32 KiB)
+constexpr int64_t GEMM_B_PANEL_BYTES = 32768;   // a B panel (kc x NR) fills at most this much of L1
 
 template <typename T> struct VecOf;
 template <> struct VecOf<float> { typedef float type __attribute__((vector_size(VEC_BYTES))); };
@@ -89,11 +93,26 @@ inline Vec<T> concat_halves(typename HalfVecOf<T>::type lo, typename HalfVecOf<T
 }
 
 template <typename T> constexpr int gemm_nr() { return GEMM_NV * VEC_BYTES / int(sizeof(T)); }
+// at most this many k steps per packed block: 256 for AVX-512 floats, 512 for AVX2's
+template <typename T> constexpr int64_t gemm_kc_max() { return GEMM_B_PANEL_BYTES / (gemm_nr<T>() * int64_t(sizeof(T))); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// K is cut into equal blocks of at most GEMM_KC (576 -> 3 x 192, not 256 + 256 + 64)
-inline int64_t gemm_kc(int64_t K) { return K <= GEMM_KC ? std::max<int64_t>(K, 1) : ceil_div(K, ceil_div(K, GEMM_KC)); }
+// K is cut into equal blocks of at most gemm_kc_max (AVX-512, 576 -> 3 x 192, not 256 + 256 + 64)
+template <typename T>
+inline int64_t gemm_kc(int64_t K) {
+    constexpr int64_t KC = gemm_kc_max<T>();
+    return K <= KC ? std::max<int64_t>(K, 1) : ceil_div(K, ceil_div(K, KC));
+}
+
+// The tile height MR for M rows: GEMM_MR, or GEMM_MR_ALT where that pads fewer rows (AVX2,
+// M = 32: 8 tiles of 4 rows, not 6 of 6 = 36). body(std::integral_constant<int, MR>{}).
+template <typename Body>
+inline void with_tile_rows(int64_t M, Body body) {
+    const int64_t pad = ceil_div(M, GEMM_MR) * GEMM_MR - M, pad_alt = ceil_div(M, GEMM_MR_ALT) * GEMM_MR_ALT - M;
+    if (GEMM_MR_ALT != GEMM_MR && pad_alt < pad) body(std::integral_constant<int, GEMM_MR_ALT>{});
+    else body(std::integral_constant<int, GEMM_MR>{});
+}
 
 // Copy n <= NR values (at most one row of a B panel) a whole vector at a time: up to one vector
 // minus one value past n is read and written. Only for buffers of our own with that much spare
@@ -168,10 +187,10 @@ struct AlignedBuffer {
 
 // tile (MR x NR, row-major) = a (kc x MR, k-major) @ B (kc x NR), where load_b(k, v) gives the
 // v-th vector of row k of B. The compiler keeps acc in registers: MR * GEMM_NV vector FMAs per k.
-template <typename T, typename LoadB>
+template <typename T, int MR, typename LoadB>
 inline void gemm_micro_kernel(int64_t kc, const T* __restrict a, LoadB load_b, T* __restrict tile) {
     using V = Vec<T>;
-    constexpr int MR = GEMM_MR, NV = GEMM_NV, L = VEC_BYTES / int(sizeof(T));
+    constexpr int NV = GEMM_NV, L = VEC_BYTES / int(sizeof(T));
     V acc[MR][NV] = {};
     for (int64_t k = 0; k < kc; ++k) {
         V bk[NV];
@@ -225,19 +244,19 @@ struct RowsB {
 // weight tensor), for gemm_packed_a: K is cut into blocks of gemm_kc(K), and each block into
 // panels of MR rows, k-major; rows past M are zero. The panel of rows ip*MR.. of the block that
 // starts at k0 is at  k0 * M_pad + ip * kc * MR.
-template <typename T>
+template <typename T, int MR>
 void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const int64_t* col_offset,
             T* a_packed) {
-    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR, kc_max = gemm_kc(K);
+    const int64_t m_panels = ceil_div(M, MR), m_pad = m_panels * MR, kc_max = gemm_kc<T>(K);
 #pragma omp parallel for collapse(2) schedule(static) if (M * K >= PARALLEL_MIN_WORK)
     for (int64_t kb = 0; kb < ceil_div(K, kc_max); ++kb)
         for (int64_t ip = 0; ip < m_panels; ++ip) {
             const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
-            T* dst = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
-            for (int i = 0; i < GEMM_MR; ++i) {
-                const int64_t row = ip * GEMM_MR + i;
+            T* dst = a_packed + k0 * m_pad + ip * kc * MR;
+            for (int i = 0; i < MR; ++i) {
+                const int64_t row = ip * MR + i;
                 for (int64_t kk = 0; kk < kc; ++kk)
-                    dst[kk * GEMM_MR + i] = row < M ? src[row_offset[row] + col_offset[k0 + kk]] : T(0);
+                    dst[kk * MR + i] = row < M ? src[row_offset[row] + col_offset[k0 + kk]] : T(0);
             }
         }
 }
@@ -246,19 +265,20 @@ void pack_a(int64_t M, int64_t K, const T* src, const int64_t* row_offset, const
 //   pack_b(j0, j1, k0, kc, dst, rows): the block B[k0..k0+kc][j0..j1]. Either packs it into
 //       dst[kk * NR + j] (zero for the columns past j1) and returns 0, or, where B can be read in
 //       place, fills rows (a RowsB for k0..) and returns 1 (whole vectors) or 2 (halves).
-//   store(i0, j0, j1, tile): add the MR x NR tile into C at rows i0.. (below M), columns j0..j1
+//   store(i0, j0, j1, tile, rows): add the MR x NR tile into C at rows i0..i0+rows (rows <= MR, below M),
+//       columns j0..j1
 // One B panel at a time, in parallel over the panels when `parallel` (the panels of C are
 // disjoint, so the threads never write to the same place unless `store` makes them).
-template <typename T, typename PackB, typename Store>
+template <typename T, int MR, typename PackB, typename Store>
 void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int64_t j_end,
                    PackB pack_b, Store store, bool parallel) {
     constexpr int NR = gemm_nr<T>();
-    const int64_t m_panels = ceil_div(M, GEMM_MR), m_pad = m_panels * GEMM_MR;
-    const int64_t n_panels = ceil_div(j_end - j_begin, NR), kc_max = gemm_kc(K);
+    const int64_t m_panels = ceil_div(M, MR), m_pad = m_panels * MR;
+    const int64_t n_panels = ceil_div(j_end - j_begin, NR), kc_max = gemm_kc<T>(K);
 #pragma omp parallel if (parallel)
     {
-        alignas(64) T b_panel[GEMM_KC * NR + GEMM_SLACK];     // 32 KiB on each thread's stack
-        alignas(64) T tile[GEMM_MR * NR];
+        alignas(64) T b_panel[gemm_kc_max<T>() * NR + GEMM_SLACK];   // 32 KiB on each thread's stack
+        alignas(64) T tile[MR * NR];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jp = 0; jp < n_panels; ++jp) {
             const int64_t j0 = j_begin + jp * NR, j1 = std::min<int64_t>(j0 + NR, j_end);
@@ -269,11 +289,11 @@ void gemm_packed_a(int64_t M, int64_t K, const T* a_packed, int64_t j_begin, int
                 const RowsB<T, true> halves{{rows.rows[0], rows.rows[1], rows.rows[2], rows.rows[3]}, rows.offset};
                 static_assert(GEMM_NV == 2, "RowsB halves: four row pointers");
                 for (int64_t ip = 0; ip < m_panels; ++ip) {
-                    const T* a = a_packed + k0 * m_pad + ip * kc * GEMM_MR;
-                    if (in_place == 1) gemm_micro_kernel<T>(kc, a, rows, tile);
-                    else if (in_place == 2) gemm_micro_kernel<T>(kc, a, halves, tile);
-                    else gemm_micro_kernel<T>(kc, a, PackedB<T>{b_panel}, tile);
-                    store(ip * GEMM_MR, j0, j1, tile);
+                    const T* a = a_packed + k0 * m_pad + ip * kc * MR;
+                    if (in_place == 1) gemm_micro_kernel<T, MR>(kc, a, rows, tile);
+                    else if (in_place == 2) gemm_micro_kernel<T, MR>(kc, a, halves, tile);
+                    else gemm_micro_kernel<T, MR>(kc, a, PackedB<T>{b_panel}, tile);
+                    store(ip * MR, j0, j1, tile, std::min<int64_t>(MR, M - ip * MR));
                 }
             }
         }
