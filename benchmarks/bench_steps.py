@@ -1,4 +1,4 @@
-"""Fused diffusion steps and GELU: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU and batch norm: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -26,6 +26,7 @@ def cases(shape, dtype):
     b = shape[0]
     xt, eps, z, unc, x0 = (rng.standard_normal(shape, dtype=dtype) for _ in range(5))
     c = [rng.uniform(0.1, 1.0, b).astype(dtype) for _ in range(5)]
+    w, bias_, inv_std = (rng.uniform(0.5, 2.0, shape[1]).astype(dtype) for _ in range(3))   # per channel
     out = {
         "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
                          "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
@@ -40,6 +41,11 @@ def cases(shape, dtype):
         "gelu forward": (2, {"C++": lambda: _C.gelu_forward(xt), "numpy": lambda: kernels.gelu_forward_ref(xt)}),
         "gelu backward": (3, {"C++": lambda: _C.gelu_backward(eps, xt),
                               "numpy": lambda: kernels.gelu_backward_ref(eps, xt)}),
+        # training mode over the channels of xt: reads x, writes out and xhat; reads dout, xhat, writes dx
+        "batch_norm forward": (3, {"C++": lambda: _C.batch_norm_forward_train(xt, w, bias_, 1e-5),
+                                   "numpy": lambda: kernels.batch_norm_forward_train_ref(xt, w, bias_, 1e-5)}),
+        "batch_norm backward": (3, {"C++": lambda: _C.batch_norm_backward_train(eps, x0, inv_std, w),
+                                    "numpy": lambda: kernels.batch_norm_backward_train_ref(eps, x0, inv_std, w)}),
     }
     torch = load_torch(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     if torch is not None:
@@ -54,6 +60,12 @@ def cases(shape, dtype):
         out["ddim_step + CFG"][1]["torch"] = lambda: (lambda e: tc[2] * ddim(e, False) + tc[3] * e + tc[4] * t_z)(cfg())
         out["gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(t_xt)
         out["gelu backward"][1]["torch"] = lambda: torch.ops.aten.gelu_backward(t_eps, t_xt)
+        t_w, t_b = torch.from_numpy(w), torch.from_numpy(bias_)
+        _, t_mean, t_rstd = torch.ops.aten.native_batch_norm(t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)
+        out["batch_norm forward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm(
+            t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)
+        out["batch_norm backward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            t_eps, t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5, [True, True, True])
     return out, torch
 
 
