@@ -551,14 +551,15 @@ def test_conv_transpose2d_uses(runner, case, dtype):
         assert_close(got, kernels.conv2d_backward_weight_ref(*f64(x, dout), (k, k), s, p), dtype, f"{version} {case} dw")
 
 
-def test_conv2d_empty_batch(runner):
+@pytest.mark.parametrize("c", [3, 32])          # K = C*kh*kw = 27, and 288 (where a forward may split K)
+def test_conv2d_empty_batch(runner, c):
     """N = 0: empty outputs, and a zero weight gradient (the sum has no terms)."""
     for version in runner.conv2d_versions():
-        x, w, b, dout = conv_inputs((0, 3, 5, 5, 4, 3, 3, 1, 1), np.float32, seed=5)
+        x, w, b, dout = conv_inputs((0, c, 5, 5, 4, 3, 3, 1, 1), np.float32, seed=5)
         assert runner.conv2d_forward(x, w, b, 1, 1, version=version).shape == (0, 4, 5, 5)
-        assert runner.conv2d_backward_input(dout, w, (5, 5), 1, 1, version=version).shape == (0, 3, 5, 5)
+        assert runner.conv2d_backward_input(dout, w, (5, 5), 1, 1, version=version).shape == (0, c, 5, 5)
         dw = runner.conv2d_backward_weight(dout, x, (3, 3), 1, 1, version=version)
-        assert dw.shape == (4, 3, 3, 3) and (dw == 0).all()
+        assert dw.shape == (4, c, 3, 3) and (dw == 0).all()
 
 
 def test_conv2d_backward_weight_split_k_does_not_depend_on_the_sm_count(emulated):
