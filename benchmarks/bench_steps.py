@@ -1,4 +1,5 @@
-"""Fused diffusion steps, GELU and Adam: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU, batch norm (alone and with GELU) and Adam: the C++ kernels (tinydiff._C)
+vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -29,6 +30,7 @@ def cases(shape, dtype):
     b = shape[0]
     xt, eps, z, unc, x0 = (rng.standard_normal(shape, dtype=dtype) for _ in range(5))
     c = [rng.uniform(0.1, 1.0, b).astype(dtype) for _ in range(5)]
+    w, bias_, inv_std = (rng.uniform(0.5, 2.0, shape[1]).astype(dtype) for _ in range(3))   # per channel
     out = {
         "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
                          "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
@@ -43,6 +45,20 @@ def cases(shape, dtype):
         "gelu forward": (2, {"C++": lambda: _C.gelu_forward(xt), "numpy": lambda: kernels.gelu_forward_ref(xt)}),
         "gelu backward": (3, {"C++": lambda: _C.gelu_backward(eps, xt),
                               "numpy": lambda: kernels.gelu_backward_ref(eps, xt)}),
+        # training mode over the channels of xt: reads x, writes out and xhat; reads dout, xhat, writes dx
+        "batch_norm forward": (3, {"C++": lambda: _C.batch_norm_forward_train(xt, w, bias_, 1e-5),
+                                   "numpy": lambda: kernels.batch_norm_forward_train_ref(xt, w, bias_, 1e-5)}),
+        "batch_norm backward": (3, {"C++": lambda: _C.batch_norm_backward_train(eps, x0, inv_std, w),
+                                    "numpy": lambda: kernels.batch_norm_backward_train_ref(eps, x0, inv_std, w)}),
+        # gelu(batch norm) in one kernel: the same bytes as batch norm alone
+        "batch_norm + gelu forward": (3, {
+            "C++": lambda: _C.batch_norm_gelu_forward_train(xt, w, bias_, 1e-5),
+            "numpy": lambda: kernels.batch_norm_gelu_forward_train_ref(xt, w, bias_, 1e-5)}),
+        "batch_norm + gelu backward": (3, {
+            "C++": lambda: _C.batch_norm_gelu_backward_train(eps, x0, inv_std, w, bias_),
+            "numpy": lambda: kernels.batch_norm_gelu_backward_train_ref(eps, x0, inv_std, w, bias_)}),
+        "batch_norm + gelu eval": (2, {"C++": lambda: _C.batch_norm_gelu_forward_eval(xt, w, bias_),
+                                       "numpy": lambda: kernels.batch_norm_gelu_forward_eval_ref(xt, w, bias_)}),
     }
     torch = load_torch(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     if torch is not None:
@@ -57,6 +73,20 @@ def cases(shape, dtype):
         out["ddim_step + CFG"][1]["torch"] = lambda: (lambda e: tc[2] * ddim(e, False) + tc[3] * e + tc[4] * t_z)(cfg())
         out["gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(t_xt)
         out["gelu backward"][1]["torch"] = lambda: torch.ops.aten.gelu_backward(t_eps, t_xt)
+        t_w, t_b = torch.from_numpy(w), torch.from_numpy(bias_)
+        _, t_mean, t_rstd = torch.ops.aten.native_batch_norm(t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)
+        out["batch_norm forward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm(
+            t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)
+        out["batch_norm backward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            t_eps, t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5, [True, True, True])
+        out["batch_norm + gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(torch.ops.aten.native_batch_norm(
+            t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)[0])      # eager: two kernels
+        t_y = torch.ops.aten.native_batch_norm(t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)[0]
+        out["batch_norm + gelu backward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            torch.ops.aten.gelu_backward(t_eps, t_y), t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5,
+            [True, True, True])
+        out["batch_norm + gelu eval"][1]["torch"] = lambda: torch.nn.functional.gelu(
+            t_xt * t_w.view(1, -1, *([1] * (len(shape) - 2))) + t_b.view(1, -1, *([1] * (len(shape) - 2))))
     return out, torch
 
 
@@ -101,9 +131,9 @@ def main():
     table = {name: (arrays, numel, fns) for name, (arrays, fns) in table.items()}
     table["adam step"] = adam_case(dtype, torch)
     for name, (arrays, n, fns) in table.items():
-        times = {i: best_time(fns[i], repeat=repeat, number=number) for i in impls}
-        gbs = {i: arrays * n * dtype.itemsize / times[i] / 1e9 for i in impls}
-        rows.append([name] + [1e3 * times[i] for i in impls] + [gbs[i] for i in impls]
+        times = {i: best_time(fns[i], repeat=repeat, number=number) for i in impls if i in fns}
+        gbs = {i: arrays * n * dtype.itemsize / t / 1e9 for i, t in times.items()}
+        rows.append([name] + [1e3 * times[i] if i in times else "-" for i in impls] + [gbs.get(i, "-") for i in impls]
                     + [f"{100 * gbs['C++'] / copy:.0f}%", times["numpy"] / times["C++"]])
     print(markdown_table(header, rows))
     print(f"adam step: {table['adam step'][1]} {dtype.name} parameters (the ContextUnet, n_feat 32)")

@@ -93,13 +93,16 @@ static std::pair<int64_t, int64_t> pair_arg(const py::object& obj, const char* f
     return {int_arg(seq[0], fn, name, 1), int_arg(seq[1], fn, name, 1)};
 }
 
-static int version_arg(const py::object& obj, const char* fn) {
+// A version name from td::CONV2D_VERSIONS
+static std::string version_arg(const py::object& obj, const char* fn) {
     if (!py::isinstance<py::str>(obj))
         throw py::type_error(std::string(fn) + ": version must be a str, got " + repr_type(obj));
     const std::string version = obj.cast<std::string>();
-    for (int i = 0; i < td::CONV2D_NUM_VERSIONS; ++i)
-        if (version == td::CONV2D_VERSIONS[i]) return i;
-    throw py::value_error(std::string(fn) + ": unknown version '" + version + "'; see conv2d_versions()");
+    if (td::find_conv2d_version<float>(version)) return version;
+    std::string known;
+    for (const auto& v : td::CONV2D_VERSIONS<float>) known += std::string(known.empty() ? "" : ", ") + v.name;
+    throw py::value_error(std::string(fn) + ": unknown version '" + version + "'; the versions are " + known +
+                          " (see conv2d_versions())");
 }
 
 // (H + 2p - k) / s + 1, after checking that the kernel fits the padded input
@@ -128,7 +131,7 @@ template <typename T> static const T* ptr(const py::array& a) { return static_ca
 // Convolution
 
 template <typename T>
-static py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s, int v) {
+static py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s, const std::string& v) {
     py::array_t<T> out({s.N, s.O, s.OH, s.OW});
     const T* bias = b.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(b));
     T* o = out.mutable_data();
@@ -157,12 +160,12 @@ static py::array conv2d_forward(const py::object& x_, const py::object& w_, cons
     s.OH = conv_out(s.H, s.kh, s.stride, s.pad, fn, "input height");
     s.OW = conv_out(s.W, s.kw, s.stride, s.pad, fn, "input width");
     check_workspace(s, fn);
-    const int v = version_arg(version, fn);
+    const std::string v = version_arg(version, fn);
     return is_f32(x) ? conv2d_forward_t<float>(x, w, b_, s, v) : conv2d_forward_t<double>(x, w, b_, s, v);
 }
 
 template <typename T>
-static py::array conv2d_backward_input_t(const py::array& dout, const py::array& w, const ConvShape& s, int v) {
+static py::array conv2d_backward_input_t(const py::array& dout, const py::array& w, const ConvShape& s, const std::string& v) {
     py::array_t<T> dx({s.N, s.C, s.H, s.W});
     T* d = dx.mutable_data();
     py::gil_scoped_release release;
@@ -187,12 +190,12 @@ static py::array conv2d_backward_input(const py::object& dout_, const py::object
                               ") does not give dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
                               " with this kernel, stride and padding");
     check_workspace(s, fn);
-    const int v = version_arg(version, fn);
+    const std::string v = version_arg(version, fn);
     return is_f32(dout) ? conv2d_backward_input_t<float>(dout, w, s, v) : conv2d_backward_input_t<double>(dout, w, s, v);
 }
 
 template <typename T>
-static py::array conv2d_backward_weight_t(const py::array& dout, const py::array& x, const ConvShape& s, int v) {
+static py::array conv2d_backward_weight_t(const py::array& dout, const py::array& x, const ConvShape& s, const std::string& v) {
     py::array_t<T> dw({s.O, s.C, s.kh, s.kw});
     T* d = dw.mutable_data();
     py::gil_scoped_release release;
@@ -216,7 +219,7 @@ static py::array conv2d_backward_weight(const py::object& dout_, const py::objec
         throw py::value_error(std::string(fn) + ": dout's size " + std::to_string(s.OH) + "x" + std::to_string(s.OW) +
                               " is not the output size of x with this kernel, stride and padding");
     check_workspace(s, fn);
-    const int v = version_arg(version, fn);
+    const std::string v = version_arg(version, fn);
     return is_f32(x) ? conv2d_backward_weight_t<float>(dout, x, s, v) : conv2d_backward_weight_t<double>(dout, x, s, v);
 }
 
@@ -618,10 +621,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("build_info", &build_info, "The build: {'isa', 'vector_bytes', 'openmp', 'compiler'}.");
     m.def("conv2d_versions", [] {
         py::list names;
-        for (const char* name : td::CONV2D_VERSIONS) names.append(name);
+        for (const auto& v : td::CONV2D_VERSIONS<float>) names.append(v.name);
         return names;
     }, "The convolution versions, fastest (the default) first.");
-    const char* v0 = td::CONV2D_VERSIONS[0];
+    const char* v0 = td::CONV2D_VERSIONS<float>[0].name;
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("stride"),
           py::arg("padding"), py::arg("version") = v0, "x (N,C,H,W), w (O,C,kh,kw), b (O,) or None -> (N,O,OH,OW)");
     m.def("conv2d_backward_input", &conv2d_backward_input, py::arg("dout"), py::arg("w"), py::arg("input_hw"),

@@ -170,11 +170,12 @@ void expect_int_conv(const char* fn, const Conv2dShape& s) {
         throw py::value_error(std::string(fn) + ": sizes, stride and padding too large for 32-bit indexing");
 }
 
-int conv_version(const char* fn, const std::string& version) {
+// `version`, after checking that it names a row of the version table (conv2d.cu)
+const std::string& conv_version(const char* fn, const std::string& version) {
     std::vector<std::string> names = conv2d_versions_cuda();
     std::string known;
     for (size_t i = 0; i < names.size(); ++i) {
-        if (names[i] == version) return (int)i;
+        if (names[i] == version) return version;
         known += (i ? ", " : "") + names[i];
     }
     throw py::value_error(std::string(fn) + ": unknown version '" + version + "'; the versions are " + known);
@@ -272,7 +273,7 @@ py::object conv2d_forward(py::object x_obj, py::object w_obj, py::object b_obj, 
         expect_shape(fn, *b, {w.shape[0]}, "one bias per output channel of w");
     }
     int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
-    int v = conv_version(fn, version);
+    const std::string& v = conv_version(fn, version);
     Conv2dShape s{};
     s.N = (int)x.shape[0]; s.C = (int)x.shape[1]; s.H = (int)x.shape[2]; s.W = (int)x.shape[3];
     s.O = (int)w.shape[0]; s.kh = (int)w.shape[2]; s.kw = (int)w.shape[3];
@@ -316,7 +317,7 @@ py::object conv2d_backward_input(py::object dout_obj, py::object w_obj, py::obje
                               ", for " + std::to_string(w.shape[0]) + " output channels");
     std::pair<int, int> input_hw = pair_arg(fn, "input_hw", input_hw_obj);
     int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
-    int v = conv_version(fn, version);
+    const std::string& v = conv_version(fn, version);
     std::vector<long long> dx_shape = {dout.shape[0], w.shape[1], (long long)input_hw.first, (long long)input_hw.second};
     expect_int_size(fn, "dx", dx_shape[0] * dx_shape[1] * dx_shape[2] * dx_shape[3]);
     Conv2dShape s{};
@@ -348,7 +349,7 @@ py::object conv2d_backward_weight(py::object dout_obj, py::object x_obj, py::obj
                               shape_str(x.shape) + ": their batch sizes differ");
     std::pair<int, int> kernel_hw = pair_arg(fn, "kernel_hw", kernel_hw_obj);
     int stride = int_arg(fn, "stride", stride_obj, 1), padding = int_arg(fn, "padding", padding_obj, 0);
-    int v = conv_version(fn, version);
+    const std::string& v = conv_version(fn, version);
     Conv2dShape s{};
     s.N = (int)x.shape[0]; s.C = (int)x.shape[1]; s.H = (int)x.shape[2]; s.W = (int)x.shape[3];
     s.O = (int)dout.shape[1]; s.kh = kernel_hw.first; s.kw = kernel_hw.second;

@@ -16,54 +16,52 @@
 //   backward input   dx:  C x (N*H*W)           w^T              col(dout)                   O*kh*kw
 //   backward weight  dw:  O x (C*kh*kw)         dout             im2col(x)^T                 N*OH*OW
 //
-// Versions (conv2d_versions_cuda() lists them; the first is the default), simplest last:
-//   "implicit_gemm" (kernel4): kernel2's tiled product with its overheads removed. No division in
-//            the k loop: a thread loads the same rows of A and columns of B at every k step, so
-//            their (n, i, j) is split once; what depends on k is split by FastDiv (multiply and
-//            shift, divisors prepared on the host). The next tiles come from global memory into
-//            registers while the current ones are multiplied (two shared buffers, one barrier per
-//            step). Tiles: 64 x 128, BK = 8, 128 threads of 8 x 8 outputs (the layers have 64 or
-//            128 channels, so M = 64 wastes nothing); 16 x 128 with 4 x 4 each where M <= 16
-//            (the image's 3 channels), instead of a 64-row tile of which 61 rows are thrown away.
-//            Backward input with stride > 4 (more than 16 phases) falls back to kernel2. A forward
-//            with too few output tiles to fill the GPU splits K = C*kh*kw too (split-K, like
-//            backward weight): partial sums side by side, then summed in a fixed order, plus bias.
-//   "tiled" (kernel2): 64x64 output tiles per block of 256 threads, each thread 4x4 outputs; A and
-//            B are read tile by tile (BK = 16) into shared memory, with the im2col index arithmetic
-//            done while loading. Backward input splits dx into the s*s "phases" (h+p) mod s,
-//            (w+p) mod s: in one phase only every s-th kernel tap contributes, so a stride-2 2x2
+// Kernels are named conv2d_<pass>_<family>_kernel; the families are naive, tiled and
+// implicit_gemm. A version is a row of CONV2D_VERSIONS_CUDA below: a family with its tile shape.
+// conv2d_versions_cuda() lists the rows; the first is the default. Simplest last:
+//   "implicit_gemm"  the tiled product with its overheads removed. No division in the k loop: a
+//            thread loads the same rows of A and columns of B at every k step, so their (n, i, j)
+//            is split once; what depends on k is split by FastDiv (multiply and shift, divisors
+//            prepared on the host). The next tiles come from global memory into registers while the
+//            current ones are multiplied (two shared buffers, one barrier per step). Tiles: 64 x 128,
+//            BK = 8, 128 threads of 8 x 8 outputs (the layers have 64 or 128 channels, so M = 64
+//            wastes nothing); 16 x 128 with 4 x 4 each where M <= 16 (the image's 3 channels),
+//            instead of a 64-row tile of which 61 rows are thrown away. Backward input with
+//            stride > 4 (more than 16 phases) runs the "tiled" kernel. A forward with too few output
+//            tiles to fill the GPU splits K = C*kh*kw too (split-K, like backward weight): partial
+//            sums side by side, then summed in a fixed order, plus bias.
+//   "tiled"  64x64 output tiles per block of 256 threads, each thread 4x4 outputs; A and B are read
+//            tile by tile (BK = 16) into shared memory, with the im2col index arithmetic done while
+//            loading. Backward input splits dx into the s*s "phases" (h+p) mod s, (w+p) mod s
+//            (phase_of): in one phase only every s-th kernel tap contributes, so a stride-2 2x2
 //            transposed conv does no work on zeros. Backward weight splits its long K = N*OH*OW
 //            into chunks that run side by side and are summed by a second, deterministic kernel.
-//   "tiled_8x8" (kernel3): the same with 64x128 tiles (BK = 8), 128 threads of 8x8 outputs each,
-//            in groups of 4 neighbouring rows and columns: half the shared-memory reads per FMA.
-//   "naive" (kernel1): one thread per output element, a plain loop over the sum above.
-// Shapes whose matrices or single images pass 2^31 elements run on kernel1 (all long long).
-// Measured on an H100 and an H200 at batch 256 (benchmarks/results/gpu_h*_2026-11-26.md): kernel4
-// is the fastest on every ContextUnet layer and pass; with the forward split-K, all 30 are within
-// 2x of cuDNN on the H200 (18 faster; the 1x1-output forward went from 3.2x slower to 2x faster). kernel2 runs
-// at 0.25-0.4x of kernel4 on the large layers, kernel3 about as fast or slower, kernel1 at 0.6x
-// (3 output channels) down to 1/60 (backward weight of the first layer).
+//   "tiled_8x8"  the tiled kernels with 64x128 tiles (BK = 8), 128 threads of 8x8 outputs each, in
+//            groups of 4 neighbouring rows and columns: half the shared-memory reads per FMA.
+//   "naive"  one thread per output element, a plain loop over the sum above.
+// Shapes whose matrices or single images pass 2^31 elements run on "naive" (all long long).
+// Their speed next to cuDNN: benchmarks/results/gpu_*.md (bench_gpu.py --only conv).
+//
+// One file for the three families: they share the shape checks (fits_int), the tile shapes, the
+// phase arithmetic of backward input and the split-K sum, and the table below names them all.
 //
 // Compile alone:  nvcc -c -O3 -std=c++17 -Icsrc -arch=sm_90 --resource-usage csrc/conv2d.cu -o /tmp/conv2d.o
 // Build:          TINYDIFF_CUDA=1 pip install -e .   (setup.py compiles every csrc/*.cu)
 // Test:           pytest tests/test_cuda.py -k conv    (every version against the NumPy reference)
 // Benchmark:      python benchmarks/bench_gpu.py --only conv   (GFLOP/s next to cuDNN)
 #include <algorithm>
+#include <stdexcept>
 
 #include "cuda_check.h"
 #include "kernels_cuda.h"
 
-std::vector<std::string> conv2d_versions_cuda() { return {"implicit_gemm", "tiled", "tiled_8x8", "naive"}; }
-
 namespace {
 
-enum { IMPLICIT_GEMM = 0, TILED = 1, TILED_8X8 = 2, NAIVE = 3 };   // indices into conv2d_versions_cuda()
-
 // ---------------------------------------------------------------------------------------------
-// kernel1: one thread per output element
+// Family "naive": one thread per output element
 
 template <typename T>
-__global__ void conv2d_forward_kernel1(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
+__global__ void conv2d_forward_naive_kernel(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
     long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;   // over out (N, O, OH, OW)
     if (idx >= (long long)s.N * s.O * s.OH * s.OW) return;
     int j = idx % s.OW, i = idx / s.OW % s.OH, o = idx / (s.OW * s.OH) % s.O;
@@ -83,7 +81,7 @@ __global__ void conv2d_forward_kernel1(T* out, const T* x, const T* w, const T* 
 }
 
 template <typename T>
-__global__ void conv2d_backward_input_kernel1(T* dx, const T* dout, const T* w, Conv2dShape s) {
+__global__ void conv2d_backward_input_naive_kernel(T* dx, const T* dout, const T* w, Conv2dShape s) {
     long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;   // over dx (N, C, H, W)
     if (idx >= (long long)s.N * s.C * s.H * s.W) return;
     int wi = idx % s.W, h = idx / s.W % s.H, c = idx / (s.W * s.H) % s.C;
@@ -107,7 +105,7 @@ __global__ void conv2d_backward_input_kernel1(T* dx, const T* dout, const T* w, 
 }
 
 template <typename T>
-__global__ void conv2d_backward_weight_kernel1(T* dw, const T* dout, const T* x, Conv2dShape s) {
+__global__ void conv2d_backward_weight_naive_kernel(T* dw, const T* dout, const T* x, Conv2dShape s) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;       // over dw (O, C, kh, kw)
     if (idx >= s.O * s.C * s.kh * s.kw) return;
     int v = idx % s.kw, u = idx / s.kw % s.kh, c = idx / (s.kw * s.kh) % s.C, o = idx / (s.kw * s.kh * s.C);
@@ -126,11 +124,58 @@ __global__ void conv2d_backward_weight_kernel1(T* dw, const T* dout, const T* x,
 }
 
 // ---------------------------------------------------------------------------------------------
-// kernel2 and kernel3: tiled implicit GEMM. One block computes a BM x BN tile of C; a thread owns
+// Shared by the tiled families: fast division, and the stride phases of backward input
+
+// q = n / d, r = n % d for 0 <= n < 2^31, 1 <= d < 2^31, as q = (n * mul) >> shift with
+// shift = 31 + ceil(log2 d), mul = ceil(2^shift / d) < 2^32 (Granlund & Montgomery 1994; CUTLASS's
+// FastDivmod): the error of mul is below d <= 2^(shift-31), too little to change q for n < 2^31.
+struct FastDiv {
+    int d;
+    unsigned mul;
+    int shift;
+    FastDiv() = default;
+    explicit FastDiv(int d_) : d(d_) {
+        int l = 0;
+        while ((1LL << l) < d) ++l;
+        shift = 31 + l;
+        mul = (unsigned)(((1ULL << shift) + d - 1) / d);
+    }
+    __device__ __forceinline__ int div(int n) const { return (int)(((unsigned long long)(unsigned)n * mul) >> shift); }
+    __device__ __forceinline__ void divmod(int n, int& q, int& r) const { q = div(n); r = n - q * d; }
+};
+
+// Backward input, one stride phase z = ph + s*pw, (ph, pw) = ((h+p) mod s, (w+p) mod s): the rows
+// h = h0 + s*hq (hq < Hq) with h0 = (ph - p) mod s. Only the taps u = ph + s*tu (tu < Tu) reach
+// them, from output row i = (h+p-u)/s = qh + hq - tu, qh = (h0 + p - ph)/s. Likewise for columns.
+// The "tiled" kernels compute it per block; "implicit_gemm" on the host, with FastDiv divisors.
+struct Phase {
+    int ph, pw, h0, w0, Hq, Wq, Tu, Tv, qh, qw;
+    FastDiv tutv, tv, hqwq, wq;                            // of Tu*Tv, Tv, Hq*Wq, Wq; set by phases_with_divisors
+};
+
+__host__ __device__ inline Phase phase_of(const Conv2dShape& s, int z) {
+    Phase f{};
+    f.ph = z % s.stride, f.pw = z / s.stride;
+    f.h0 = ((f.ph - s.padding) % s.stride + s.stride) % s.stride;
+    f.w0 = ((f.pw - s.padding) % s.stride + s.stride) % s.stride;
+    f.Hq = f.h0 < s.H ? (s.H - f.h0 + s.stride - 1) / s.stride : 0;
+    f.Wq = f.w0 < s.W ? (s.W - f.w0 + s.stride - 1) / s.stride : 0;
+    f.Tu = f.ph < s.kh ? (s.kh - f.ph + s.stride - 1) / s.stride : 0;
+    f.Tv = f.pw < s.kw ? (s.kw - f.pw + s.stride - 1) / s.stride : 0;
+    f.qh = (f.h0 + s.padding - f.ph) / s.stride;
+    f.qw = (f.w0 + s.padding - f.pw) / s.stride;
+    return f;
+}
+
+const int MAX_PHASES = 16;                                 // implicit_gemm: stride <= 4; larger strides run "tiled"
+struct Phases { Phase p[MAX_PHASES]; };                    // a kernel argument: phase blockIdx.z is p[z]
+
+// ---------------------------------------------------------------------------------------------
+// Family "tiled": tiled implicit GEMM. One block computes a BM x BN tile of C; a thread owns
 // TM x TN of its elements, held in registers, in groups of G neighbouring rows and columns:
 // thread (ty, tx) has rows a*(TY*G) + ty*G + i and columns b*(TX*G) + tx*G + j (i, j < G).
-// G = 1 (kernel2): neighbouring threads read neighbouring shared-memory words and write
-// neighbouring output columns. G = 4 (kernel3): each thread reads 4 neighbouring words at once
+// G = 1 ("tiled"): neighbouring threads read neighbouring shared-memory words and write
+// neighbouring output columns. G = 4 ("tiled_8x8"): each thread reads 4 neighbouring words at once
 // (one 128-bit load), and more outputs per thread mean fewer shared-memory reads per FMA.
 
 template <int BM_, int BN_, int BK_, int TM_, int TN_, int G_>
@@ -139,8 +184,8 @@ struct Tile {
     static constexpr int TY = BM / TM, TX = BN / TN, THREADS = TY * TX;
     static constexpr int PAD = G == 1 ? 1 : 4;   // A is stored k-major: padding spreads its stores over banks
 };
-using Tile4x4 = Tile<64, 64, 16, 4, 4, 1>;       // kernel2: 256 threads, 4 x 4 outputs each
-using Tile8x8 = Tile<64, 128, 8, 8, 8, 4>;       // kernel3: 128 threads, 8 x 8 outputs each
+using Tile4x4 = Tile<64, 64, 16, 4, 4, 1>;       // "tiled": 256 threads, 4 x 4 outputs each
+using Tile8x8 = Tile<64, 128, 8, 8, 8, 4>;       // "tiled_8x8": 128 threads, 8 x 8 outputs each
 
 // The block's tile of C = A B over k in [k_begin, k_end). A View supplies the implicit matrices:
 //   view.A(m, k), view.B(k, n) read them (the caller's bounds are checked here), and
@@ -212,38 +257,24 @@ struct ForwardView {
     }
 };
 
-// backward input, one phase (ph, pw) = ((h+p) mod s, (w+p) mod s): the rows h = h0 + s*hq with
-// h0 = (ph - p) mod s. Only the taps u = ph + s*tu (tu < Tu) reach them, from output row
-// i = (h+p-u)/s = qh + hq - tu, qh = (h0 + p - ph)/s. Likewise for columns.
+// backward input, one phase (ph, pw) = ((h+p) mod s, (w+p) mod s): see phase_of.
 // C = dx of this phase (C, N*Hq*Wq), A[c][(o,tu,tv)] = w[o,c,u,v], B[(o,tu,tv)][(n,hq,wq)] = dout[n,o,i,j]
 template <typename T>
 struct BackwardInputView {
-    T* dx; const T* dout; const T* w; Conv2dShape s;
-    int ph, pw, h0, w0, Hq, Wq, Tu, Tv, qh, qw;
+    T* dx; const T* dout; const T* w; Conv2dShape s; Phase f;
 
-    __device__ BackwardInputView(T* dx_, const T* dout_, const T* w_, const Conv2dShape& s_, int ph_, int pw_)
-        : dx(dx_), dout(dout_), w(w_), s(s_), ph(ph_), pw(pw_) {
-        h0 = ((ph - s.padding) % s.stride + s.stride) % s.stride;
-        w0 = ((pw - s.padding) % s.stride + s.stride) % s.stride;
-        Hq = h0 < s.H ? (s.H - h0 + s.stride - 1) / s.stride : 0;
-        Wq = w0 < s.W ? (s.W - w0 + s.stride - 1) / s.stride : 0;
-        Tu = ph < s.kh ? (s.kh - ph + s.stride - 1) / s.stride : 0;
-        Tv = pw < s.kw ? (s.kw - pw + s.stride - 1) / s.stride : 0;
-        qh = (h0 + s.padding - ph) / s.stride;
-        qw = (w0 + s.padding - pw) / s.stride;
-    }
     __device__ T A(int c, int k) const {
-        int o = k / (Tu * Tv), u = ph + s.stride * (k / Tv % Tu), v = pw + s.stride * (k % Tv);
+        int o = k / (f.Tu * f.Tv), u = f.ph + s.stride * (k / f.Tv % f.Tu), v = f.pw + s.stride * (k % f.Tv);
         return w[((o * s.C + c) * s.kh + u) * s.kw + v];
     }
     __device__ T B(int k, int col) const {
-        int o = k / (Tu * Tv), tu = k / Tv % Tu, tv = k % Tv;
-        int n = col / (Hq * Wq), hq = col / Wq % Hq, wq = col % Wq;
-        int i = qh + hq - tu, j = qw + wq - tv;
+        int o = k / (f.Tu * f.Tv), tu = k / f.Tv % f.Tu, tv = k % f.Tv;
+        int n = col / (f.Hq * f.Wq), hq = col / f.Wq % f.Hq, wq = col % f.Wq;
+        int i = f.qh + hq - tu, j = f.qw + wq - tv;
         return (i >= 0 && i < s.OH && j >= 0 && j < s.OW) ? dout[(((long long)n * s.O + o) * s.OH + i) * s.OW + j] : T(0);
     }
     __device__ void store(int c, int col, T value) const {
-        int n = col / (Hq * Wq), h = h0 + s.stride * (col / Wq % Hq), wi = w0 + s.stride * (col % Wq);
+        int n = col / (f.Hq * f.Wq), h = f.h0 + s.stride * (col / f.Wq % f.Hq), wi = f.w0 + s.stride * (col % f.Wq);
         dx[(((long long)n * s.C + c) * s.H + h) * s.W + wi] = value;
     }
 };
@@ -270,24 +301,24 @@ struct BackwardWeightView {
     }
 };
 
-// kernel2 = the kernels below with Tile4x4, kernel3 = with Tile8x8
+// "tiled" = the kernels below with Tile4x4, "tiled_8x8" = with Tile8x8
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_forward_tiled(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
+conv2d_forward_tiled_kernel(T* out, const T* x, const T* w, const T* bias, Conv2dShape s) {
     ForwardView<T> view{out, x, w, bias, s};
     gemm_block_tile<T, Tl>(view, s.O, s.N * s.OH * s.OW, 0, s.C * s.kh * s.kw);
 }
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_backward_input_tiled(T* dx, const T* dout, const T* w, Conv2dShape s) {
-    BackwardInputView<T> view(dx, dout, w, s, (int)blockIdx.z % s.stride, (int)blockIdx.z / s.stride);
-    gemm_block_tile<T, Tl>(view, s.C, s.N * view.Hq * view.Wq, 0, s.O * view.Tu * view.Tv);
+conv2d_backward_input_tiled_kernel(T* dx, const T* dout, const T* w, Conv2dShape s) {
+    BackwardInputView<T> view{dx, dout, w, s, phase_of(s, blockIdx.z)};
+    gemm_block_tile<T, Tl>(view, s.C, s.N * view.f.Hq * view.f.Wq, 0, s.O * view.f.Tu * view.f.Tv);
 }
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_backward_weight_tiled(T* partial, const T* dout, const T* x, Conv2dShape s, int chunk) {
+conv2d_backward_weight_tiled_kernel(T* partial, const T* dout, const T* x, Conv2dShape s, int chunk) {
     BackwardWeightView<T> view{partial, dout, x, s};
     int K = s.N * s.OH * s.OW;
     int k_begin = min(K, (int)blockIdx.z * chunk), k_end = min(K, k_begin + chunk);
@@ -295,31 +326,13 @@ conv2d_backward_weight_tiled(T* partial, const T* dout, const T* x, Conv2dShape 
 }
 
 // ---------------------------------------------------------------------------------------------
-// kernel4 ("implicit_gemm"): the same tiled product, with the overheads of kernel2/3 removed.
+// Family "implicit_gemm": the same tiled product, with the overheads of "tiled" removed.
 //  1. No division in the k loop but two multiplies. A thread loads the same rows of A and columns
 //     of B at every k step, so their decomposition (n, i, j) is done once, before the loop; the
 //     k-dependent part (c, u, v) is split by FastDiv, divisors prepared on the host.
 //  2. Loads overlap math: the next tiles come from global memory into registers while the
 //     current ones, in shared memory, are multiplied; two shared buffers, one barrier per step.
 //  3. Rows of A or columns of B past M or N are clamped, not tested: they are never stored.
-
-// q = n / d, r = n % d for 0 <= n < 2^31, 1 <= d < 2^31, as q = (n * mul) >> shift with
-// shift = 31 + ceil(log2 d), mul = ceil(2^shift / d) < 2^32 (Granlund & Montgomery 1994; CUTLASS's
-// FastDivmod): the error of mul is below d <= 2^(shift-31), too little to change q for n < 2^31.
-struct FastDiv {
-    int d;
-    unsigned mul;
-    int shift;
-    FastDiv() = default;
-    explicit FastDiv(int d_) : d(d_) {
-        int l = 0;
-        while ((1LL << l) < d) ++l;
-        shift = 31 + l;
-        mul = (unsigned)(((1ULL << shift) + d - 1) / d);
-    }
-    __device__ __forceinline__ int div(int n) const { return (int)(((unsigned long long)(unsigned)n * mul) >> shift); }
-    __device__ __forceinline__ void divmod(int n, int& q, int& r) const { q = div(n); r = n - q * d; }
-};
 
 // How a block's threads share the loading of a tile of EXT rows (of A: m; of B: n) by BK values of k.
 // K_FAST: consecutive threads take consecutive k (where memory runs along k), else 32
@@ -349,9 +362,9 @@ __device__ __forceinline__ void load4(double* to, const double* from) {
 // step), view.a(row, step) (the element, 0 where !valid); likewise b_col, b_step, b; and
 // view.c_col(n), view.store(col, m, value) write C. View::B_K_FAST: B runs along k in memory.
 template <typename T, typename Tl, typename View>
-__device__ void gemm_block_tile_fast(const View& view, int M, int N, int k_begin, int k_end) {
+__device__ void gemm_block_tile_implicit(const View& view, int M, int N, int k_begin, int k_end) {
     constexpr int BM = Tl::BM, BN = Tl::BN, BK = Tl::BK, TM = Tl::TM, TN = Tl::TN, TX = Tl::TX, TY = Tl::TY;
-    static_assert(Tl::G == 4, "kernel4 reads 4 neighbouring rows and columns at once");
+    static_assert(Tl::G == 4, "implicit_gemm reads 4 neighbouring rows and columns at once");
     using LA = Share<BM, BK, Tl::THREADS, true>;
     using LB = Share<BN, BK, Tl::THREADS, View::B_K_FAST>;
     __shared__ __align__(16) T As[2][BK][BM + Tl::PAD];   // A tile, k-major; PAD = 4: stores spread over banks
@@ -439,7 +452,7 @@ __device__ void gemm_block_tile_fast(const View& view, int M, int N, int k_begin
 
 // forward: C = out (O, N*OH*OW), A = w (O, C*kh*kw), B = im2col(x) (C*kh*kw, N*OH*OW)
 template <typename T>
-struct ForwardViewFast {
+struct ForwardViewImplicitGemm {
     static constexpr bool B_K_FAST = false;                // B: consecutive columns are neighbouring pixels
     T* out; const T* x; const T* w; const T* bias; Conv2dShape s;
     FastDiv khkw, kw, ohow, ow;
@@ -482,17 +495,9 @@ struct ForwardViewFast {
     }
 };
 
-// backward input, one stride phase (see BackwardInputView): the phase's numbers and divisors
-struct Phase {
-    int ph, pw, h0, w0, Hq, Wq, Tu, Tv, qh, qw;
-    FastDiv tutv, tv, hqwq, wq;
-};
-const int MAX_PHASES = 16;                                 // stride <= 4; larger strides use kernel2
-struct Phases { Phase p[MAX_PHASES]; };
-
 // C = dx of the phase (C, N*Hq*Wq), A[c][(o,tu,tv)] = w[o,c,u,v], B[(o,tu,tv)][(n,hq,wq)] = dout[n,o,i,j]
 template <typename T>
-struct BackwardInputViewFast {
+struct BackwardInputViewImplicitGemm {
     static constexpr bool B_K_FAST = false;
     T* dx; const T* dout; const T* w; Conv2dShape s; Phase f;
 
@@ -540,7 +545,7 @@ struct BackwardInputViewFast {
 // backward weight: C = dw (O, C*kh*kw), A = dout (O, N*OH*OW), B = im2col(x)^T (N*OH*OW, C*kh*kw);
 // chunk blockIdx.z of the sum goes to partial[z]
 template <typename T>
-struct BackwardWeightViewFast {
+struct BackwardWeightViewImplicitGemm {
     static constexpr bool B_K_FAST = true;                 // B: consecutive k are neighbouring pixels
     T* partial; const T* dout; const T* x; Conv2dShape s;
     FastDiv khkw, kw, ohow, ow;
@@ -582,41 +587,41 @@ struct BackwardWeightViewFast {
     __device__ void store(const CCol& col, int o, T value) const { col.dw[o * (s.C * s.kh * s.kw)] = value; }
 };
 
-// kernel4 tiles: 64 x 128 (128 threads of 8 x 8 outputs), for the layers' M = 64 or 128 channels;
+// implicit_gemm tiles: 64 x 128 (128 threads of 8 x 8 outputs), for the layers' M = 64 or 128 channels;
 // 16 x 128 (4 x 4 each) where M <= 16, such as the 3 channels of the image: less work on rows past M.
-using TileFast = Tile<64, 128, 8, 8, 8, 4>;
-using TileFastSmall = Tile<16, 128, 8, 4, 4, 4>;
+using TileImplicitGemm = Tile<64, 128, 8, 8, 8, 4>;
+using TileImplicitGemmSmall = Tile<16, 128, 8, 4, 4, 4>;
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_forward_kernel4(ForwardViewFast<T> view, int chunk) {
+conv2d_forward_implicit_gemm_kernel(ForwardViewImplicitGemm<T> view, int chunk) {
     const Conv2dShape& s = view.s;
     int K = s.C * s.kh * s.kw;
     int k_begin = min(K, (int)blockIdx.z * chunk), k_end = min(K, k_begin + chunk);
-    gemm_block_tile_fast<T, Tl>(view, s.O, s.N * s.OH * s.OW, k_begin, k_end);
+    gemm_block_tile_implicit<T, Tl>(view, s.O, s.N * s.OH * s.OW, k_begin, k_end);
 }
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_backward_input_kernel4(T* dx, const T* dout, const T* w, Conv2dShape s, Phases phases) {
+conv2d_backward_input_implicit_gemm_kernel(T* dx, const T* dout, const T* w, Conv2dShape s, Phases phases) {
     const Phase& f = phases.p[blockIdx.z];
-    BackwardInputViewFast<T> view{dx, dout, w, s, f};
-    gemm_block_tile_fast<T, Tl>(view, s.C, s.N * f.Hq * f.Wq, 0, s.O * f.Tu * f.Tv);
+    BackwardInputViewImplicitGemm<T> view{dx, dout, w, s, f};
+    gemm_block_tile_implicit<T, Tl>(view, s.C, s.N * f.Hq * f.Wq, 0, s.O * f.Tu * f.Tv);
 }
 
 template <typename T, typename Tl>
 __global__ void __launch_bounds__(Tl::THREADS)
-conv2d_backward_weight_kernel4(BackwardWeightViewFast<T> view, int chunk) {
+conv2d_backward_weight_implicit_gemm_kernel(BackwardWeightViewImplicitGemm<T> view, int chunk) {
     const Conv2dShape& s = view.s;
     int K = s.N * s.OH * s.OW;
     int k_begin = min(K, (int)blockIdx.z * chunk), k_end = min(K, k_begin + chunk);
-    gemm_block_tile_fast<T, Tl>(view, s.O, s.C * s.kh * s.kw, k_begin, k_end);
+    gemm_block_tile_implicit<T, Tl>(view, s.O, s.C * s.kh * s.kw, k_begin, k_end);
 }
 
 // out[e] = sum_z partial[z][e] (+ bias[o], o = e / per_o % O), always in the same order: the
 // result does not depend on timing
 template <typename T>
-__global__ void sum_partials_kernel(T* out, const T* partial, const T* bias, int splits, long long size,
+__global__ void conv2d_sum_partials_kernel(T* out, const T* partial, const T* bias, int splits, long long size,
                                     int O, int per_o) {
     long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (e >= size) return;
@@ -636,13 +641,13 @@ int backward_weight_splits(const Conv2dShape& s, int num_sms, int per_sm) {
     return (int)std::max(1LL, std::min({want, most, 1024LL}));
 }
 
-// How many chunks kernel4's forward cuts K = C*kh*kw into: only where the output tiles are fewer
+// How many chunks implicit_gemm's forward cuts K = C*kh*kw into: only where the output tiles are fewer
 // than the SMs, then about 2 blocks per SM, each chunk at least 128 long.
 template <typename Tl>
 int forward_splits(const Conv2dShape& s, int num_sms) {
     long long tiles = (long long)ceil_div(s.O, Tl::BM) * ceil_div((long long)s.N * s.OH * s.OW, Tl::BN);
     long long K = (long long)s.C * s.kh * s.kw;
-    if (tiles >= num_sms || K < 256) return 1;
+    if (tiles == 0 || tiles >= num_sms || K < 256) return 1;
     long long want = (2LL * num_sms + tiles - 1) / tiles;
     return (int)std::max(1LL, std::min({want, K / 128, 1024LL}));
 }
@@ -658,93 +663,82 @@ bool fits_int(const Conv2dShape& s) {
     return true;
 }
 
-// kernel4 uses the small tile where M (output channels, or input channels for backward input) is tiny
-bool small_m(int M) { return M <= TileFastSmall::BM; }
+// implicit_gemm uses the small tile where M (output channels, or input channels for backward input) is tiny
+bool small_m(int M) { return M <= TileImplicitGemmSmall::BM; }
 
 const int THREADS = 256;   // for the one-thread-per-element kernels
 
-}  // namespace
-
 // ---------------------------------------------------------------------------------------------
-// Launchers
+// Launchers of each family. A forward or backward weight launcher with splits > 1 writes chunk z
+// of K, without bias, to partial + z * (size of the output); the caller sums them.
 
-template <typename T, typename Tl>
-void conv2d_forward_tiled_launch(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                                 cudaStream_t stream) {
-    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM));
-    conv2d_forward_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(out, x, w, bias, s);
-}
-
-// splits > 1: chunk z of K goes, without bias, to partial[z] = workspace + z * (N*O*OH*OW), then summed
-template <typename T, typename Tl>
-void conv2d_forward_kernel4_launch(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                                   T* workspace, int splits, cudaStream_t stream) {
-    T* partial = splits > 1 ? workspace : out;
-    ForwardViewFast<T> view{partial, x, w, splits > 1 ? nullptr : bias, s,
-                            FastDiv(s.kh * s.kw), FastDiv(s.kw), FastDiv(s.OH * s.OW), FastDiv(s.OW)};
-    int K = s.C * s.kh * s.kw;
-    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
-    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
-    conv2d_forward_kernel4<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view, chunk);
-    if (splits > 1) {
-        CUDA_CHECK(cudaGetLastError());
-        long long total = (long long)s.N * s.O * s.OH * s.OW;
-        sum_partials_kernel<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, workspace, bias, splits, total,
-                                                                                 s.O, s.OH * s.OW);
-    }
-}
-
-// 1: no split (every version but kernel4, and shapes past int)
-int forward_splits_for(const Conv2dShape& s, int version, int num_sms) {
-    if (version != IMPLICIT_GEMM || !fits_int(s)) return 1;
-    return small_m(s.O) ? forward_splits<TileFastSmall>(s, num_sms) : forward_splits<TileFast>(s, num_sms);
-}
-
-long long conv2d_forward_workspace(const Conv2dShape& s, int version, int num_sms) {
-    int splits = forward_splits_for(s, version, num_sms);
-    return splits > 1 ? (long long)splits * s.N * s.O * s.OH * s.OW : 0;
+template <typename T>
+void conv2d_forward_naive(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s, int splits,
+                          cudaStream_t stream) {
+    long long total = (long long)s.N * s.O * s.OH * s.OW;
+    conv2d_forward_naive_kernel<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, x, w, bias, s);
 }
 
 template <typename T>
-void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                         int version, T* workspace, int num_sms, cudaStream_t stream) {
-    long long total = (long long)s.N * s.O * s.OH * s.OW;
-    if (total == 0) return;
-    int splits = forward_splits_for(s, version, num_sms);
-    if (version == NAIVE || !fits_int(s))
-        conv2d_forward_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, x, w, bias, s);
-    else if (version == IMPLICIT_GEMM && small_m(s.O))
-        conv2d_forward_kernel4_launch<T, TileFastSmall>(out, x, w, bias, s, workspace, splits, stream);
-    else if (version == IMPLICIT_GEMM)
-        conv2d_forward_kernel4_launch<T, TileFast>(out, x, w, bias, s, workspace, splits, stream);
-    else if (version == TILED_8X8)
-        conv2d_forward_tiled_launch<T, Tile8x8>(out, x, w, bias, s, stream);
-    else
-        conv2d_forward_tiled_launch<T, Tile4x4>(out, x, w, bias, s, stream);
-    CUDA_CHECK(cudaGetLastError());
+void conv2d_backward_input_naive(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
+    long long total = (long long)s.N * s.C * s.H * s.W;
+    conv2d_backward_input_naive_kernel<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(dx, dout, w, s);
+}
+
+template <typename T>
+void conv2d_backward_weight_naive(T* dw, const T* dout, const T* x, const Conv2dShape& s, int splits,
+                                  cudaStream_t stream) {
+    int size = s.O * s.C * s.kh * s.kw;
+    conv2d_backward_weight_naive_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, dout, x, s);
 }
 
 template <typename T, typename Tl>
-void conv2d_backward_input_tiled_launch(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
-    long long most_columns = (long long)s.N * ceil_div(s.H, s.stride) * ceil_div(s.W, s.stride);
-    dim3 grid(ceil_div(most_columns, Tl::BN), ceil_div(s.C, Tl::BM), s.stride * s.stride);   // z: the phases
-    conv2d_backward_input_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(dx, dout, w, s);
+void conv2d_forward_tiled(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s, int splits,
+                          cudaStream_t stream) {
+    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM));
+    conv2d_forward_tiled_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(out, x, w, bias, s);
 }
 
-// The phases of kernel4, as BackwardInputView computes them on the GPU
-Phases backward_input_phases(const Conv2dShape& s) {
+template <typename T, typename Tl>
+void conv2d_backward_input_tiled(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
+    long long most_columns = (long long)s.N * ceil_div(s.H, s.stride) * ceil_div(s.W, s.stride);
+    dim3 grid(ceil_div(most_columns, Tl::BN), ceil_div(s.C, Tl::BM), s.stride * s.stride);   // z: the phases
+    conv2d_backward_input_tiled_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(dx, dout, w, s);
+}
+
+template <typename T, typename Tl>
+void conv2d_backward_weight_tiled(T* partial, const T* dout, const T* x, const Conv2dShape& s, int splits,
+                                  cudaStream_t stream) {
+    int K = s.N * s.OH * s.OW;
+    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
+    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
+    conv2d_backward_weight_tiled_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(partial, dout, x, s, chunk);
+}
+
+template <typename T, typename Tl>
+void conv2d_forward_implicit_gemm_tile(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
+                                       int splits, cudaStream_t stream) {
+    ForwardViewImplicitGemm<T> view{out, x, w, bias, s, FastDiv(s.kh * s.kw), FastDiv(s.kw), FastDiv(s.OH * s.OW),
+                                    FastDiv(s.OW)};
+    int K = s.C * s.kh * s.kw;
+    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
+    dim3 grid(ceil_div((long long)s.N * s.OH * s.OW, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
+    conv2d_forward_implicit_gemm_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view, chunk);
+}
+
+template <typename T>
+void conv2d_forward_implicit_gemm(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s, int splits,
+                                  cudaStream_t stream) {
+    if (small_m(s.O)) conv2d_forward_implicit_gemm_tile<T, TileImplicitGemmSmall>(out, x, w, bias, s, splits, stream);
+    else conv2d_forward_implicit_gemm_tile<T, TileImplicitGemm>(out, x, w, bias, s, splits, stream);
+}
+
+// The phases (phase_of) with their divisors, for the implicit_gemm kernel
+Phases phases_with_divisors(const Conv2dShape& s) {
     Phases phases{};
     for (int z = 0; z < s.stride * s.stride; ++z) {
         Phase& f = phases.p[z];
-        f.ph = z % s.stride, f.pw = z / s.stride;
-        f.h0 = ((f.ph - s.padding) % s.stride + s.stride) % s.stride;
-        f.w0 = ((f.pw - s.padding) % s.stride + s.stride) % s.stride;
-        f.Hq = f.h0 < s.H ? (s.H - f.h0 + s.stride - 1) / s.stride : 0;
-        f.Wq = f.w0 < s.W ? (s.W - f.w0 + s.stride - 1) / s.stride : 0;
-        f.Tu = f.ph < s.kh ? (s.kh - f.ph + s.stride - 1) / s.stride : 0;
-        f.Tv = f.pw < s.kw ? (s.kw - f.pw + s.stride - 1) / s.stride : 0;
-        f.qh = (f.h0 + s.padding - f.ph) / s.stride;
-        f.qw = (f.w0 + s.padding - f.pw) / s.stride;
+        f = phase_of(s, z);
         // divisors of 0 (an empty phase) never divide: that phase's blocks return at once
         f.tutv = FastDiv(std::max(1, f.Tu * f.Tv)), f.tv = FastDiv(std::max(1, f.Tv));
         f.hqwq = FastDiv(std::max(1, f.Hq * f.Wq)), f.wq = FastDiv(std::max(1, f.Wq));
@@ -753,97 +747,156 @@ Phases backward_input_phases(const Conv2dShape& s) {
 }
 
 template <typename T, typename Tl>
-void conv2d_backward_input_kernel4_launch(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
+void conv2d_backward_input_implicit_gemm_tile(T* dx, const T* dout, const T* w, const Conv2dShape& s,
+                                              cudaStream_t stream) {
     long long most_columns = (long long)s.N * ceil_div(s.H, s.stride) * ceil_div(s.W, s.stride);
     dim3 grid(ceil_div(most_columns, Tl::BN), ceil_div(s.C, Tl::BM), s.stride * s.stride);   // z: the phases
-    conv2d_backward_input_kernel4<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(dx, dout, w, s, backward_input_phases(s));
+    conv2d_backward_input_implicit_gemm_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(dx, dout, w, s,
+                                                                                       phases_with_divisors(s));
 }
 
 template <typename T>
-void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dShape& s, int version,
+void conv2d_backward_input_implicit_gemm(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t stream) {
+    if (s.stride * s.stride > MAX_PHASES) conv2d_backward_input_tiled<T, Tile4x4>(dx, dout, w, s, stream);
+    else if (small_m(s.C)) conv2d_backward_input_implicit_gemm_tile<T, TileImplicitGemmSmall>(dx, dout, w, s, stream);
+    else conv2d_backward_input_implicit_gemm_tile<T, TileImplicitGemm>(dx, dout, w, s, stream);
+}
+
+template <typename T, typename Tl>
+void conv2d_backward_weight_implicit_gemm_tile(T* partial, const T* dout, const T* x, const Conv2dShape& s,
+                                               int splits, cudaStream_t stream) {
+    BackwardWeightViewImplicitGemm<T> view{partial, dout, x, s, FastDiv(s.kh * s.kw), FastDiv(s.kw),
+                                           FastDiv(s.OH * s.OW), FastDiv(s.OW)};
+    int K = s.N * s.OH * s.OW;
+    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
+    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
+    conv2d_backward_weight_implicit_gemm_kernel<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view, chunk);
+}
+
+template <typename T>
+void conv2d_backward_weight_implicit_gemm(T* partial, const T* dout, const T* x, const Conv2dShape& s, int splits,
+                                          cudaStream_t stream) {
+    if (small_m(s.O)) conv2d_backward_weight_implicit_gemm_tile<T, TileImplicitGemmSmall>(partial, dout, x, s, splits, stream);
+    else conv2d_backward_weight_implicit_gemm_tile<T, TileImplicitGemm>(partial, dout, x, s, splits, stream);
+}
+
+// How many chunks each version splits K into (1: none)
+int no_splits(const Conv2dShape&, int) { return 1; }
+int forward_splits_implicit_gemm(const Conv2dShape& s, int num_sms) {
+    return small_m(s.O) ? forward_splits<TileImplicitGemmSmall>(s, num_sms) : forward_splits<TileImplicitGemm>(s, num_sms);
+}
+// "tiled" aims at 2 blocks per SM, implicit_gemm at 4 (its blocks are half the size)
+template <typename Tl>
+int backward_weight_splits_tiled(const Conv2dShape& s, int num_sms) { return backward_weight_splits<Tl>(s, num_sms, 2); }
+int backward_weight_splits_implicit_gemm(const Conv2dShape& s, int num_sms) {
+    return small_m(s.O) ? backward_weight_splits<TileImplicitGemmSmall>(s, num_sms, 4)
+                        : backward_weight_splits<TileImplicitGemm>(s, num_sms, 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The versions: this table is the only list of them. The launchers below, the bindings
+// (conv2d_versions()), the tests and the benchmarks all read it; the first row is the default.
+
+template <typename T>
+struct Conv2dVersionCuda {
+    const char* name;
+    int (*forward_splits)(const Conv2dShape& s, int num_sms);          // chunks of K = C*kh*kw
+    void (*forward)(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s, int splits, cudaStream_t);
+    void (*backward_input)(T* dx, const T* dout, const T* w, const Conv2dShape& s, cudaStream_t);
+    int (*backward_weight_splits)(const Conv2dShape& s, int num_sms);  // chunks of K = N*OH*OW
+    void (*backward_weight)(T* dw, const T* dout, const T* x, const Conv2dShape& s, int splits, cudaStream_t);
+};
+
+template <typename T>
+const Conv2dVersionCuda<T> CONV2D_VERSIONS_CUDA[] = {
+    {"implicit_gemm", forward_splits_implicit_gemm, conv2d_forward_implicit_gemm<T>,
+     conv2d_backward_input_implicit_gemm<T>, backward_weight_splits_implicit_gemm, conv2d_backward_weight_implicit_gemm<T>},
+    {"tiled", no_splits, conv2d_forward_tiled<T, Tile4x4>, conv2d_backward_input_tiled<T, Tile4x4>,
+     backward_weight_splits_tiled<Tile4x4>, conv2d_backward_weight_tiled<T, Tile4x4>},
+    {"tiled_8x8", no_splits, conv2d_forward_tiled<T, Tile8x8>, conv2d_backward_input_tiled<T, Tile8x8>,
+     backward_weight_splits_tiled<Tile8x8>, conv2d_backward_weight_tiled<T, Tile8x8>},
+    {"naive", no_splits, conv2d_forward_naive<T>, conv2d_backward_input_naive<T>, no_splits,
+     conv2d_backward_weight_naive<T>},
+};
+
+// The row called `name`; shapes past int run on "naive" whatever was asked
+template <typename T>
+const Conv2dVersionCuda<T>& conv2d_version(const std::string& name, const Conv2dShape& s) {
+    const std::string run = fits_int(s) ? name : "naive";
+    for (const Conv2dVersionCuda<T>& v : CONV2D_VERSIONS_CUDA<T>)
+        if (run == v.name) return v;
+    throw std::invalid_argument("conv2d: unknown CUDA version '" + name + "'");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The public launchers (kernels_cuda.h)
+
+std::vector<std::string> conv2d_versions_cuda() {
+    std::vector<std::string> names;
+    for (const auto& v : CONV2D_VERSIONS_CUDA<float>) names.push_back(v.name);
+    return names;
+}
+
+long long conv2d_forward_workspace(const Conv2dShape& s, const std::string& version, int num_sms) {
+    int splits = conv2d_version<float>(version, s).forward_splits(s, num_sms);
+    return splits > 1 ? (long long)splits * s.N * s.O * s.OH * s.OW : 0;
+}
+
+template <typename T>
+void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
+                         const std::string& version, T* workspace, int num_sms, cudaStream_t stream) {
+    long long total = (long long)s.N * s.O * s.OH * s.OW;
+    if (total == 0) return;
+    const Conv2dVersionCuda<T>& v = conv2d_version<T>(version, s);
+    int splits = v.forward_splits(s, num_sms);
+    v.forward(splits > 1 ? workspace : out, x, w, splits > 1 ? nullptr : bias, s, splits, stream);
+    CUDA_CHECK(cudaGetLastError());
+    if (splits > 1) {
+        conv2d_sum_partials_kernel<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(out, workspace, bias, splits,
+                                                                                       total, s.O, s.OH * s.OW);
+        CUDA_CHECK(cudaGetLastError());
+    }
+}
+
+template <typename T>
+void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dShape& s, const std::string& version,
                                 cudaStream_t stream) {
     long long total = (long long)s.N * s.C * s.H * s.W;
     if (total == 0) return;
-    bool fast = version == IMPLICIT_GEMM && s.stride * s.stride <= MAX_PHASES;
-    if (version == NAIVE || !fits_int(s) || (long long)s.stride * s.stride > 65535)   // grid.z: one per phase
-        conv2d_backward_input_kernel1<T><<<ceil_div(total, THREADS), THREADS, 0, stream>>>(dx, dout, w, s);
-    else if (fast && small_m(s.C))
-        conv2d_backward_input_kernel4_launch<T, TileFastSmall>(dx, dout, w, s, stream);
-    else if (fast)
-        conv2d_backward_input_kernel4_launch<T, TileFast>(dx, dout, w, s, stream);
-    else if (version == TILED_8X8)
-        conv2d_backward_input_tiled_launch<T, Tile8x8>(dx, dout, w, s, stream);
-    else   // TILED, and IMPLICIT_GEMM with stride > 4
-        conv2d_backward_input_tiled_launch<T, Tile4x4>(dx, dout, w, s, stream);
+    bool many_phases = (long long)s.stride * s.stride > 65535;      // grid.z holds one per phase
+    conv2d_version<T>(many_phases ? "naive" : version, s).backward_input(dx, dout, w, s, stream);
     CUDA_CHECK(cudaGetLastError());
 }
 
-// 1: no split (naive, or shapes past int); kernel4 aims at 4 blocks per SM (its blocks are half
-// the size of kernel2's)
-int backward_weight_splits_for(const Conv2dShape& s, int version, int num_sms) {
-    if (version == NAIVE || !fits_int(s)) return 1;
-    if (version == IMPLICIT_GEMM)
-        return small_m(s.O) ? backward_weight_splits<TileFastSmall>(s, num_sms, 4) : backward_weight_splits<TileFast>(s, num_sms, 4);
-    return version == TILED_8X8 ? backward_weight_splits<Tile8x8>(s, num_sms, 2) : backward_weight_splits<Tile4x4>(s, num_sms, 2);
-}
-
-long long conv2d_backward_weight_workspace(const Conv2dShape& s, int version, int num_sms) {
-    int splits = backward_weight_splits_for(s, version, num_sms);
+long long conv2d_backward_weight_workspace(const Conv2dShape& s, const std::string& version, int num_sms) {
+    int splits = conv2d_version<float>(version, s).backward_weight_splits(s, num_sms);
     return splits > 1 ? (long long)splits * s.O * s.C * s.kh * s.kw : 0;
 }
 
-template <typename T, typename Tl>
-void conv2d_backward_weight_tiled_launch(T* partial, const T* dout, const T* x, const Conv2dShape& s, int splits,
-                                         cudaStream_t stream) {
-    int K = s.N * s.OH * s.OW;
-    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
-    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
-    conv2d_backward_weight_tiled<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(partial, dout, x, s, chunk);
-}
-
-template <typename T, typename Tl>
-void conv2d_backward_weight_kernel4_launch(T* partial, const T* dout, const T* x, const Conv2dShape& s, int splits,
-                                           cudaStream_t stream) {
-    BackwardWeightViewFast<T> view{partial, dout, x, s, FastDiv(s.kh * s.kw), FastDiv(s.kw), FastDiv(s.OH * s.OW), FastDiv(s.OW)};
-    int K = s.N * s.OH * s.OW;
-    int chunk = ceil_div(ceil_div(K, splits), Tl::BK) * Tl::BK;
-    dim3 grid(ceil_div((long long)s.C * s.kh * s.kw, Tl::BN), ceil_div(s.O, Tl::BM), splits);   // z: the chunks
-    conv2d_backward_weight_kernel4<T, Tl><<<grid, Tl::THREADS, 0, stream>>>(view, chunk);
-}
-
 template <typename T>
-void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dShape& s, int version,
+void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dShape& s, const std::string& version,
                                  T* workspace, int num_sms, cudaStream_t stream) {
     int size = s.O * s.C * s.kh * s.kw;
     if (size == 0) return;
-    if (version == NAIVE || !fits_int(s)) {
-        conv2d_backward_weight_kernel1<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, dout, x, s);
-        CUDA_CHECK(cudaGetLastError());
-        return;
-    }
-    int splits = backward_weight_splits_for(s, version, num_sms);
-    T* partial = splits > 1 ? workspace : dw;
-    if (version == IMPLICIT_GEMM && small_m(s.O))
-        conv2d_backward_weight_kernel4_launch<T, TileFastSmall>(partial, dout, x, s, splits, stream);
-    else if (version == IMPLICIT_GEMM)
-        conv2d_backward_weight_kernel4_launch<T, TileFast>(partial, dout, x, s, splits, stream);
-    else if (version == TILED_8X8)
-        conv2d_backward_weight_tiled_launch<T, Tile8x8>(partial, dout, x, s, splits, stream);
-    else
-        conv2d_backward_weight_tiled_launch<T, Tile4x4>(partial, dout, x, s, splits, stream);
+    const Conv2dVersionCuda<T>& v = conv2d_version<T>(version, s);
+    int splits = v.backward_weight_splits(s, num_sms);
+    v.backward_weight(splits > 1 ? workspace : dw, dout, x, s, splits, stream);
     CUDA_CHECK(cudaGetLastError());
     if (splits > 1) {
-        sum_partials_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, workspace, nullptr, splits, size, 1, 1);
+        conv2d_sum_partials_kernel<T><<<ceil_div(size, THREADS), THREADS, 0, stream>>>(dw, workspace, nullptr, splits,
+                                                                                      size, 1, 1);
         CUDA_CHECK(cudaGetLastError());
     }
 }
 
-#define INSTANTIATE(T)                                                                              \
-    template void conv2d_forward_cuda<T>(T*, const T*, const T*, const T*, const Conv2dShape&, int,  \
-                                         T*, int, cudaStream_t);                                    \
-    template void conv2d_backward_input_cuda<T>(T*, const T*, const T*, const Conv2dShape&, int,     \
-                                                cudaStream_t);                                      \
-    template void conv2d_backward_weight_cuda<T>(T*, const T*, const T*, const Conv2dShape&, int, T*, \
-                                                 int, cudaStream_t);
+#define INSTANTIATE(T)                                                                                   \
+    template void conv2d_forward_cuda<T>(T*, const T*, const T*, const T*, const Conv2dShape&,            \
+                                         const std::string&, T*, int, cudaStream_t);                      \
+    template void conv2d_backward_input_cuda<T>(T*, const T*, const T*, const Conv2dShape&,               \
+                                                const std::string&, cudaStream_t);                        \
+    template void conv2d_backward_weight_cuda<T>(T*, const T*, const T*, const Conv2dShape&,              \
+                                                 const std::string&, T*, int, cudaStream_t);
 INSTANTIATE(float)
 INSTANTIATE(double)

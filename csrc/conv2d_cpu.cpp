@@ -7,14 +7,16 @@
 // own: its forward is backward input, its backward input is forward (see tinydiff/functional.py).
 // Specification: conv2d_*_ref in tinydiff/kernels.py (im2col + one matrix product, in NumPy).
 //
-// Versions (td::CONV2D_VERSIONS, the first is the default):
+// Versions (the table td::CONV2D_VERSIONS in kernels_cpu.h; the first is the default):
 //   "gemm"    im2col + our cache-blocked, register-blocked GEMM (gemm_cpu.h), without ever building
-//             the im2col matrix: conv2d_gemm_cpu.cpp. About 200 GFLOP/s on one Zen 5 core.
+//             the im2col matrix: conv2d_gemm_cpu.cpp.
 //   "direct"  the definitions above as plain loops, OpenMP over independent outputs; slow, readable.
+// Their speed: benchmarks/results/cpu_conv_*.md.
 //
 // Test:      python -m pytest tests/test_kernels_cpu.py -q    (every version against the reference)
 // Benchmark: python benchmarks/bench_conv.py [--quick]        (the ContextUnet shapes, vs NumPy, PyTorch)
 #include <algorithm>
+#include <stdexcept>
 
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
@@ -98,30 +100,37 @@ void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvS
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launchers: pick a version (an index into CONV2D_VERSIONS)
+// Launchers: look the version up by name in CONV2D_VERSIONS
 
 template <typename T>
-void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, int version) {
-    if (version == 0) conv2d_forward_gemm(out, x, w, b, s);
-    else conv2d_forward_direct(out, x, w, b, s);
+static const Conv2dVersion<T>& conv2d_version(const std::string& name) {
+    const Conv2dVersion<T>* v = find_conv2d_version<T>(name);
+    if (!v) throw std::invalid_argument("conv2d: unknown version '" + name + "'");
+    return *v;
 }
 
 template <typename T>
-void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, int version) {
-    if (version == 0) conv2d_backward_input_gemm(dx, dout, w, s);
-    else conv2d_backward_input_direct(dx, dout, w, s);
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, const std::string& version) {
+    conv2d_version<T>(version).forward(out, x, w, b, s);
 }
 
 template <typename T>
-void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, int version) {
-    if (version == 0) conv2d_backward_weight_gemm(dw, dout, x, s);
-    else conv2d_backward_weight_direct(dw, dout, x, s);
+void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, const std::string& version) {
+    conv2d_version<T>(version).backward_input(dx, dout, w, s);
 }
 
-#define TD_INSTANTIATE(T)                                                                              \
-    template void conv2d_forward_cpu<T>(T*, const T*, const T*, const T*, const ConvShape&, int);    \
-    template void conv2d_backward_input_cpu<T>(T*, const T*, const T*, const ConvShape&, int);       \
-    template void conv2d_backward_weight_cpu<T>(T*, const T*, const T*, const ConvShape&, int);
+template <typename T>
+void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, const std::string& version) {
+    conv2d_version<T>(version).backward_weight(dw, dout, x, s);
+}
+
+#define TD_INSTANTIATE(T)                                                                                     \
+    template void conv2d_forward_direct<T>(T*, const T*, const T*, const T*, const ConvShape&);             \
+    template void conv2d_backward_input_direct<T>(T*, const T*, const T*, const ConvShape&);                \
+    template void conv2d_backward_weight_direct<T>(T*, const T*, const T*, const ConvShape&);               \
+    template void conv2d_forward_cpu<T>(T*, const T*, const T*, const T*, const ConvShape&, const std::string&); \
+    template void conv2d_backward_input_cpu<T>(T*, const T*, const T*, const ConvShape&, const std::string&);    \
+    template void conv2d_backward_weight_cpu<T>(T*, const T*, const T*, const ConvShape&, const std::string&);
 TD_INSTANTIATE(float)
 TD_INSTANTIATE(double)
 

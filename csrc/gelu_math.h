@@ -4,15 +4,14 @@
 //   gelu(x) = x Phi(x),   gelu'(x) = Phi(x) + x phi(x),   Phi(x) = (1 + erf(x/sqrt 2)) / 2,
 //   phi(x) = exp(-x^2/2) / sqrt(2 pi)
 //
-// With z = |x| / sqrt 2 (A&S 7.1.1-7.1.2, 26.2.29):
-//   z <= Z_SPLIT:  erf(z)  = z P(z^2)                          Phi(x) = 1/2 +- erf(z) / 2
-//   z >  Z_SPLIT:  erfc(z) = exp(-z^2) R(t), t = 1 / (1 + z/2)  Phi(x) = 1 - erfc(z)/2, or erfc(z)/2 for x < 0
-//   and phi(x) = exp(-z^2) / sqrt(2 pi): one exponential serves both.
+// With z = |x| / sqrt 2 (A&S 7.1.2, 26.2.29):
+//   erfc(z) = exp(-z^2) R(t), t = 1 / (1 + z/2),   Phi(x) = 1 - erfc(z)/2 for x >= 0, erfc(z)/2 for x < 0
+//   phi(x) = exp(-z^2) / sqrt(2 pi): one exponential serves both.
 //   exp(-z^2) = 2^n E(r), n = round(-z^2 / ln 2), r = -z^2 - n ln 2 (Cody & Waite's two-part ln 2),
 //   with z^2 = x^2/2 split exactly by an FMA (zz + err), so that its rounding does not grow with z.
-// P, R and E are least-squares polynomials printed by scripts/fit_gelu_float32.py (each within
-// 2e-8 relative of the double-precision function); every branch is computed and the lanes pick,
-// so the loops are straight vector code on AVX-512, AVX2, SSE or NEON alike (GCC vector types).
+// R and E are least-squares polynomials printed by scripts/fit_gelu_float32.py (within 6e-9
+// relative of the double-precision functions); one formula for every z, so the loops are straight
+// vector code on AVX-512, AVX2, SSE or NEON alike (GCC vector types), with no branch to pick.
 #pragma once
 
 #include <cmath>
@@ -26,12 +25,10 @@ using VecI = LaneIndexOf<float>::type;       // int32 lanes: comparison masks an
 constexpr int LANES_F = VEC_BYTES / int(sizeof(float));
 
 // From scripts/fit_gelu_float32.py
-constexpr float GELU_Z_SPLIT = 0.921875f, GELU_Z_TOP = 9.3f;
-constexpr float ERF_P[6] = {1.128379159e+00f, -3.761252411e-01f, 1.128203933e-01f, -2.677296235e-02f,
-                            5.000903223e-03f, -6.024643558e-04f};
-constexpr float ERFC_R[9] = {-5.642576284e-06f, 2.822362551e-01f, 2.806147951e-01f, 2.551033913e-01f,
-                             1.506482940e-01f, 1.213130344e-01f, 4.021582931e-03f, -1.695770410e-01f,
-                             7.603213007e-02f};
+constexpr float GELU_Z_TOP = 9.3f;            // exp(-9.3^2) is about float's smallest normal: 0 beyond
+constexpr float ERFC_R[11] = {9.820497138e-06f, 2.818143039e-01f, 2.855981604e-01f, 2.216375461e-01f,
+                              2.917767144e-01f, -2.677676453e-01f, 7.102771289e-01f, -9.952728823e-01f,
+                              6.606787886e-01f, -2.179019627e-01f, 2.915002290e-02f};
 constexpr float EXP_E[7] = {1.000000001e+00f, 1.000000036e+00f, 4.999999149e-01f, 1.666642083e-01f,
                             4.166835803e-02f, 8.374771520e-03f, 1.382942060e-03f};
 
@@ -67,12 +64,9 @@ inline void normal_cdf_pdf(VecF x, VecF& cdf, VecF& pdf) {
     const VecF z = (x < VecF{} ? -x : x) * INV_SQRT2;          // |x| / sqrt 2
     const VecF xx = x * x, zz = xx * 0.5f, err = (x * x - xx) * 0.5f;   // z^2 = x^2/2 = zz + err exactly
     const VecF gauss = exp_neg(zz, err);                       // exp(-z^2) = exp(-x^2/2)
-    const VecF erf_small = z * horner(ERF_P, zz);              // erf(z), z small
     const VecF t = splat(1.0f) / (z * 0.5f + 1.0f);
-    const VecF half_erfc = gauss * horner(ERFC_R, t) * 0.5f;   // erfc(z) / 2, z large
-    const VecF upper = z <= splat(GELU_Z_SPLIT) ? erf_small * 0.5f + 0.5f : splat(1.0f) - half_erfc;  // Phi(|x|)
-    const VecF lower = z <= splat(GELU_Z_SPLIT) ? splat(0.5f) - erf_small * 0.5f : half_erfc;         // Phi(-|x|)
-    cdf = x < VecF{} ? lower : upper;
+    const VecF half_erfc = gauss * horner(ERFC_R, t) * 0.5f;   // erfc(z) / 2 = Phi(-|x|)
+    cdf = x < VecF{} ? half_erfc : splat(1.0f) - half_erfc;
     pdf = gauss * INV_SQRT_2PI;
 }
 

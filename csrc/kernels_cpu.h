@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace td {
 
@@ -18,24 +19,50 @@ struct ConvShape {
     int64_t OH, OW;         // output (N, O, OH, OW), OH = (H + 2 pad - kh) / stride + 1
 };
 
-// The versions, fastest first; the bindings accept their names, and tests loop over all of them.
-constexpr const char* CONV2D_VERSIONS[] = {"gemm", "direct"};
-constexpr int CONV2D_NUM_VERSIONS = 2;
+// One version of the convolution: a name and its three passes.
+template <typename T>
+struct Conv2dVersion {
+    const char* name;
+    // out (N, O, OH, OW) <- x (N, C, H, W), w (O, C, kh, kw), b (O,) or nullptr
+    void (*forward)(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+    // dx (N, C, H, W) <- dout (N, O, OH, OW), w (O, C, kh, kw)
+    void (*backward_input)(T* dx, const T* dout, const T* w, const ConvShape& s);
+    // dw (O, C, kh, kw) <- dout (N, O, OH, OW), x (N, C, H, W)
+    void (*backward_weight)(T* dw, const T* dout, const T* x, const ConvShape& s);
+};
 
-// out (N, O, OH, OW) <- x (N, C, H, W), w (O, C, kh, kw), b (O,) or nullptr
-template <typename T>
-void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, int version);
-// dx (N, C, H, W) <- dout (N, O, OH, OW), w (O, C, kh, kw)
-template <typename T>
-void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, int version);
-// dw (O, C, kh, kw) <- dout (N, O, OH, OW), x (N, C, H, W)
-template <typename T>
-void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, int version);
-
-// Version "gemm" (conv2d_gemm_cpu.cpp), behind the launchers above
+// Version "gemm": conv2d_gemm_cpu.cpp
 template <typename T> void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
 template <typename T> void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s);
 template <typename T> void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s);
+// Version "direct": conv2d_cpu.cpp
+template <typename T> void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s);
+template <typename T> void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvShape& s);
+
+// The versions, fastest (the default) first. This table is the only list: the launchers, the
+// bindings (conv2d_versions()), the tests and the benchmarks all read it.
+template <typename T>
+inline constexpr Conv2dVersion<T> CONV2D_VERSIONS[] = {
+    {"gemm", conv2d_forward_gemm<T>, conv2d_backward_input_gemm<T>, conv2d_backward_weight_gemm<T>},
+    {"direct", conv2d_forward_direct<T>, conv2d_backward_input_direct<T>, conv2d_backward_weight_direct<T>},
+};
+
+// The version called `name`, or nullptr
+template <typename T>
+const Conv2dVersion<T>* find_conv2d_version(const std::string& name) {
+    for (const Conv2dVersion<T>& v : CONV2D_VERSIONS<T>)
+        if (name == v.name) return &v;
+    return nullptr;
+}
+
+// Launchers: run version `version` (a name from the table; std::invalid_argument if none)
+template <typename T>
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, const std::string& version);
+template <typename T>
+void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, const std::string& version);
+template <typename T>
+void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShape& s, const std::string& version);
 
 // ---------------------------------------------------------------------------------------------
 // diffusion_steps_cpu.cpp: one pass over memory; coefficient arrays have one value per sample,

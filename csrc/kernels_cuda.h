@@ -19,31 +19,32 @@ struct Conv2dShape {
     int stride, padding;
 };
 
-// The kernel versions by name; the first is the default.
+// The names of the versions (the table CONV2D_VERSIONS_CUDA in conv2d.cu); the first is the
+// default. Every launcher below takes one of them as `version` (std::invalid_argument if unknown).
 std::vector<std::string> conv2d_versions_cuda();
 
 // How many elements of scratch memory conv2d_forward_cuda needs (0 if none): where the output has
 // too few tiles to fill the GPU, implicit_gemm splits the reduction over C*kh*kw into chunks.
-long long conv2d_forward_workspace(const Conv2dShape& s, int version, int num_sms);
+long long conv2d_forward_workspace(const Conv2dShape& s, const std::string& version, int num_sms);
 
 // out (N, O, OH, OW) = conv(x (N, C, H, W), w (O, C, kh, kw)) + bias (O,) or nullptr;
 // workspace as sized above
 template <typename T>
 void conv2d_forward_cuda(T* out, const T* x, const T* w, const T* bias, const Conv2dShape& s,
-                         int version, T* workspace, int num_sms, cudaStream_t stream);
+                         const std::string& version, T* workspace, int num_sms, cudaStream_t stream);
 
 // dx (N, C, H, W) from dout (N, O, OH, OW) and w (O, C, kh, kw)
 template <typename T>
-void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dShape& s, int version,
+void conv2d_backward_input_cuda(T* dx, const T* dout, const T* w, const Conv2dShape& s, const std::string& version,
                                 cudaStream_t stream);
 
 // How many elements of scratch memory conv2d_backward_weight_cuda needs (0 if none): the tiled
 // version splits the long reduction over N*OH*OW into chunks that run side by side.
-long long conv2d_backward_weight_workspace(const Conv2dShape& s, int version, int num_sms);
+long long conv2d_backward_weight_workspace(const Conv2dShape& s, const std::string& version, int num_sms);
 
 // dw (O, C, kh, kw) from dout (N, O, OH, OW) and x (N, C, H, W); workspace as sized above
 template <typename T>
-void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dShape& s, int version,
+void conv2d_backward_weight_cuda(T* dw, const T* dout, const T* x, const Conv2dShape& s, const std::string& version,
                                  T* workspace, int num_sms, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------

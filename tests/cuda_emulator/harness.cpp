@@ -1,5 +1,6 @@
 // harness.cpp: C entry points to the emulated launchers (see emulator.h), for ctypes in
-// tests/test_cuda.py. Shapes travel as int arrays; `f` is 0 for float32, 1 for float64.
+// tests/test_cuda.py. Shapes travel as int arrays; `f` is 0 for float32, 1 for float64; a
+// convolution version is its name, as emu_conv2d_version(i) lists the table of conv2d.cu.
 #include "emulator.h"
 #include "kernels_cuda.h"
 
@@ -10,13 +11,13 @@ Conv2dShape conv_shape(const int* v) {   // N, C, H, W, O, kh, kw, OH, OW, strid
 }
 
 template <typename T>
-void forward(void* out, const void* x, const void* w, const void* b, const Conv2dShape& s, int version, int sms) {
+void forward(void* out, const void* x, const void* w, const void* b, const Conv2dShape& s, const char* version, int sms) {
     std::vector<T> workspace(conv2d_forward_workspace(s, version, sms));
     conv2d_forward_cuda<T>((T*)out, (const T*)x, (const T*)w, (const T*)b, s, version, workspace.data(), sms, nullptr);
 }
 
 template <typename T>
-void backward_weight(void* dw, const void* dout, const void* x, const Conv2dShape& s, int version, int sms) {
+void backward_weight(void* dw, const void* dout, const void* x, const Conv2dShape& s, const char* version, int sms) {
     std::vector<T> workspace(conv2d_backward_weight_workspace(s, version, sms));
     conv2d_backward_weight_cuda<T>((T*)dw, (const T*)dout, (const T*)x, s, version, workspace.data(), sms, nullptr);
 }
@@ -32,25 +33,25 @@ const char* emu_conv2d_version(int i) {
     return names[i].c_str();
 }
 
-long long emu_backward_weight_workspace(const int* shape, int version, int sms) {
+long long emu_backward_weight_workspace(const int* shape, const char* version, int sms) {
     return conv2d_backward_weight_workspace(conv_shape(shape), version, sms);
 }
 
-long long emu_forward_workspace(const int* shape, int version, int sms) {
+long long emu_forward_workspace(const int* shape, const char* version, int sms) {
     return conv2d_forward_workspace(conv_shape(shape), version, sms);
 }
 
-void emu_conv2d_forward(int f, void* out, const void* x, const void* w, const void* b, const int* shape, int version, int sms) {
+void emu_conv2d_forward(int f, void* out, const void* x, const void* w, const void* b, const int* shape, const char* version, int sms) {
     if (f == 0) forward<float>(out, x, w, b, conv_shape(shape), version, sms);
     else forward<double>(out, x, w, b, conv_shape(shape), version, sms);
 }
 
-void emu_conv2d_backward_input(int f, void* dx, const void* dout, const void* w, const int* shape, int version) {
+void emu_conv2d_backward_input(int f, void* dx, const void* dout, const void* w, const int* shape, const char* version) {
     if (f == 0) conv2d_backward_input_cuda<float>((float*)dx, (const float*)dout, (const float*)w, conv_shape(shape), version, nullptr);
     else conv2d_backward_input_cuda<double>((double*)dx, (const double*)dout, (const double*)w, conv_shape(shape), version, nullptr);
 }
 
-void emu_conv2d_backward_weight(int f, void* dw, const void* dout, const void* x, const int* shape, int version, int sms) {
+void emu_conv2d_backward_weight(int f, void* dw, const void* dout, const void* x, const int* shape, const char* version, int sms) {
     if (f == 0) backward_weight<float>(dw, dout, x, conv_shape(shape), version, sms);
     else backward_weight<double>(dw, dout, x, conv_shape(shape), version, sms);
 }
