@@ -6,7 +6,7 @@ Every op is written in the same four steps (as in micrograd):
   3. define `_backward`, which reads out.grad and adds each parent's share to parent.grad,
   4. return the output.
 Each backward carries a one-line derivative comment. Broadcasting is undone in one place,
-`unbroadcast`. Composite ops (sub, div, sqrt, mean, var, ...) are built from primitives and
+`unbroadcast` (in shape_ops.py). Composite ops (sub, div, sqrt, mean, var, ...) are built from primitives and
 need no backward of their own. The ops that only move values (reshape, permute, indexing,
 expand, max, cat, stack) are plain functions in shape_ops.py, which the methods here call.
 
