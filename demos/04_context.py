@@ -11,8 +11,8 @@ Because c is just a vector, nothing stops us from giving it a MIX the model neve
 0.5 * one_hot(a) + 0.5 * one_hot(b), as the course does with its sprites (hero + food ...).
 
 Sampling is DDIM-50 with eta = 0 (lesson 4's fast sampler; --sampler ddpm for the course's DDPM).
-With eta = 0 the sample is a deterministic function of x_T and c, so each row of the mixing
-picture starts from the SAME noise and only the context changes along it.
+With eta = 0 the sample is a deterministic function of x_T and c, so every tile of the mixing
+picture starts from the SAME noise x_T (drawn with seed SEED + 1) and only the context changes.
 
 Pictures (in --out):
   context_grid.png   one row per digit (PER_CLASS samples each), and a last row with the null
@@ -63,17 +63,19 @@ def main(argv=None):
     k, per_class = cfg["num_classes"], (2 if args.tiny else PER_CLASS)
     steps = min(DDIM_STEPS, schedule.T)
 
-    def sample(context, seed):
-        """Images in [0, 1] for a batch of context vectors (B, K) (or class indices for a UNet)."""
+    def sample(context, seed, x_T=None):
+        """Images in [0, 1] for a batch of context vectors (B, K) (or class indices for a UNet),
+        from x_T (B, C, H, W) if given, else from noise drawn with `seed`."""
         context = backend.to_device(context, args.device)
         shape = (len(context), cfg["in_channels"], cfg["height"], cfg["height"])
+        x_T = None if x_T is None else backend.to_device(x_T, args.device)
         with no_grad():
             if args.sampler == "ddpm":
-                x = ddpm_sample(model, schedule, shape, context, seed=seed, device=args.device,
+                x = ddpm_sample(model, schedule, shape, context, seed=seed, device=args.device, x_T=x_T,
                                 objective=cfg["objective"])
             else:
                 x = ddim_sample(model, schedule, shape, context, steps=steps, eta=0.0, seed=seed,
-                                device=args.device, objective=cfg["objective"])
+                                device=args.device, x_T=x_T, objective=cfg["objective"])
         return train.to_unit(backend.to_device(x, "cpu"))       # (B, C, H, W) in [0, 1]
 
     # --- one row per digit, and a row with the null context ------------------------------------
@@ -94,8 +96,10 @@ def main(argv=None):
     eye = np.eye(k, dtype=np.float32)
     mixed = np.stack([(1 - w) * eye[a] + w * eye[b] for a, b in pairs for w in MIX_WEIGHTS])   # (P*W, K)
     start = time.time()
-    rows = [sample(mixed[i * len(MIX_WEIGHTS):(i + 1) * len(MIX_WEIGHTS)], SEED + 1)       # same seed:
-            for i in range(len(pairs))]                                                  # same x_T per row
+    x_T = np.random.default_rng(SEED + 1).standard_normal((1, cfg["in_channels"], cfg["height"], cfg["height"]))
+    x_T = np.repeat(x_T.astype(np.float32), len(MIX_WEIGHTS), axis=0)       # ONE noise for every tile
+    rows = [sample(mixed[i * len(MIX_WEIGHTS):(i + 1) * len(MIX_WEIGHTS)], SEED + 1, x_T)
+            for i in range(len(pairs))]
     train.write_png(os.path.join(args.out, "mixed_context.png"),
                     train.image_grid(np.concatenate(rows), ncol=len(MIX_WEIGHTS)))
     print(f"mixed contexts: pairs {pairs}, weights {MIX_WEIGHTS}, {time.time() - start:.1f} s")

@@ -144,11 +144,26 @@ def test_sample_outputs(tmp_path, reference):
 
 
 def test_unet_trains_and_samples(tmp_path):
+    from tinydiff.diffusion import NoiseSchedule
+    from tinydiff.samplers import ddim_sample
+    from tinydiff.tensor import no_grad
     out = tmp_path / "unet"
     assert run("train", "--out", out, "--model", "unet", "--steps", 2, *TINY) == 0
-    assert run("sample", "--checkpoint", out, "--steps", 2, "--n", 1, "--labels", "0", "--guidance", 3) == 0
+    assert run("sample", "--checkpoint", out, "--steps", 2, "--n", 2, "--labels", "0,7", "--guidance", 3) == 0
     with np.load(out / "samples" / "samples.npz") as z:
-        assert z["images"].shape == (1, 1, 16, 16)
+        images, labels = z["images"], z["labels"]
+    assert images.shape == (4, 1, 16, 16) and labels.tolist() == [0, 0, 7, 7]
+    # the images are DDIM-2 (eta 0, seed 0) of the run's EMA weights, class indices as the UNet's
+    # context, guidance 3; the same samples without guidance differ, so the check sees guidance
+    cfg, weights = cli.find_weights(str(out))
+    assert cfg["model"] == "unet" and weights.endswith("ema.safetensors")
+    model = checkpoint.load_weights(training.model_from_config(cfg), weights).eval()
+    schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
+    with no_grad():
+        x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=0.0, generator=np.random.default_rng(0),
+                            objective=cfg["objective"], guidance_scale=s) for s in (3.0, 1.0)}
+    np.testing.assert_allclose(images, np.clip((x[3.0] + 1) / 2, 0, 1), atol=1e-6)
+    assert np.abs(np.clip((x[1.0] + 1) / 2, 0, 1) - images).max() > 1e-3
 
 
 def test_bad_data_is_refused(tmp_path, capsys):

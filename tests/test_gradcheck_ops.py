@@ -1,6 +1,7 @@
 """Float64 central-difference gradient checks for every differentiable op of the engine.
 
-CASES maps each op (a public name of `Tensor`, `tinydiff.tensor` or `tinydiff.functional`) to
+CASES maps each op (a public name of `Tensor`, `tinydiff.tensor` or `tinydiff.functional`; the
+bodies of the shape ops live in `tinydiff.shape_ops` and are checked through these names) to
 a list of small cases. `test_every_op_has_a_gradcheck` enumerates the public ops and fails if
 one has no case, so an op added later must come with its check.
 
@@ -14,6 +15,7 @@ import pytest
 
 import tinydiff
 from tinydiff import F, Tensor, backend, gradcheck
+from tinydiff import shape_ops
 from tinydiff import tensor as tensor_module
 
 
@@ -282,9 +284,10 @@ NON_DIFFERENTIABLE = {
 
 
 def _key(module_key, name, obj):
-    """Name an op by where it is defined, so re-exports (F.cat is tensor.cat) count once."""
+    """Name an op by where it is defined, so re-exports (F.cat is tensor.cat) count once. What
+    tinydiff.tensor re-exports from shape_ops (cat, stack) is named as tensor's."""
     if inspect.isfunction(obj) or inspect.isclass(obj):
-        if obj.__module__ == "tinydiff.tensor":
+        if obj.__module__ in ("tinydiff.tensor", "tinydiff.shape_ops"):
             return f"tensor.{name}"
     return f"{module_key}.{name}"
 
@@ -321,6 +324,33 @@ def test_every_op_has_a_gradcheck():
     stale = sorted(set(CASES) - ops)
     assert not stale, f"CASES names ops that are not public ops any more: {stale}"
     print(f"{len(ops)} differentiable ops, {sum(map(len, CASES.values()))} gradient-check cases")
+
+
+# Raw-array helpers of shape_ops.py (no Tensor in, no Tensor out)
+SHAPE_OPS_HELPERS = {"unbroadcast", "check_broadcast", "axes", "restore_axes"}
+
+
+def test_every_shape_op_is_reached_through_a_checked_name():
+    """shape_ops.py holds the bodies of Tensor's shape and index methods. Each of its public
+    functions must be re-exported by tinydiff.tensor (tensor.cat) or called by a Tensor method
+    (Tensor.reshape -> shape_ops.reshape), and that name must have gradient-check cases."""
+    ops = differentiable_ops()
+    for name, fn in vars(shape_ops).items():
+        if name.startswith("_") or not inspect.isfunction(fn) or name in SHAPE_OPS_HELPERS:
+            continue
+        callers = {f"Tensor.{m}" for m, obj in vars(Tensor).items()
+                   if name in _called_names(obj)} & ops
+        if getattr(tensor_module, name, None) is fn:
+            callers.add(f"tensor.{name}")
+        assert callers, f"shape_ops.{name} is neither re-exported by tinydiff.tensor nor called by a Tensor method"
+        unchecked = sorted(c for c in callers if not CASES.get(c))
+        assert not unchecked, f"shape_ops.{name} is reached through {unchecked}, which have no case"
+
+
+def _called_names(obj):
+    """The global and attribute names a method (or a property's getter) refers to."""
+    fn = obj.fget if isinstance(obj, property) else obj
+    return set(fn.__code__.co_names) if hasattr(fn, "__code__") else set()
 
 
 def test_the_enumeration_sees_the_ops_of_the_issue():

@@ -13,6 +13,8 @@ from tinydiff.diffusion import NoiseSchedule
 from tinydiff.samplers import SPACINGS, classifier_grad, ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
 from tinydiff.tensor import Tensor
 
+from gaussian_oracle import GaussianOracle, ddim_moments, ddpm_moments, sample_moments
+
 
 def alpha_bar_at(schedule, t, time_input):
     t = t.data if time_input == "index" else np.rint(t.data * schedule.T - 1).astype(np.int64)
@@ -31,18 +33,6 @@ class OneImageOracle:
         out = {"eps": eps, "x0": np.broadcast_to(self.xstar, x.shape),
                "v": np.sqrt(ab) * eps - np.sqrt(1 - ab) * self.xstar}[self.objective]
         return Tensor(out.astype(x.dtype))
-
-
-class GaussianOracle:
-    """The exact model for data ~ N(0, I): x_t ~ N(0, I) too, and E[eps | x_t] = sqrt(1 - ab) x_t."""
-    time_input = "index"
-
-    def __init__(self, schedule):
-        self.s, self.calls = schedule, []
-
-    def __call__(self, x, t, c=None):
-        self.calls.append(t.data.copy())
-        return Tensor((np.sqrt(1 - alpha_bar_at(self.s, t, "index")) * x.data).astype(x.dtype))
 
 
 class MixtureOracle:
@@ -203,19 +193,106 @@ def test_ddim_matches_eq_12_written_out_with_trailing_steps():
     assert np.abs(got - x).max() < 1e-4
 
 
-def test_ddim_eta_0_is_deterministic_and_eta_1_is_not():
+def test_ddim_eta_0_and_noise_free_ddpm_are_deterministic():
     s = NoiseSchedule("linear", timesteps=50)
     x_T = np.random.default_rng(9).standard_normal((4, 1, 3, 3)).astype(np.float32)
     model = MixtureOracle(s, np.array([[[[0.5] * 3] * 3], [[[-0.5] * 3] * 3]], np.float32))
     a = ddim_sample(model, s, x_T.shape, steps=10, eta=0.0, seed=1, x_T=x_T)
     b = ddim_sample(model, s, x_T.shape, steps=10, eta=0.0, seed=2, x_T=x_T)
     assert np.array_equal(a, b)
-    c = ddim_sample(model, s, x_T.shape, steps=10, eta=1.0, seed=1, x_T=x_T)
-    d = ddim_sample(model, s, x_T.shape, steps=10, eta=1.0, seed=2, x_T=x_T)
-    assert not np.allclose(c, d)
     e = ddpm_sample(model, s, x_T.shape, seed=1, x_T=x_T, noise_free=True)   # the course's ablation
     f = ddpm_sample(model, s, x_T.shape, seed=2, x_T=x_T, noise_free=True)
     assert np.array_equal(e, f)
+
+
+def test_ddim_eta_1_adds_the_noise_of_eq_16_to_a_given_x_T():
+    """From one x_T, two seeds: each output entry is A x_T + B + (the noise of all steps), so half
+    the variance of their difference is the sampler's noise variance, which ddim_moments gives
+    exactly (var_T = 0); and the same seed gives the same samples."""
+    s = NoiseSchedule("cosine", timesteps=50)
+    model, shape = GaussianOracle(s, mu=0.3, sd=0.5), (64, 1, 16, 16)
+    x_T = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    c = ddim_sample(model, s, shape, steps=10, eta=1.0, seed=1, x_T=x_T)
+    d = ddim_sample(model, s, shape, steps=10, eta=1.0, seed=2, x_T=x_T)
+    assert np.array_equal(c, ddim_sample(model, s, shape, steps=10, eta=1.0, seed=1, x_T=x_T))
+    _, noise_var = ddim_moments(s, 0.3, 0.5, steps=10, eta=1.0, var_T=0.0)
+    _, var_diff, _, se_diff = sample_moments(c - d)                  # Var(c - d) = 2 noise_var
+    assert abs(var_diff / 2 - noise_var) < 4 * se_diff / 2, (var_diff / 2, noise_var, se_diff / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output distribution under the Gaussian oracle (data ~ N(mu, sd^2), see gaussian_oracle.py).
+# Each entry of a sample is an independent draw, so a (B, 1, 32, 32) batch gives B * 1024 draws;
+# tolerances are 4 standard errors of the sample mean and variance.
+
+MU, SD = 0.5, 1.0
+
+
+def _check_moments(x, mean, var, what):
+    m, v, se_m, se_v = sample_moments(x)
+    assert abs(m - mean) < 4 * se_m, f"{what}: mean {m:.5f}, expected {mean:.5f} (standard error {se_m:.5f})"
+    assert abs(v - var) < 4 * se_v, f"{what}: variance {v:.5f}, expected {var:.5f} (standard error {se_v:.5f})"
+
+
+SAMPLERS = {   # name: (sample(model, schedule, shape, seed), exact(schedule, mu, sd) -> (mean, var))
+    "ddpm small": (lambda m, s, shape, seed: ddpm_sample(m, s, shape, seed=seed, variance="small"),
+                   lambda s, mu, sd: ddpm_moments(s, mu, sd, "small")),
+    "ddpm large": (lambda m, s, shape, seed: ddpm_sample(m, s, shape, seed=seed, variance="large"),
+                   lambda s, mu, sd: ddpm_moments(s, mu, sd, "large")),
+    "ddim eta 0": (lambda m, s, shape, seed: ddim_sample(m, s, shape, steps=s.T, eta=0.0, seed=seed),
+                   lambda s, mu, sd: ddim_moments(s, mu, sd, s.T, 0.0)),
+    "ddim eta 1": (lambda m, s, shape, seed: ddim_sample(m, s, shape, steps=s.T, eta=1.0, seed=seed),
+                   lambda s, mu, sd: ddim_moments(s, mu, sd, s.T, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_samplers_draw_from_the_data_distribution_under_the_gaussian_oracle(name):
+    """With the exact model, all T = 1000 steps and a cosine schedule (alpha_bar_T ~ 0, so x_T ~
+    N(0, 1) is right), each sampler's own bias (its exact output moments minus (mu, sd^2)) is below
+    half a standard error, so the samples must match N(mu, sd^2) within sampling error."""
+    sample, exact = SAMPLERS[name]
+    s = NoiseSchedule("cosine", timesteps=1000)
+    shape = (16, 1, 32, 32)                                           # 16384 draws
+    x = sample(GaussianOracle(s, MU, SD), s, shape, list(SAMPLERS).index(name))
+    bias_mean, bias_var = (e - target for e, target in zip(exact(s, MU, SD), (MU, SD ** 2)))
+    _, _, se_mean, se_var = sample_moments(x)
+    assert abs(bias_mean) < se_mean / 2 and abs(bias_var) < se_var / 2, (name, bias_mean, bias_var)
+    _check_moments(x, MU, SD ** 2, name)
+
+
+@pytest.mark.parametrize("name, steps", [("ddpm small", None), ("ddpm large", None),
+                                         ("ddim eta 0", 10), ("ddim eta 1", 10)])
+def test_sampler_output_has_its_exact_linear_gaussian_moments(name, steps):
+    """Few steps, data N(0.3, 0.5^2): the samplers are biased here (DDIM eta 1 over 10 steps
+    shrinks the variance by a quarter), and the samples must show exactly the moments that the
+    step equations give (gaussian_oracle.ddpm_moments / ddim_moments), noise variances included."""
+    s = NoiseSchedule("cosine", timesteps=100)
+    mu, sd, shape, seed = 0.3, 0.5, (64, 1, 32, 32), 10 + list(SAMPLERS).index(name)
+    model = GaussianOracle(s, mu, sd)
+    if name.startswith("ddpm"):
+        variance = name.split()[1]
+        x, (mean, var) = ddpm_sample(model, s, shape, seed=seed, variance=variance), ddpm_moments(s, mu, sd, variance)
+    else:
+        eta = float(name.split()[-1])
+        x, (mean, var) = (ddim_sample(model, s, shape, steps=steps, eta=eta, seed=seed),
+                          ddim_moments(s, mu, sd, steps, eta))
+    _check_moments(x, mean, var, name)
+
+
+def test_ddpm_small_and_large_posterior_variance_differ_measurably():
+    """Data N(0.5, 1), T = 100: sigma^2 = beta is exact for unit-variance data (DDPM Sec. 3.2), so
+    "large" keeps the variance at 1; beta_tilde < beta loses some at every step. The difference
+    must show, by more than 5 standard errors, and be the one the step equations predict."""
+    s = NoiseSchedule("cosine", timesteps=100)
+    model, shape = GaussianOracle(s, MU, SD), (128, 1, 32, 32)
+    small = sample_moments(ddpm_sample(model, s, shape, seed=20, variance="small"))
+    large = sample_moments(ddpm_sample(model, s, shape, seed=21, variance="large"))
+    predicted = ddpm_moments(s, MU, SD, "large")[1] - ddpm_moments(s, MU, SD, "small")[1]
+    diff, se_diff = large[1] - small[1], math.hypot(small[3], large[3])
+    assert diff > 5 * se_diff, f"variance large {large[1]:.4f} vs small {small[1]:.4f} (standard error {se_diff:.4f})"
+    assert abs(diff - predicted) < 4 * se_diff, (diff, predicted, se_diff)
+    assert abs(large[1] - SD ** 2) < 4 * large[3] + abs(ddpm_moments(s, MU, SD, "large")[1] - SD ** 2)
 
 
 def test_trajectory_every_k_steps():

@@ -1,6 +1,7 @@
 """tinydiff: a from-scratch diffusion engine. Read in this order:
 
-backend (NumPy or CuPy, compiled kernels) -> tensor (autograd) -> functional (layers as ops)
+backend (NumPy or CuPy, compiled kernels) -> tensor (autograd; its shape ops in shape_ops)
+-> functional (layers as ops)
 -> kernels (the NumPy references of csrc/) -> module, nn (modules) -> context_unet, unet (models)
 -> optim, checkpoint -> data -> diffusion (schedules, loss) -> samplers -> train, cli.
 """

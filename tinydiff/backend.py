@@ -124,34 +124,31 @@ def set_rng_state(state):
 # Compiled kernels
 
 
-def rebuild_if_stale():
-    """In a source checkout (csrc/ next to the package) whose tinydiff._C is older than one of its
-    C++ sources or headers, rebuild it in place, so that an editable install never runs stale
-    kernels. An installed package has no csrc/, an up-to-date build is left alone, and
-    TINYDIFF_REBUILD=0 turns the check off."""
-    import glob, subprocess, sys, sysconfig, warnings  # noqa: E401  (needed only here)
-    package = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(package)
-    built = os.path.join(package, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
-    sources = glob.glob(os.path.join(root, "csrc", "*_cpu.cpp")) + glob.glob(os.path.join(root, "csrc", "*.h"))
-    stale = lambda: max(map(os.path.getmtime, sources)) > os.path.getmtime(built)  # noqa: E731
-    if os.environ.get("TINYDIFF_REBUILD") == "0" or not sources or not os.path.exists(built) or not stale():
+REBUILD_COMMAND = "TINYDIFF_CUDA=0 python setup.py build_ext --inplace"   # setup.py lists the headers:
+# it rebuilds tinydiff._C when a file in csrc/ is newer, and does nothing when it is up to date
+
+
+def stale_sources(built):
+    """The C++ sources and headers of csrc/ newer than the extension file `built`, in a source
+    checkout (csrc/ next to the package); none for an installed package, which has no csrc/."""
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    names = [n for n in os.listdir(csrc) if n.endswith(("_cpu.cpp", ".h"))] if os.path.isdir(csrc) else []
+    return sorted(os.path.join(csrc, n) for n in names
+                  if os.path.getmtime(os.path.join(csrc, n)) > os.path.getmtime(built))
+
+
+def warn_if_stale(native):
+    """Warn (once, at import) that tinydiff._C is older than its sources, with the command that
+    rebuilds it. Nothing is built at import; TINYDIFF_REBUILD=0 skips the check."""
+    if native is None or os.environ.get("TINYDIFF_REBUILD") == "0":
         return
-    os.makedirs(os.path.join(root, "build"), exist_ok=True)
-    with open(os.path.join(root, "build", "rebuild.lock"), "w") as lock:
-        try:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)             # one rebuild at a time; the others wait for it
-        except ImportError:
-            pass
-        if not stale():
-            return
-        print("tinydiff: csrc/ changed since tinydiff._C was built; rebuilding it "
-              "(TINYDIFF_CUDA=0 python setup.py build_ext --inplace)", file=sys.stderr)
-        run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root,
-                             env={**os.environ, "TINYDIFF_CUDA": "0"}, capture_output=True, text=True)
-    if run.returncode != 0:
-        warnings.warn(f"tinydiff: rebuilding the C++ kernels failed, so tinydiff._C is stale:\n{run.stderr[-3000:]}")
+    stale = stale_sources(native.__file__)
+    if stale:
+        import warnings
+        root = os.path.dirname(os.path.dirname(stale[0]))
+        warnings.warn(f"tinydiff: {', '.join(os.path.relpath(f, root) for f in stale)} changed since "
+                      f"{os.path.relpath(native.__file__, root)} was built, so the C++ kernels are stale. "
+                      f"Rebuild them with:\n    cd {root} && {REBUILD_COMMAND}", stacklevel=2)
 
 
 def import_native():
@@ -174,12 +171,12 @@ def import_native():
             del os.environ["OMP_WAIT_POLICY"]
 
 
-rebuild_if_stale()
 try:
     native = import_native()
     native_error = None
 except ImportError as err:
     native, native_error = None, f"the C++ extension tinydiff._C is not built ({err})"
+warn_if_stale(native)
 
 _cuda_ext = None
 _cuda_ext_error = None

@@ -6,15 +6,17 @@ Every op is written in the same four steps (as in micrograd):
   3. define `_backward`, which reads out.grad and adds each parent's share to parent.grad,
   4. return the output.
 Each backward carries a one-line derivative comment. Broadcasting is undone in one place,
-`unbroadcast`. Composite ops (sub, div, sqrt, mean, var, ...) are built from primitives and
-need no backward of their own.
+`unbroadcast` (in shape_ops.py). Composite ops (sub, div, sqrt, mean, var, ...) are built from primitives and
+need no backward of their own. The ops that only move values (reshape, permute, indexing,
+expand, max, cat, stack) are plain functions in shape_ops.py, which the methods here call.
 
 A Tensor holds a NumPy array (CPU) or a CuPy array (GPU); `xp` below is whichever module
 that array belongs to, so one code path serves both.
 """
 import numpy as np
 
-from tinydiff import backend
+from tinydiff import backend, shape_ops
+from tinydiff.shape_ops import cat, stack, unbroadcast  # noqa: F401  (tinydiff.cat, ...)
 
 _grad_enabled = True
 
@@ -38,18 +40,7 @@ class no_grad:
         return wrapped
 
 
-def is_grad_enabled():
-    return _grad_enabled
-
-
-def unbroadcast(grad, shape):
-    """Sum `grad` down to `shape`: the backward of NumPy broadcasting (e.g. (3,1,5)*(4,5))."""
-    while grad.ndim > len(shape):          # leading axes that broadcasting added
-        grad = grad.sum(axis=0)
-    for axis, size in enumerate(shape):    # axes of size 1 that broadcasting stretched
-        if size == 1 and grad.shape[axis] != 1:
-            grad = grad.sum(axis=axis, keepdims=True)
-    return grad
+def is_grad_enabled(): return _grad_enabled
 
 
 def _as_array(data, dtype=None):
@@ -93,14 +84,9 @@ class Tensor:
     device = property(lambda self: backend.device_of(self.data))
     xp = property(lambda self: backend.get_array_module(self.data))
 
-    def __len__(self):
-        return len(self.data)
-
-    def size(self, dim=None):
-        return self.data.size if dim is None else self.data.shape[dim]
-
-    def numel(self):
-        return self.data.size
+    def __len__(self): return len(self.data)
+    def size(self, dim=None): return self.data.size if dim is None else self.data.shape[dim]
+    def numel(self): return self.data.size
 
     def __repr__(self):
         grad = f", requires_grad=True" if self.requires_grad else ""
@@ -115,8 +101,7 @@ class Tensor:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
         return self.numpy().reshape(()).item()
 
-    def detach(self):
-        return Tensor(self.data)
+    def detach(self): return Tensor(self.data)
 
     def to(self, device):
         """A copy on 'cpu' or 'cuda' (itself if already there); gradients flow back across."""
@@ -130,11 +115,8 @@ class Tensor:
         out._backward = _backward
         return out
 
-    def float(self):
-        return self.astype(np.float32)
-
-    def double(self):
-        return self.astype(np.float64)
+    def float(self): return self.astype(np.float32)
+    def double(self): return self.astype(np.float64)
 
     def astype(self, dtype):
         out = self._result(self.data.astype(dtype), (self,), "astype")
@@ -193,9 +175,9 @@ class Tensor:
 
         # Topological order by an iterative depth-first search: a U-Net's graph is deeper than
         # Python's recursion limit. A node is appended after all of its parents.
-        order, visited, stack = [], set(), [(self, False)]
-        while stack:
-            node, parents_done = stack.pop()
+        order, visited, todo = [], set(), [(self, False)]
+        while todo:
+            node, parents_done = todo.pop()
             if parents_done:
                 order.append(node)
                 continue
@@ -205,8 +187,8 @@ class Tensor:
                 raise RuntimeError("backward() through a graph that a previous backward() freed; "
                                    "pass retain_graph=True to the first call to keep it")
             visited.add(id(node))
-            stack.append((node, True))
-            stack.extend((p, False) for p in node._parents if id(p) not in visited)
+            todo.append((node, True))
+            todo.extend((p, False) for p in node._parents if id(p) not in visited)
 
         for node in order:                    # intermediate grads start from zero on each call
             if node._parents:
@@ -220,16 +202,9 @@ class Tensor:
                     node._backward, node._parents, node._freed = None, (), True
 
     # --- elementwise arithmetic ---------------------------------------------------------------
-    def _check_broadcast(self, other, op):
-        try:
-            np.broadcast_shapes(self.shape, other.shape)
-        except ValueError:
-            raise ValueError(f"{op}: shapes {self.shape} and {other.shape} cannot be broadcast "
-                             f"together") from None
-
     def __add__(self, other):
         other = self._lift(other)
-        self._check_broadcast(other, "add")
+        shape_ops.check_broadcast(self, other, "add")
         out = self._result(self.data + other.data, (self, other), "add")
 
         def _backward():
@@ -240,7 +215,7 @@ class Tensor:
 
     def __mul__(self, other):
         other = self._lift(other)
-        self._check_broadcast(other, "mul")
+        shape_ops.check_broadcast(self, other, "mul")
         out = self._result(self.data * other.data, (self, other), "mul")
 
         def _backward():
@@ -261,11 +236,8 @@ class Tensor:
         out._backward = _backward
         return out
 
-    def __neg__(self):
-        return self * -1.0
-
-    def __sub__(self, other):
-        return self + (-self._lift(other))
+    def __neg__(self): return self * -1.0
+    def __sub__(self, other): return self + (-self._lift(other))
 
     def __truediv__(self, other):
         if isinstance(other, (int, float)):
@@ -275,17 +247,10 @@ class Tensor:
     __radd__ = __add__
     __rmul__ = __mul__
 
-    def __rsub__(self, other):
-        return self._lift(other) - self
-
-    def __rtruediv__(self, other):
-        return self._lift(other) / self
-
-    def __matmul__(self, other):
-        return matmul(self, other)
-
-    def __rmatmul__(self, other):
-        return matmul(self._lift(other), self)
+    def __rsub__(self, other): return self._lift(other) - self
+    def __rtruediv__(self, other): return self._lift(other) / self
+    def __matmul__(self, other): return matmul(self, other)
+    def __rmatmul__(self, other): return matmul(self._lift(other), self)
 
     # --- elementwise functions ----------------------------------------------------------------
     def exp(self):
@@ -304,8 +269,7 @@ class Tensor:
         out._backward = _backward
         return out
 
-    def sqrt(self):
-        return self ** 0.5
+    def sqrt(self): return self ** 0.5
 
     def abs(self):
         out = self._result(self.xp.abs(self.data), (self,), "abs")
@@ -357,40 +321,33 @@ class Tensor:
 
     def maximum(self, other):
         other = self._lift(other)
-        self._check_broadcast(other, "maximum")
+        shape_ops.check_broadcast(self, other, "maximum")
         return where(self.data >= other.data, self, other)
 
     def minimum(self, other):
         other = self._lift(other)
-        self._check_broadcast(other, "minimum")
+        shape_ops.check_broadcast(self, other, "minimum")
         return where(self.data <= other.data, self, other)
 
     # --- comparisons give plain boolean arrays (no gradient), for masks and `where` ----------
-    def __gt__(self, other):
-        return self.data > self._lift(other).data
-
-    def __lt__(self, other):
-        return self.data < self._lift(other).data
-
-    def __ge__(self, other):
-        return self.data >= self._lift(other).data
-
-    def __le__(self, other):
-        return self.data <= self._lift(other).data
+    def __gt__(self, other): return self.data > self._lift(other).data
+    def __lt__(self, other): return self.data < self._lift(other).data
+    def __ge__(self, other): return self.data >= self._lift(other).data
+    def __le__(self, other): return self.data <= self._lift(other).data
 
     # --- reductions ---------------------------------------------------------------------------
     def sum(self, axis=None, keepdims=False):
         out = self._result(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum")
 
         def _backward():
-            grad = out.grad if keepdims else _restore_axes(out.grad, axis, self.ndim)
+            grad = out.grad if keepdims else shape_ops.restore_axes(out.grad, axis, self.ndim)
             self._accumulate(self.xp.broadcast_to(grad, self.shape))    # d(sum x)/dx_i = 1
         out._backward = _backward
         return out
 
     def _count(self, axis):
         """How many elements a reduction over `axis` combines into one."""
-        return self.data.size if axis is None else int(np.prod([self.shape[a] for a in _axes(axis)]))
+        return self.data.size if axis is None else int(np.prod([self.shape[a] for a in shape_ops.axes(axis)]))
 
     def mean(self, axis=None, keepdims=False):
         return self.sum(axis=axis, keepdims=keepdims) * (1.0 / self._count(axis))
@@ -404,110 +361,18 @@ class Tensor:
         centered = self - self.mean(axis=axis, keepdims=True)
         return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / (count - correction))
 
-    def max(self, axis=None, keepdims=False):
-        """Maximum over an axis; the gradient goes to the first maximal element, as torch.max(dim)."""
-        xp = self.xp
-        flat = self.reshape(-1) if axis is None else self
-        ax = 0 if axis is None else axis % self.ndim
-        idx = xp.argmax(flat.data, axis=ax)
-        idx = xp.expand_dims(idx, ax)
-        onehot = xp.arange(flat.shape[ax]).reshape([-1 if i == ax else 1 for i in range(flat.ndim)]) == idx
-        picked = flat._result(xp.take_along_axis(flat.data, idx, axis=ax), (flat,), "max")
-
-        def _backward():
-            flat._accumulate(picked.grad * onehot)     # d max/dx_i = 1 for the argmax, 0 elsewhere
-        picked._backward = _backward
-        if not keepdims:
-            return picked.reshape(()) if axis is None else picked.squeeze(ax)
-        return picked.reshape((1,) * self.ndim) if axis is None else picked
-
-    # --- shape ops ----------------------------------------------------------------------------
-    def reshape(self, *shape):
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        out = self._result(self.data.reshape(shape), (self,), "reshape")
-
-        def _backward():
-            self._accumulate(out.grad.reshape(self.shape))
-        out._backward = _backward
-        return out
-
+    # --- shape and index ops: their forward and backward are in shape_ops.py -------------------
+    def max(self, axis=None, keepdims=False): return shape_ops.max(self, axis, keepdims)
+    def reshape(self, *shape): return shape_ops.reshape(self, *shape)
     view = reshape
-
-    def flatten(self, start_dim=0):
-        return self.reshape(self.shape[:start_dim] + (-1,))
-
-    def squeeze(self, axis):
-        axis = axis % self.ndim
-        return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
-
-    def unsqueeze(self, axis):
-        axis = axis % (self.ndim + 1)
-        return self.reshape(self.shape[:axis] + (1,) + self.shape[axis:])
-
-    def permute(self, *dims):
-        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-        dims = tuple(d % self.ndim for d in dims)                    # -1 -> ndim-1, for argsort below
-        out = self._result(self.data.transpose(dims), (self,), "permute")
-
-        def _backward():
-            self._accumulate(out.grad.transpose(np.argsort(dims)))   # undo the permutation
-        out._backward = _backward
-        return out
-
-    def transpose(self, dim0, dim1):
-        dims = list(range(self.ndim))
-        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
-        return self.permute(dims)
-
-    @property
-    def T(self):
-        return self.permute(tuple(reversed(range(self.ndim))))
-
-    def __getitem__(self, index):
-        if isinstance(index, Tensor):
-            index = index.data
-        out = self._result(self.data[index], (self,), "getitem")
-
-        def _backward():                                 # d x[i]/dx_j = [i == j]
-            grad = self.xp.zeros_like(self.data)
-            if _is_basic(index):
-                grad[index] = out.grad                   # slices pick each element at most once
-            else:
-                backend.scatter_add(grad, index, out.grad)   # repeated integer indices add up
-            self._accumulate(grad)
-        out._backward = _backward
-        return out
-
-    def expand(self, *shape):
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        shape = tuple(s if s != -1 else self.shape[i - len(shape) + self.ndim] for i, s in enumerate(shape))
-        out = self._result(self.xp.broadcast_to(self.data, shape), (self,), "expand")
-
-        def _backward():
-            self._accumulate(unbroadcast(out.grad, self.shape))
-        out._backward = _backward
-        return out
-
-
-def _axes(axis):
-    return (axis,) if isinstance(axis, int) else tuple(axis)
-
-
-def _is_basic(index):
-    """True for an index of ints and slices only (no arrays), which cannot pick an element twice."""
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in parts)
-
-
-def _restore_axes(grad, axis, ndim):
-    """Put back the axes that a reduction without keepdims removed, as size 1."""
-    if axis is None:
-        return grad.reshape((1,) * ndim)
-    kept = sorted(a % ndim for a in _axes(axis))
-    shape = list(grad.shape)
-    for a in kept:
-        shape.insert(a, 1)
-    return grad.reshape(shape)
+    def flatten(self, start_dim=0): return shape_ops.flatten(self, start_dim)
+    def squeeze(self, axis): return shape_ops.squeeze(self, axis)
+    def unsqueeze(self, axis): return shape_ops.unsqueeze(self, axis)
+    def permute(self, *dims): return shape_ops.permute(self, *dims)
+    def transpose(self, dim0, dim1): return shape_ops.transpose(self, dim0, dim1)
+    T = property(lambda self: shape_ops.permute(self, tuple(reversed(range(self.ndim)))))
+    def expand(self, *shape): return shape_ops.expand(self, *shape)
+    def __getitem__(self, index): return shape_ops.getitem(self, index.data if isinstance(index, Tensor) else index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +385,7 @@ def where(condition, a, b):
         a = b._lift(a) if isinstance(b, Tensor) else Tensor(a)
     b = a._lift(b)
     condition = condition.data if isinstance(condition, Tensor) else condition
-    a._check_broadcast(b, "where")
+    shape_ops.check_broadcast(a, b, "where")
     out = a._result(a.xp.where(condition, a.data, b.data), (a, b), "where")
 
     def _backward():
@@ -531,8 +396,7 @@ def where(condition, a, b):
     return out
 
 
-def maximum(a, b):
-    return a.maximum(b)
+def maximum(a, b): return a.maximum(b)
 
 
 def matmul(a, b):
@@ -552,36 +416,6 @@ def matmul(a, b):
             b._accumulate(unbroadcast(a.data.swapaxes(-1, -2) @ out.grad, b.shape))
     out._backward = _backward
     return out
-
-
-def cat(tensors, dim=0):
-    """Join tensors along an existing axis."""
-    tensors = list(tensors)
-    first = tensors[0]
-    tensors = [first._lift(t) for t in tensors]
-    dim = dim % first.ndim
-    for t in tensors:
-        if t.ndim != first.ndim or t.shape[:dim] + t.shape[dim + 1:] != first.shape[:dim] + first.shape[dim + 1:]:
-            raise ValueError(f"cat along dim {dim}: shapes {first.shape} and {t.shape} do not fit")
-    out = first._result(first.xp.concatenate([t.data for t in tensors], axis=dim), tuple(tensors), "cat")
-    ends = np.cumsum([t.shape[dim] for t in tensors])
-
-    def _backward():
-        pieces = first.xp.split(out.grad, ends[:-1], axis=dim)   # each input gets its own slice
-        for t, piece in zip(tensors, pieces):
-            t._accumulate(piece)
-    out._backward = _backward
-    return out
-
-
-def stack(tensors, dim=0):
-    """Join tensors along a new axis."""
-    tensors = list(tensors)
-    for t in tensors:
-        if t.shape != tensors[0].shape:
-            raise ValueError(f"stack: shapes {tensors[0].shape} and {t.shape} differ")
-    dim = dim % (tensors[0].ndim + 1)
-    return cat([t.unsqueeze(dim) for t in tensors], dim)
 
 
 # Convenient module-level spellings of the methods
