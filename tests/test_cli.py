@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinydiff import cli, checkpoint
+from tinydiff import cli, checkpoint, runs
 from tinydiff import train as training
 
 TINY = ["--n-feat", "8", "--batch-size", "8", "--timesteps", "10", "--sample-steps", "2",
@@ -109,7 +109,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     assert "step 3: the loss is nan" in err
     info = checkpoint.load_checkpoint(str(out))              # the step-2 checkpoint, complete
     assert info["step"] == 2
-    model = training.model_from_config(info["config"])
+    model = runs.model_from_config(info["config"])
     checkpoint.load_checkpoint(str(out), model)
     assert all(np.isfinite(p.data).all() for p in model.parameters())
 

@@ -75,12 +75,12 @@ def test_02_train_digits(tiny_run):
 
 def test_02_config_is_the_default_training_run():
     """The README's quick start (demo 02) and `tinydiff train` with no flags train the same model."""
-    from tinydiff import train
+    from tinydiff import config
     spec = importlib.util.spec_from_file_location("demo02", os.path.join(DEMOS, "02_train_digits.py"))
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     for key, value in demo.CONFIG.items():
-        assert train.DEFAULTS[key] == value, f"demo 02 CONFIG[{key!r}] = {value!r}, train.DEFAULTS has {train.DEFAULTS[key]!r}"
+        assert config.DEFAULTS[key] == value, f"demo 02 CONFIG[{key!r}] = {value!r}, config.DEFAULTS has {config.DEFAULTS[key]!r}"
 
 
 def test_03_sampling_trains_its_own_tiny_model(tmp_path):

@@ -14,6 +14,11 @@ from tinydiff.samplers import SPACINGS, classifier_grad, ddim_sample, ddim_sigma
 from tinydiff.tensor import Tensor
 
 
+def index_time(t, T):
+    """A test model's time_input(t, T) when it takes the timestep index itself (as the UNet does)."""
+    return Tensor(t)
+
+
 def alpha_bar_at(schedule, t, time_input):
     t = t.data if time_input == "index" else np.rint(t.data * schedule.T - 1).astype(np.int64)
     return schedule.f64["alpha_bar"][t].reshape(-1, 1, 1, 1)
@@ -23,10 +28,13 @@ class OneImageOracle:
     """The exact model for a data set of one image x*: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
 
     def __init__(self, schedule, xstar, objective="eps", time_input="index"):
-        self.s, self.xstar, self.objective, self.time_input = schedule, xstar, objective, time_input
+        self.s, self.xstar, self.objective, self.time_kind = schedule, xstar, objective, time_input
+
+    def time_input(self, t, T):              # the model owns its time convention: either kind here
+        return index_time(t, T) if self.time_kind == "index" else Tensor((t + 1) / T)
 
     def __call__(self, x, t, c=None):
-        ab = alpha_bar_at(self.s, t, self.time_input)
+        ab = alpha_bar_at(self.s, t, self.time_kind)
         eps = (x.data - np.sqrt(ab) * self.xstar) / np.sqrt(1 - ab)
         out = {"eps": eps, "x0": np.broadcast_to(self.xstar, x.shape),
                "v": np.sqrt(ab) * eps - np.sqrt(1 - ab) * self.xstar}[self.objective]
@@ -35,7 +43,7 @@ class OneImageOracle:
 
 class GaussianOracle:
     """The exact model for data ~ N(0, I): x_t ~ N(0, I) too, and E[eps | x_t] = sqrt(1 - ab) x_t."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule):
         self.s, self.calls = schedule, []
@@ -47,7 +55,7 @@ class GaussianOracle:
 
 class MixtureOracle:
     """The exact model for data spread evenly over K points (K, C, H, W)."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule, points):
         self.s, self.points = schedule, points
@@ -65,7 +73,7 @@ class MixtureOracle:
 class BayesClassifier:
     """The exact noise-aware classifier for MixtureOracle's points, point k being class k, in tinydiff
     ops: log p(k | x_t) = log_softmax_k(-|x_t - sqrt(ab) p_k|^2 / (2 (1 - ab)))."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule, points):
         self.s, self.points = schedule, points
@@ -81,7 +89,7 @@ class BayesClassifier:
 class ContextModel:
     """eps = sqrt(1 - ab) x_t + (context . u) (the Gaussian oracle pushed by a one-hot context);
     the null context is zeros. Records each call's batch size."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule):
         self.s, self.batches = schedule, []
@@ -263,7 +271,7 @@ def test_classifier_free_guidance_convention_and_doubled_batch(sampler):
     model = ContextModel(s)
 
     class Combined:                                  # the guided eps, spelled out with two calls
-        time_input = "index"
+        time_input = staticmethod(index_time)
 
         def __call__(self, x, t, ctx):
             cond, uncond = model(x, t, ctx).data, model(x, t, None).data
