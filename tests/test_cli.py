@@ -190,6 +190,24 @@ def test_sample_refuses_a_folder_without_a_run(tmp_path, capsys):
     assert "not a run folder (no checkpoint.json)" in capsys.readouterr().err
 
 
+def test_sample_refuses_a_missing_run_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert run("sample", "--checkpoint", missing) == 1              # a message, not a traceback
+    err = capsys.readouterr().err
+    assert f"tinydiff sample: error: {missing}: no such run folder or weights file" in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):         # the library raises, never exits
+        runs.load_run(str(missing))
+
+
+def test_load_run_gives_the_run_that_train_wrote(reference):
+    """runs.load_run is what `tinydiff sample` and the demos use: EMA weights, eval mode, the config."""
+    model, schedule, cfg = runs.load_run(str(reference))
+    assert not model.training and schedule.T == cfg["timesteps"] and cfg["n_feat"] == 8
+    ema = checkpoint.read_safetensors(str(reference / "model.safetensors"))[0]
+    for name, t in model.state_dict().items():
+        np.testing.assert_array_equal(t.numpy(), ema[name], err_msg=name)
+
+
 def test_python_dash_m_help():
     for argv in ([], ["train"], ["sample"]):
         result = subprocess.run([sys.executable, "-m", "tinydiff", *argv, "--help"], capture_output=True,

@@ -286,6 +286,43 @@ def test_classifier_free_guidance_convention_and_doubled_batch(sampler):
     assert np.abs(got - run(model)).max() > 1e-2                   # and guidance changed something
 
 
+class MarkedNullModel:
+    """The Gaussian oracle, recording every context it is given; its null context is a marker, 7s,
+    that neither zeros nor any one-hot vector could be mistaken for."""
+    time_input = staticmethod(index_time)
+
+    def __init__(self, schedule):
+        self.s, self.contexts = schedule, []
+
+    def null_context(self, batch):
+        return np.full((batch, 3), 7.0, np.float32)
+
+    def __call__(self, x, t, c=None):
+        self.contexts.append(None if c is None else c.data.copy())
+        return Tensor((np.sqrt(1 - alpha_bar_at(self.s, t, "index")) * x.data).astype(x.dtype))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_takes_the_models_own_null_context(sampler):
+    s, c = NoiseSchedule("linear", timesteps=6), np.eye(3, dtype=np.float32)[[2, 0]]
+    model = MarkedNullModel(s)
+    kw = dict(seed=1, guidance_scale=2.0)
+    ddpm_sample(model, s, (2, 1, 2, 2), c, **kw) if sampler == "ddpm" else \
+        ddim_sample(model, s, (2, 1, 2, 2), c, steps=3, **kw)
+    assert len(model.contexts) == (6 if sampler == "ddpm" else 3)
+    for seen in model.contexts:                                      # [context; null] in one call
+        assert np.array_equal(seen[:2], c) and np.array_equal(seen[2:], model.null_context(2))
+
+
+def test_classifier_guidance_needs_the_labels_given():
+    """The class y is never read off a context (only the model knows what its context means)."""
+    s = NoiseSchedule("linear", timesteps=5)
+    clf = BayesClassifier(s, _two_points())
+    with pytest.raises(ValueError, match="classifier_labels"):
+        ddim_sample(GaussianOracle(s), s, (2, 1, 2, 2), np.eye(2, dtype=np.float32), steps=2, seed=0,
+                    classifier=clf, classifier_scale=1.0)
+
+
 def _two_points():
     a = np.full((1, 1, 2, 2), 0.6, np.float32)
     a[..., 0, :] = -0.6
