@@ -14,6 +14,7 @@ means the clean image, alpha_bar = 1. DDIM's alpha_t is DDPM's alpha_bar_t: we w
     s            the guidance scale (classifier-free: guidance_scale; classifier: classifier_scale)
 
 API
+    context = model.context(labels)                        # the model's own conditioning (models.py)
     x = ddpm_sample(model, schedule, (B, C, H, W), context, seed=0)
     x = ddim_sample(model, schedule, (B, C, H, W), context, steps=50, eta=0.0, spacing="trailing")
     x, trajectory = ddim_sample(..., return_trajectory_every=5)   # list of x_t arrays, x_T first
@@ -27,7 +28,8 @@ batch, [context; model.null_context(B)], and the combination is fused into the u
 
 Classifier guidance (classifier_scale = s): the gradient g = grad_{x_t} log p(y | x_t) of a
 noise-aware classifier, computed by tinydiff's autograd, shifts DDPM's mean by s Sigma g
-(Dhariwal & Nichol Alg. 1) and DDIM's eps by -sqrt(1 - alpha_bar) s g (their eq. 14, Alg. 2).
+(Dhariwal & Nichol Alg. 1) and DDIM's eps by -sqrt(1 - alpha_bar) s g (their eq. 14, Alg. 2). The class y
+of each sample is given as classifier_labels (B,); it is never guessed from the context.
 
 The model is called as it is: put it in eval() mode first (the ContextUnet has BatchNorm).
 All model calls run under no_grad(); only the classifier's gradient builds a graph, so do not
@@ -40,7 +42,8 @@ import numpy as np
 
 from tinydiff import backend, kernels
 from tinydiff import functional as F
-from tinydiff.diffusion import OBJECTIVES, as_array, call_model, model_eps, model_time, null_context
+from tinydiff.arrays import as_array
+from tinydiff.diffusion import OBJECTIVES, call_model, model_eps, model_time, null_context
 from tinydiff.tensor import Tensor, is_grad_enabled, no_grad
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -152,7 +155,7 @@ def ddpm_sample(model, schedule, shape, context=None, *, generator=None, seed=No
                 return_trajectory_every=None, noise_free=False):
     """DDPM Alg. 2: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z, with no noise at t = 1.
 
-    model       model(x_t, time, context) -> eps (or x0 or v, see objective); see diffusion.py
+    model       model(x_t, model.time_input(t, T), context) -> eps (or x0 or v, see objective)
     context     (B, ...) what model.context(labels) returns (the model's own conditioning), or None
     variance    "small": sigma^2 = beta_tilde (DDPM eq. 7), "large": sigma^2 = beta (DDPM Sec. 3.2
                 found both to work; the course's denoise_add_noise uses "large", b_t.sqrt() * z)
