@@ -7,11 +7,11 @@
     python demos/02_train_digits.py --tiny             # a few seconds: a smoke test
 
 This is the README's quick start: the same run as `tinydiff train` with its defaults (CONFIG
-below is train.DEFAULTS, spelled out; a test keeps the two equal). The loop itself lives in
+below is config.DEFAULTS, spelled out; a test keeps the two equal). The loop itself lives in
 tinydiff/train.py; each step is DDPM Alg. 1 with the course's context masking:
 
     idx = batches.next()                                   # a seeded, resumable batch of digits
-    x0, context = images[idx], one_hot(labels[idx])        # (B, 1, 16, 16) in [-1, 1], (B, 10)
+    x0, context = images[idx], model.context(labels[idx])  # (B, 1, 16, 16) in [-1, 1], (B, 10) one-hot
     loss = training_loss(model, schedule, x0, context, "eps", context_drop=0.1)
         #   t ~ U{0..T-1}, eps ~ N(0, I)
         #   x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps           (DDPM eq. 4)
@@ -33,9 +33,8 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, cli, evaluate, train
-from tinydiff.checkpoint import load_weights
-from tinydiff.diffusion import NoiseSchedule
+from tinydiff import backend, evaluate, pictures, runs, train
+from tinydiff.config import ConfigError
 from tinydiff.samplers import ddim_sample
 from tinydiff.tensor import no_grad
 
@@ -44,7 +43,7 @@ CONFIG = dict(
     model="contextunet",    # the course's ContextUnet: time and one-hot context injected in the decoder
     n_feat=32,              # width of the first level (the course uses 64; 32 learns more per CPU minute)
     batch_size=64,
-    epochs=None,            # None: train.DEFAULT_EPOCHS passes over the data
+    epochs=None,            # None: config.DEFAULT_EPOCHS passes over the data
     lr=1e-3,                # Adam's peak learning rate ...
     lr_schedule="linear",   # ... decayed linearly to 0, as in the course
     grad_clip=1.0,          # clip the global gradient norm
@@ -75,27 +74,25 @@ def main(argv=None):
     start = time.time()
     try:
         run = train.train(config, resume=args.resume, progress=not args.tiny)   # the loop, see the docstring
-    except train.ConfigError as err:       # e.g. --out already holds a run: resume it or pick another
+    except ConfigError as err:       # e.g. --out already holds a run: resume it or pick another
         raise SystemExit(f"demos/02_train_digits.py: {err}") from None
     minutes = (time.time() - start) / 60
 
     # --- sample with the EMA weights and score the digits ------------------------------------
-    cfg, weights = cli.find_weights(run)                            # config.json, EMA weights
-    model = load_weights(train.model_from_config(cfg).to(args.device), weights).eval()
-    schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
+    model, schedule, cfg = runs.load_run(run, args.device)         # config.json, EMA weights, eval mode
     per_class = 2 if args.tiny else EVAL_PER_CLASS
     labels = np.repeat(np.arange(cfg["num_classes"]), per_class)   # (N,)
-    context = backend.to_device(train.make_context(cfg, labels, cfg["num_classes"]), args.device)
+    context = model.context(backend.to_device(labels, args.device))   # the model's conditioning
     steps = min(50, cfg["timesteps"])
     t0 = time.time()
     with no_grad():
         x = ddim_sample(model, schedule, (len(labels), 1, cfg["height"], cfg["height"]), context,
                         steps=steps, seed=1, objective=cfg["objective"])   # (N, 1, 16, 16) in [-1, 1]
-    images = train.to_unit(backend.to_device(x, "cpu"))            # [0, 1], as `tinydiff sample`
+    images = pictures.to_unit(backend.to_device(x, "cpu"))            # [0, 1], as `tinydiff sample`
     sample_s = time.time() - t0
     result = evaluate.evaluate(images, labels, device=args.device, name=f"DDIM-{steps}")
     print(evaluate.format_report(result, name=f"{run}: DDIM-{steps}"))
-    train.write_png(os.path.join(run, "eval_samples.png"), train.image_grid(images, ncol=per_class))
+    pictures.write_png(os.path.join(run, "eval_samples.png"), pictures.image_grid(images, ncol=per_class))
     print(f"train() took {minutes:.1f} min (with its checkpoint and preview samples); sampled "
           f"{len(images)} digits in {sample_s:.0f} s; pictures: "
           f"{run}/loss.png, {run}/samples.png, {run}/eval_samples.png")

@@ -25,24 +25,15 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, cli, train
+from _common import load_model            # the run to sample from (demos/_common.py)
+
+from tinydiff import backend, pictures
 from tinydiff.samplers import ddpm_sample
 from tinydiff.tensor import no_grad
 
 PER_CLASS = 4               # samples of each digit in the grid and the GIF
 GIF_FRAMES = 40             # about this many frames from x_T to x_0
 SEED = 0
-TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=1)
-
-
-def load_model(args):
-    """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
-    run = args.checkpoint
-    if run is None and args.tiny:                              # a throwaway run, made once in --out
-        run = os.path.join(args.out, "tiny_run")
-        if not os.path.exists(os.path.join(run, "checkpoint.json")):
-            train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
-    return cli.load_run(run or "runs/digits", args.device)
 
 
 def main(argv=None):
@@ -59,7 +50,7 @@ def main(argv=None):
     classes = np.arange(cfg["num_classes"])
 
     labels = np.repeat(classes, per_class)                                  # (N,): 0,0,0,0,1,1,...
-    context = backend.to_device(train.make_context(cfg, labels, cfg["num_classes"]), args.device)
+    context = model.context(backend.to_device(labels, args.device))        # the model's conditioning
     shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])   # (N, 1, 16, 16)
     x_T = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)   # shared by both runs
     every = max(1, schedule.T // GIF_FRAMES)
@@ -71,10 +62,10 @@ def main(argv=None):
                                      x_T=backend.to_device(x_T, args.device), objective=cfg["objective"],
                                      return_trajectory_every=every)
     print(f"DDPM: {len(labels)} samples, {schedule.T} steps, {time.time() - start:.1f} s")
-    grid = train.to_unit(backend.to_device(x0, "cpu"))                    # (N, 1, 16, 16) in [0, 1]
-    train.write_png(os.path.join(args.out, "ddpm_grid.png"), train.image_grid(grid, ncol=per_class))
-    frames = [train.image_grid(train.to_unit(backend.to_device(xt, "cpu")), ncol=per_class) for xt in trajectory]
-    train.write_gif(os.path.join(args.out, "denoising.gif"), frames)
+    grid = pictures.to_unit(backend.to_device(x0, "cpu"))                    # (N, 1, 16, 16) in [0, 1]
+    pictures.write_png(os.path.join(args.out, "ddpm_grid.png"), pictures.image_grid(grid, ncol=per_class))
+    frames = [pictures.image_grid(pictures.to_unit(backend.to_device(xt, "cpu")), ncol=per_class) for xt in trajectory]
+    pictures.write_gif(os.path.join(args.out, "denoising.gif"), frames)
 
     # --- the ablation: the same x_T, no noise added at any step ------------------------------------
     first = np.arange(0, len(labels), per_class)                         # one sample of each digit
@@ -84,8 +75,8 @@ def main(argv=None):
                                   device=args.device, x_T=backend.to_device(x_T[first], args.device),
                                   objective=cfg["objective"], noise_free=True)
     print(f"DDPM without the added noise: {len(first)} samples, {time.time() - start:.1f} s")
-    both = np.concatenate([grid[first], train.to_unit(backend.to_device(x0_no_noise, "cpu"))])
-    train.write_png(os.path.join(args.out, "ablation.png"), train.image_grid(both, ncol=len(first)))
+    both = np.concatenate([grid[first], pictures.to_unit(backend.to_device(x0_no_noise, "cpu"))])
+    pictures.write_png(os.path.join(args.out, "ablation.png"), pictures.image_grid(both, ncol=len(first)))
     print(f"wrote {args.out}/ddpm_grid.png, {args.out}/denoising.gif ({len(frames)} frames), "
           f"{args.out}/ablation.png (top: with noise, bottom: without)")
 

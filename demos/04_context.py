@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, cli, train
-from tinydiff.diffusion import null_context
+from _common import load_model            # the run to sample from (demos/_common.py)
+
+from tinydiff import backend, pictures
 from tinydiff.samplers import ddim_sample, ddpm_sample
 from tinydiff.tensor import no_grad
 
@@ -36,17 +37,6 @@ DDIM_STEPS = 50
 PAIRS = [(1, 7), (3, 8), (4, 9), (0, 6), (2, 5)]    # digits to mix, one row each
 MIX_WEIGHTS = [0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0]
 SEED = 0
-TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=1)
-
-
-def load_model(args):
-    """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
-    run = args.checkpoint
-    if run is None and args.tiny:                              # a throwaway run, made once in --out
-        run = os.path.join(args.out, "tiny_run")
-        if not os.path.exists(os.path.join(run, "checkpoint.json")):
-            train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
-    return cli.load_run(run or "runs/digits", args.device)
 
 
 def main(argv=None):
@@ -64,9 +54,8 @@ def main(argv=None):
     steps = min(DDIM_STEPS, schedule.T)
 
     def sample(context, seed, x_T=None):
-        """Images in [0, 1] for a batch of context vectors (B, K) (or class indices for a UNet),
-        from x_T (B, C, H, W) if given, else from noise drawn with `seed`."""
-        context = backend.to_device(context, args.device)
+        """Images in [0, 1] for a batch of contexts (model.context's), from x_T (B, C, H, W) if
+        given, else from noise drawn with `seed`."""
         shape = (len(context), cfg["in_channels"], cfg["height"], cfg["height"])
         x_T = None if x_T is None else backend.to_device(x_T, args.device)
         with no_grad():
@@ -76,15 +65,15 @@ def main(argv=None):
             else:
                 x = ddim_sample(model, schedule, shape, context, steps=steps, eta=0.0, seed=seed,
                                 device=args.device, x_T=x_T, objective=cfg["objective"])
-        return train.to_unit(backend.to_device(x, "cpu"))       # (B, C, H, W) in [0, 1]
+        return pictures.to_unit(backend.to_device(x, "cpu"))       # (B, C, H, W) in [0, 1]
 
     # --- one row per digit, and a row with the null context ------------------------------------
     start = time.time()
     labels = np.repeat(np.arange(k), per_class)                          # (N,)
-    contexts = train.make_context(cfg, labels, k)                        # (N, K) one-hot (ContextUnet)
-    nulls = backend.to_device(null_context(model, per_class, np.zeros(1, np.float32)), "cpu")
-    grid = sample(np.concatenate([contexts, nulls]), SEED)
-    train.write_png(os.path.join(args.out, "context_grid.png"), train.image_grid(grid, ncol=per_class))
+    contexts = model.context(backend.to_device(labels, args.device))     # (N, K) one-hot (ContextUnet)
+    nulls = model.null_context(per_class)                                # zeros, or the UNet's null class
+    grid = sample(backend.get_array_module(contexts).concatenate([contexts, nulls]), SEED)
+    pictures.write_png(os.path.join(args.out, "context_grid.png"), pictures.image_grid(grid, ncol=per_class))
     print(f"context grid: {len(grid)} samples ({args.sampler}), {time.time() - start:.1f} s")
 
     # --- mixed contexts: (1 - w) one_hot(a) + w one_hot(b), the same x_T along a row --------------
@@ -93,15 +82,16 @@ def main(argv=None):
               f"class indices, so mixed_context.png is not drawn")
         return
     pairs = PAIRS[:2] if args.tiny else PAIRS
-    eye = np.eye(k, dtype=np.float32)
-    mixed = np.stack([(1 - w) * eye[a] + w * eye[b] for a, b in pairs for w in MIX_WEIGHTS])   # (P*W, K)
+    one_hot = model.context(backend.to_device(np.arange(k), args.device))   # (K, K): row a is digit a's context
+    mixed = backend.get_array_module(one_hot).stack(
+        [(1 - w) * one_hot[a] + w * one_hot[b] for a, b in pairs for w in MIX_WEIGHTS])      # (P*W, K)
     start = time.time()
     x_T = np.random.default_rng(SEED + 1).standard_normal((1, cfg["in_channels"], cfg["height"], cfg["height"]))
     x_T = np.repeat(x_T.astype(np.float32), len(MIX_WEIGHTS), axis=0)       # ONE noise for every tile
     rows = [sample(mixed[i * len(MIX_WEIGHTS):(i + 1) * len(MIX_WEIGHTS)], SEED + 1, x_T)
             for i in range(len(pairs))]
-    train.write_png(os.path.join(args.out, "mixed_context.png"),
-                    train.image_grid(np.concatenate(rows), ncol=len(MIX_WEIGHTS)))
+    pictures.write_png(os.path.join(args.out, "mixed_context.png"),
+                       pictures.image_grid(np.concatenate(rows), ncol=len(MIX_WEIGHTS)))
     print(f"mixed contexts: pairs {pairs}, weights {MIX_WEIGHTS}, {time.time() - start:.1f} s")
     print(f"wrote {args.out}/context_grid.png (last row: null context), {args.out}/mixed_context.png")
 

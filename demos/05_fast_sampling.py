@@ -31,24 +31,15 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, cli, evaluate, train
+from _common import load_model            # the run to sample from (demos/_common.py)
+
+from tinydiff import backend, evaluate, pictures
 from tinydiff.samplers import ddim_sample, ddpm_sample
 from tinydiff.tensor import no_grad
 
 STEPS = [10, 20, 50, 100]        # and T, the schedule's full length
 PER_CLASS = 5                    # samples per digit for each row of the table
 SEED = 0
-TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=1)
-
-
-def load_model(args):
-    """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
-    run = args.checkpoint
-    if run is None and args.tiny:                              # a throwaway run, made once in --out
-        run = os.path.join(args.out, "tiny_run")
-        if not os.path.exists(os.path.join(run, "checkpoint.json")):
-            train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
-    return cli.load_run(run or "runs/digits", args.device)
 
 
 def main(argv=None):
@@ -66,10 +57,10 @@ def main(argv=None):
     step_list = sorted({s for s in ([2, 5] if args.tiny else STEPS) if s < schedule.T} | {schedule.T})
 
     labels = np.repeat(np.arange(cfg["num_classes"]), per_class)            # (N,)
-    context = backend.to_device(train.make_context(cfg, labels, cfg["num_classes"]), args.device)
+    context = model.context(backend.to_device(labels, args.device))        # the model's conditioning
     shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])
     classifier = evaluate.load_classifier(device=args.device)
-    rows, pictures = [], []
+    rows, row_images = [], []
     for steps in step_list:
         for sampler in ("DDIM", "DDPM"):
             start = time.time()
@@ -84,11 +75,11 @@ def main(argv=None):
                     x = ddim_sample(model, schedule, shape, context, steps=steps, eta=1.0, seed=SEED,
                                     device=args.device, objective=cfg["objective"])
             seconds = time.time() - start
-            images = train.to_unit(backend.to_device(x, "cpu"))             # (N, 1, 16, 16) in [0, 1]
+            images = pictures.to_unit(backend.to_device(x, "cpu"))             # (N, 1, 16, 16) in [0, 1]
             score = evaluate.evaluate(images, labels, classifier=classifier)
             name = f"{sampler}{'' if sampler == 'DDIM' else ' (Alg. 2)' if steps == schedule.T else ' (eta=1)'}"
             rows.append((name, steps, seconds, score))
-            pictures.append(images[::per_class])                            # one of each digit
+            row_images.append(images[::per_class])                            # one of each digit
             print(f"{name:16s} {steps:4d} steps  {seconds:7.1f} s  accuracy {score['accuracy']:.1%}  "
                   f"Frechet {score['frechet']:.2f} (floor {score['floor']:.2f}, {score['ratio']:.2f}x)")
 
@@ -113,8 +104,8 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 0.9 * len(rows) + 0.4), squeeze=False)
-    for ax, (name, steps, seconds, s), images in zip(axes[:, 0], rows, pictures):
-        ax.imshow(train.image_grid(images, ncol=len(images), scale=1))
+    for ax, (name, steps, seconds, s), images in zip(axes[:, 0], rows, row_images):
+        ax.imshow(pictures.image_grid(images, ncol=len(images), scale=1))
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(f"{name}\n{steps} steps", rotation=0, ha="right", va="center", fontsize=8)
         ax.set_title(f"{seconds:.1f} s, accuracy {s['accuracy']:.0%}, {s['ratio']:.2f}x floor", fontsize=7, loc="right")

@@ -31,9 +31,10 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, cli, data, evaluate, train
+from _common import load_model            # the run to sample from (demos/_common.py)
+
+from tinydiff import backend, data, evaluate, pictures
 from tinydiff.classifier import train_noisy_classifier
-from tinydiff.diffusion import null_context
 from tinydiff.samplers import ddim_sample
 from tinydiff.tensor import no_grad
 
@@ -43,17 +44,6 @@ CLASSIFIER_STEPS = 1500                           # training steps of the noise-
 DDIM_STEPS = 50
 PER_CLASS = 5                                     # samples per digit for each scale
 SEED = 0
-TINY_RUN = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=1)
-
-
-def load_model(args):
-    """The run's model (EMA weights), schedule and config; with --tiny and no run, a throwaway one."""
-    run = args.checkpoint
-    if run is None and args.tiny:                              # a throwaway run, made once in --out
-        run = os.path.join(args.out, "tiny_run")
-        if not os.path.exists(os.path.join(run, "checkpoint.json")):
-            train.train(dict(TINY_RUN, out=run, device=args.device), progress=False)
-    return cli.load_run(run or "runs/digits", args.device)
 
 
 def table(title, rows):
@@ -80,7 +70,7 @@ def main(argv=None):
     scorer = evaluate.load_classifier(device=args.device)
 
     labels = np.repeat(np.arange(cfg["num_classes"]), per_class)            # (N,)
-    context = backend.to_device(train.make_context(cfg, labels, cfg["num_classes"]), args.device)
+    context = model.context(backend.to_device(labels, args.device))        # the model's conditioning
     shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])
 
     # --- 1. classifier-free guidance: one model, two predictions -----------------------------------
@@ -90,7 +80,7 @@ def main(argv=None):
         with no_grad():
             x = ddim_sample(model, schedule, shape, context, steps=steps, seed=SEED, device=args.device,
                             objective=cfg["objective"], guidance_scale=s)
-        images = train.to_unit(backend.to_device(x, "cpu"))
+        images = pictures.to_unit(backend.to_device(x, "cpu"))
         cfg_rows.append((s, time.time() - start, evaluate.evaluate(images, labels, classifier=scorer)))
         cfg_pictures.append(images[::per_class])
         print(f"classifier-free s={s:g}: accuracy {cfg_rows[-1][2]['accuracy']:.1%}, "
@@ -102,14 +92,14 @@ def main(argv=None):
     noisy_classifier = train_noisy_classifier(train_x, train_y, schedule, steps=5 if args.tiny else CLASSIFIER_STEPS,
                                               seed=SEED, device=args.device)
     print(f"noise-aware classifier: {5 if args.tiny else CLASSIFIER_STEPS} steps, {time.time() - start:.0f} s")
-    unconditional = null_context(model, len(labels), context)               # zeros (ContextUnet) or the null class
+    unconditional = model.null_context(len(labels))                         # zeros (ContextUnet) or the null class
     clf_rows, clf_pictures = [], []
     for s in CLASSIFIER_SCALES:
         start = time.time()
         x = ddim_sample(model, schedule, shape, unconditional, steps=steps, seed=SEED, device=args.device,
                         objective=cfg["objective"], classifier=noisy_classifier, classifier_scale=s,
                         classifier_labels=backend.to_device(labels, args.device))   # not in no_grad: needs g
-        images = train.to_unit(backend.to_device(x, "cpu"))
+        images = pictures.to_unit(backend.to_device(x, "cpu"))
         clf_rows.append((s, time.time() - start, evaluate.evaluate(images, labels, classifier=scorer)))
         clf_pictures.append(images[::per_class])
         print(f"classifier guidance s={s:g}: accuracy {clf_rows[-1][2]['accuracy']:.1%}, "
@@ -141,10 +131,10 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "guidance_sweep.png"), dpi=100)
     plt.close(fig)
-    train.write_png(os.path.join(args.out, "cfg_grid.png"),
-                    train.image_grid(np.concatenate(cfg_pictures), ncol=cfg["num_classes"]))
-    train.write_png(os.path.join(args.out, "classifier_grid.png"),
-                    train.image_grid(np.concatenate(clf_pictures), ncol=cfg["num_classes"]))
+    pictures.write_png(os.path.join(args.out, "cfg_grid.png"),
+                    pictures.image_grid(np.concatenate(cfg_pictures), ncol=cfg["num_classes"]))
+    pictures.write_png(os.path.join(args.out, "classifier_grid.png"),
+                    pictures.image_grid(np.concatenate(clf_pictures), ncol=cfg["num_classes"]))
     print(f"wrote {args.out}/guidance.md, guidance_sweep.png, cfg_grid.png (rows: s = {CFG_SCALES}), "
           f"classifier_grid.png (rows: s = {CLASSIFIER_SCALES})")
     return cfg_rows, clf_rows

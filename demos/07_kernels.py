@@ -63,11 +63,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     n_feat, batch, repeats = (8, 8, 1) if args.tiny else (N_FEAT, BATCH, REPEATS)
 
-    # the same inputs for everyone: a batch of digits, its one-hot contexts, timesteps and noise
+    # the same inputs for everyone: a batch of digits, its labels, timesteps and noise
     images, labels, k = data.load_digits("train")
     rng = np.random.default_rng(SEED)
     idx = rng.choice(len(images), batch, replace=False)
-    x0, context = images[idx], data.one_hot(labels[idx], k)             # (B, 1, 16, 16), (B, 10)
+    x0, y = images[idx], labels[idx]                                    # (B, 1, 16, 16), (B,)
     schedule = NoiseSchedule("linear", 500)
     t = rng.integers(0, schedule.T, size=batch)                         # (B,)
     eps = rng.standard_normal(x0.shape).astype(np.float32)              # (B, 1, 16, 16)
@@ -93,7 +93,8 @@ def main(argv=None):
         model.load_state_dict(initial)
         model.to(device).train()
         opt = optim.Adam(model.parameters(), lr=1e-3)
-        inputs = [backend.to_device(a, device) for a in (x0, context, t, eps)]
+        x0_dev, y_dev, t_dev, eps_dev = [backend.to_device(a, device) for a in (x0, y, t, eps)]
+        inputs = [x0_dev, model.context(y_dev), t_dev, eps_dev]            # the model's context: (B, 10) one-hot
         loss, _, _ = one_step(model, schedule, *inputs, opt)            # warm-up; gradients to compare
         grads = {n: backend.to_device(p.grad, "cpu") for n, p in model.named_parameters()}
         times = [one_step(model, schedule, *inputs, opt)[1:] for _ in range(repeats)]

@@ -28,8 +28,11 @@ from tinydiff.tensor import Tensor
 
 class GaussianOracle:
     """The exact model for data ~ N(mu, sd^2 I): returns E[eps | x_t] (or E[x0 | x_t], or v).
-    Takes the integer timestep index (time_input = "index"); records the timesteps it is called at."""
-    time_input = "index"
+    Its time input is the integer timestep index (as the UNet's); it records the timesteps it is called at."""
+
+    @staticmethod
+    def time_input(t, T):                    # the model owns its time convention (models' seam)
+        return Tensor(t)
 
     def __init__(self, schedule, mu=0.0, sd=1.0, objective="eps"):
         self.schedule, self.mu, self.sd, self.objective = schedule, mu, sd, objective

@@ -98,7 +98,7 @@ def test_weights_that_do_not_fit_are_refused_with_keys_and_shapes(tmp_path):
     path = tmp_path / "w.safetensors"
     save_weights(small_net(channels=3), path)
     with pytest.raises(CheckpointError, match=r"w\.safetensors.*shape mismatch: 0\.weight: "
-                                              r"file \(3, 2, 3, 3\), model \(4, 2, 3, 3\)"):
+                                              r"weights \(3, 2, 3, 3\), model \(4, 2, 3, 3\)"):
         load_weights(small_net(channels=4), path)
 
     state = {k: v for k, v in safetensors.numpy.load_file(str(path)).items() if k != "1.running_var"}
@@ -108,8 +108,12 @@ def test_weights_that_do_not_fit_are_refused_with_keys_and_shapes(tmp_path):
         load_weights(small_net(), path)
     message = str(err.value)
     assert str(path) in message
-    assert "missing keys (in the model, not the file): 1.running_var (3,)" in message
-    assert "unexpected keys (in the file, not the model): extra.bias (5,)" in message
+    assert "missing keys (in the model, not the weights): 1.running_var (3,)" in message
+    assert "unexpected keys (in the weights, not the model): extra.bias (5,)" in message
+    # one wording: load_state_dict refuses the same mismatch in the same words, less the file name
+    with pytest.raises(ValueError) as direct:
+        small_net().load_state_dict(safetensors.numpy.load_file(str(path)))
+    assert message == f"{path}: {direct.value}"
     before = arrays_of(small_net())
     loose = small_net()
     load_weights(loose, path, strict=False)                 # non-strict: takes what fits
@@ -263,7 +267,7 @@ def test_checkpoint_into_a_different_model_is_refused(tmp_path):
     model, opt, ema = trained()
     save_checkpoint(tmp_path, model, opt, 2, ema=ema)
     wide = small_net(channels=5)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*0\.weight: file \(3, 2, 3, 3\), "
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*0\.weight: weights \(3, 2, 3, 3\), "
                                               r"model \(5, 2, 3, 3\)"):
         load_checkpoint(tmp_path, wide, Adam(wide.parameters()))
 

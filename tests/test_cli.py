@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinydiff import cli, checkpoint
+from tinydiff import cli, checkpoint, runs
 from tinydiff import train as training
 
 TINY = ["--n-feat", "8", "--batch-size", "8", "--timesteps", "10", "--sample-steps", "2",
@@ -109,7 +109,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     assert "step 3: the loss is nan" in err
     info = checkpoint.load_checkpoint(str(out))              # the step-2 checkpoint, complete
     assert info["step"] == 2
-    model = training.model_from_config(info["config"])
+    model = runs.model_from_config(info["config"])
     checkpoint.load_checkpoint(str(out), model)
     assert all(np.isfinite(p.data).all() for p in model.parameters())
 
@@ -155,9 +155,9 @@ def test_unet_trains_and_samples(tmp_path):
     assert images.shape == (4, 1, 16, 16) and labels.tolist() == [0, 0, 7, 7]
     # the images are DDIM-2 (eta 0, seed 0) of the run's EMA weights, class indices as the UNet's
     # context, guidance 3; the same samples without guidance differ, so the check sees guidance
-    cfg, weights = cli.find_weights(str(out))
+    cfg, weights = runs.find_weights(str(out))
     assert cfg["model"] == "unet" and weights.endswith("ema.safetensors")
-    model = checkpoint.load_weights(training.model_from_config(cfg), weights).eval()
+    model = checkpoint.load_weights(runs.model_from_config(cfg), weights).eval()
     schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     with no_grad():
         x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=0.0, generator=np.random.default_rng(0),
@@ -203,6 +203,24 @@ def test_bad_arguments(reference, tmp_path, capsys, argv, message):
 def test_sample_refuses_a_folder_without_a_run(tmp_path, capsys):
     assert run("sample", "--checkpoint", tmp_path) == 1
     assert "not a run folder (no checkpoint.json)" in capsys.readouterr().err
+
+
+def test_sample_refuses_a_missing_run_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert run("sample", "--checkpoint", missing) == 1              # a message, not a traceback
+    err = capsys.readouterr().err
+    assert f"tinydiff sample: error: {missing}: no such run folder or weights file" in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):         # the library raises, never exits
+        runs.load_run(str(missing))
+
+
+def test_load_run_gives_the_run_that_train_wrote(reference):
+    """runs.load_run is what `tinydiff sample` and the demos use: EMA weights, eval mode, the config."""
+    model, schedule, cfg = runs.load_run(str(reference))
+    assert not model.training and schedule.T == cfg["timesteps"] and cfg["n_feat"] == 8
+    ema = checkpoint.read_safetensors(str(reference / "model.safetensors"))[0]
+    for name, t in model.state_dict().items():
+        np.testing.assert_array_equal(t.numpy(), ema[name], err_msg=name)
 
 
 def test_python_dash_m_help():

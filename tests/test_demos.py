@@ -36,6 +36,18 @@ def run_demo(name, *args, ok=True):
     return proc.stdout
 
 
+def import_demo(module_name, file_name):
+    """A demo as a module (for its constants), with demos/ on the path for its `_common` import."""
+    sys.path.insert(0, DEMOS)
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(DEMOS, file_name))
+        demo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo)
+    finally:
+        sys.path.remove(DEMOS)
+    return demo
+
+
 def assert_png(path):
     from PIL import Image
     with open(path, "rb") as f:
@@ -55,7 +67,7 @@ def assert_gif(path, min_frames=2):
 
 
 def read_grid(path_or_image, ncol, h=16, pad=1, scale=4):
-    """The tiles of a picture written by train.image_grid: (rows, ncol, h, h) gray values in [0, 1]."""
+    """The tiles of a picture written by pictures.image_grid: (rows, ncol, h, h) gray values in [0, 1]."""
     from PIL import Image
     img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     gray = np.asarray(img.convert("RGB"))[::scale, ::scale, 0] / 255.0     # one value per drawn pixel
@@ -77,8 +89,8 @@ def assert_tiles(tiles, x, what):
 
 
 def tiny_model(run):
-    from tinydiff import cli
-    model, schedule, cfg = cli.load_run(str(run))
+    from tinydiff import runs
+    model, schedule, cfg = runs.load_run(str(run))
     assert cfg["model"] == "contextunet", cfg["model"]       # the contexts below are one-hot vectors
     return model, schedule, cfg
 
@@ -131,12 +143,10 @@ def test_02_train_digits(tiny_run):
 
 def test_02_config_is_the_default_training_run():
     """The README's quick start (demo 02) and `tinydiff train` with no flags train the same model."""
-    from tinydiff import train
-    spec = importlib.util.spec_from_file_location("demo02", os.path.join(DEMOS, "02_train_digits.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from tinydiff import config
+    demo = import_demo("demo02", "02_train_digits.py")
     for key, value in demo.CONFIG.items():
-        assert train.DEFAULTS[key] == value, f"demo 02 CONFIG[{key!r}] = {value!r}, train.DEFAULTS has {train.DEFAULTS[key]!r}"
+        assert config.DEFAULTS[key] == value, f"demo 02 CONFIG[{key!r}] = {value!r}, config.DEFAULTS has {config.DEFAULTS[key]!r}"
 
 
 def test_03_sampling_trains_its_own_tiny_model(tmp_path):
@@ -173,9 +183,7 @@ def test_03_sampling_trains_its_own_tiny_model(tmp_path):
 def test_04_context(tmp_path, tiny_run):
     from tinydiff.samplers import ddim_sample
     from tinydiff.tensor import no_grad
-    spec = importlib.util.spec_from_file_location("demo04", os.path.join(DEMOS, "04_context.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)                                         # its constants
+    demo = import_demo("demo04", "04_context.py")                         # its constants
     run_demo("04_context.py", "--tiny", "--checkpoint", tiny_run, "--out", tmp_path)
     assert_png(tmp_path / "context_grid.png")
     assert_png(tmp_path / "mixed_context.png")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tinydiff import nn
+from tinydiff.models import ContextUnet, UNet
 from tinydiff.diffusion import NoiseSchedule, cosine_alpha_bar, model_eps, model_time, sigmoid_alpha_bar, \
     training_loss
 from tinydiff.tensor import Tensor
@@ -134,10 +135,13 @@ class OneImageOracle:
     """The exact answer for a data set of one image x*: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
 
     def __init__(self, schedule, xstar, objective, time_input="index"):
-        self.s, self.xstar, self.objective, self.time_input = schedule, xstar, objective, time_input
+        self.s, self.xstar, self.objective, self.time_kind = schedule, xstar, objective, time_input
+
+    def time_input(self, t, T):              # the model owns its time convention: either kind here
+        return index_time(t, T) if self.time_kind == "index" else Tensor((t + 1) / T)
 
     def __call__(self, x, t, c=None):
-        t = t.data if self.time_input == "index" else np.rint(t.data * self.s.T - 1).astype(np.int64)
+        t = t.data if self.time_kind == "index" else np.rint(t.data * self.s.T - 1).astype(np.int64)
         ab = self.s.f64["alpha_bar"][t].reshape(-1, 1, 1, 1)
         eps = (x.data - np.sqrt(ab) * self.xstar) / np.sqrt(1 - ab)
         out = {"eps": eps, "x0": np.broadcast_to(self.xstar, x.shape),
@@ -160,23 +164,27 @@ def test_training_loss_is_zero_for_a_perfect_model(objective, time_input):
 
 
 def test_model_time_inputs():
+    """Each model owns its time convention: the course's fraction (t + 1) / T, the UNet's index t."""
     s = NoiseSchedule(timesteps=500)
-    x = np.zeros((3, 1, 2, 2), np.float32)
-
-    class Frac:
-        time_input = "fraction"
-
-    class Index:
-        time_input = "index"
-    frac = model_time(Frac(), s, np.array([0, 249, 499]), x)
-    assert frac.dtype == np.float32 and np.allclose(frac.data, [1 / 500, 0.5, 1.0])   # the course's t / T
-    idx = model_time(Index(), s, np.array([0, 249, 499]), x)
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    frac = model_time(ContextUnet(1, n_feat=8, n_cfeat=3, height=8), s, np.array([0, 249, 499]), x)
+    assert np.allclose(frac.data, [1 / 500, 0.5, 1.0])              # the course's t / T, t in 1..T
+    idx = model_time(UNet(1, channels=(8, 16), num_classes=3, height=8, groups=4), s, np.array([0, 249, 499]), x)
     assert idx.data.dtype == np.int64 and list(idx.data) == [0, 249, 499]
+    with pytest.raises(IndexError, match=r"\[0, 500\)"):              # checked before the model sees it
+        model_time(ContextUnet(1, n_feat=8, n_cfeat=3, height=8), s, np.array([0, 1, 500]), x)
+
+
+def index_time(t, T):
+    """A test model's time_input(t, T) when it takes the timestep index itself (as the UNet does)."""
+    return Tensor(t)
 
 
 class TinyEpsModel(nn.Module):
     """eps_theta = w * x_t + b * (time): enough to check that gradients reach the parameters."""
-    time_input = "fraction"
+
+    def time_input(self, t, T):                                  # the course's fraction (t + 1) / T
+        return Tensor(((t + 1) / T).astype(np.float32))
 
     def __init__(self):
         super().__init__()

@@ -21,6 +21,7 @@ LAYERS = [
     ("backend",),                    # NumPy or CuPy, which kernels
     ("shape_ops", "kernels"),        # shape/index ops of the autograd; NumPy references of csrc/
     ("tensor",),                     # Tensor, backward, no_grad, elementwise/reduce/matmul
+    ("arrays",),                     # the one way to put a value on a device
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
     ("nn",),                         # the layers as Modules
     ("context_unet", "unet"),        # the models
@@ -30,6 +31,7 @@ LAYERS = [
     ("diffusion",),                  # schedules, q_sample, the loss
     ("classifier",),                 # the noisy classifier of classifier guidance
     ("samplers",),                   # DDPM and DDIM sampling, guidance
+    ("config", "runs", "pictures", "interrupt"),   # run settings, run folders, image writers, Ctrl-C
     ("train", "evaluate"),           # the training loop; sample quality
     ("cli",),                        # the `tinydiff` command
     ("__main__", "__init__"),        # `python -m tinydiff`; the package's public names

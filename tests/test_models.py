@@ -309,10 +309,11 @@ def test_residual_block_shortcut_is_learned_and_deterministic():
 
 def test_context_unet_conventions():
     m = ContextUnet(1, n_feat=8, n_cfeat=3, height=8)
-    assert m.time_input == "fraction" and m.config["height"] == 8
+    assert m.config["height"] == 8
+    assert np.allclose(m.time_input(np.array([0, 4]), 5).numpy(), [0.2, 1.0])   # (t + 1) / T
     x = Tensor(np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32))
     null = m.null_context(2)
-    assert null.shape == (2, 3) and np.all(null.numpy() == 0)
+    assert null.shape == (2, 3) and null.dtype == np.float32 and np.all(null == 0)
     m.eval()
     a = m(x, np.array([[0.3], [0.7]]), None).numpy()             # (B, 1) times, c None = zeros
     b = m(x, [0.3, 0.7], null).numpy()                           # (B,) times as a list
@@ -415,7 +416,8 @@ def test_context_unet_matches_torch_through_safetensors(tmp_path):
 
 def test_unet_conventions_and_bad_input():
     m = UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4).eval()
-    assert m.time_input == "index" and list(m.null_context(2)) == [3, 3]
+    assert list(m.time_input(np.array([0, 7]), 10).numpy()) == [0, 7]           # the index itself
+    assert list(m.null_context(2)) == [3, 3]
     x = Tensor(np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32))
     assert np.array_equal(m(x, [5, 5]).numpy(), m(x, [5, 5], m.null_context(2)).numpy())   # None = null class
     assert np.allclose(m(x, 5).numpy(), m(x, [5, 5]).numpy(), atol=1e-6)                   # one t for all
@@ -433,6 +435,67 @@ def test_unet_conventions_and_bad_input():
     with pytest.raises(ValueError, match="no classes"):
         UNet(1, channels=(8, 16), height=8, groups=4)(x, [1, 2], [0, 1])
     assert UNet(1, channels=(8, 16), height=8, groups=4).null_context(2) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The conditioning seam: every noise predictor turns labels into its own context
+
+
+def small_models():
+    return [ContextUnet(1, n_feat=8, n_cfeat=3, height=8).eval(),
+            UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4).eval()]
+
+
+def test_models_own_their_conditioning():
+    course, modern = small_models()
+    c = course.context([2, 0])                                   # one-hot vectors, the course's context
+    assert c.dtype == np.float32 and np.array_equal(c, np.eye(3, dtype=np.float32)[[2, 0]])
+    c = modern.context(np.array([2, 0], np.int32))               # class indices, int64
+    assert c.dtype == np.int64 and list(c) == [2, 0]
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32))
+    for m in (course, modern):
+        t = m.time_input(np.array([3, 9]), 10)
+        assert m.context(None) is None                           # None: unconditional
+        null = m(x, t, m.null_context(2)).numpy()
+        assert np.array_equal(m(x, t, m.context(None)).numpy(), null)
+        labelled = m(x, t, m.context([1, 2])).numpy()
+        assert labelled.shape == (2, 1, 8, 8) and np.abs(labelled - null).max() > 1e-6   # the labels reach it
+        name = type(m).__name__
+        with pytest.raises(ValueError, match=rf"{name}.context: labels must lie in \[0, 3\), got min 0 max 3"):
+            m.context([0, 3])                                    # 3 would be the UNet's null class
+        with pytest.raises(ValueError, match=rf"{name}.context: labels must be \(B,\) integers"):
+            m.context(np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="no classes"):
+        UNet(1, channels=(8, 16), height=8, groups=4).context([0])
+
+
+def test_a_host_array_is_not_copied_to_the_gpu_behind_your_back():
+    from tinydiff.arrays import as_array
+    host = np.arange(3)
+    assert as_array(host, "cpu") is host                         # already there: the same array
+    assert as_array(Tensor(host), "cpu") is host and list(as_array([1, 2], "cpu")) == [1, 2]
+    # the refusal is decided before CuPy is touched, so it is checked without a GPU too
+    with pytest.raises(ValueError, match=r"NumPy array \(cpu, shape \(3,\)\).*cuda.*backend.to_device\(x, 'cuda'\)"):
+        as_array(host, "cuda")
+
+
+def test_gpu_models_refuse_host_labels_and_inputs_naming_the_fix():
+    ok, why = tinydiff.backend.cuda_available(reason=True)
+    if not ok:
+        pytest.skip(f"needs a CUDA GPU and CuPy: {why}")
+    from tinydiff.arrays import as_array
+    cp = tinydiff.backend.cupy_module()
+    for m in small_models():
+        m.to("cuda")
+        with pytest.raises(ValueError, match=r"backend.to_device\(x, 'cuda'\)"):
+            m.context(np.array([0, 1]))                          # host labels for a GPU model
+        c = m.context(cp.asarray([0, 1]))                        # on the device: fine
+        assert tinydiff.backend.device_of(c) == "cuda"
+        assert tinydiff.backend.device_of(m.null_context(2)) == "cuda"
+        x = Tensor(cp.zeros((2, 1, 8, 8), np.float32))
+        with pytest.raises(ValueError, match=r"backend.to_device\(x, 'cuda'\)"):
+            m(x, m.time_input(cp.asarray([1, 2]), 10), np.asarray(c.get()))   # a host context
+        assert as_array(np.ones(2), "cuda", copy=True).device.id == 0   # asked for: copied
 
 
 def test_attention_gradcheck_and_matches_softmax_formula():

@@ -87,7 +87,8 @@ def test_load_state_dict_refuses_bad_checkpoints_naming_keys_and_shapes():
         m.load_state_dict(dict(bad, **{"conv.weight": np.ones((4, 2, 5, 5))}))
     msg = str(err.value)
     assert "conv.weight" in msg and "(4, 2, 5, 5)" in msg and "(4, 2, 3, 3)" in msg
-    assert "missing keys: heads.0.bias" in msg and "unexpected keys: extra.bias" in msg
+    assert "missing keys (in the model, not the weights): heads.0.bias" in msg
+    assert "unexpected keys (in the weights, not the model): extra.bias" in msg
     assert np.array_equal(m.conv.weight.numpy(), before)        # nothing was copied
     del bad["conv.weight"]
     missing, unexpected = m.load_state_dict(bad, strict=False)   # non-strict: report, do not raise

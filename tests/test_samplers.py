@@ -16,6 +16,11 @@ from tinydiff.tensor import Tensor
 from gaussian_oracle import GaussianOracle, ddim_moments, ddpm_moments, sample_moments
 
 
+def index_time(t, T):
+    """A test model's time_input(t, T) when it takes the timestep index itself (as the UNet does)."""
+    return Tensor(t)
+
+
 def alpha_bar_at(schedule, t, time_input):
     t = t.data if time_input == "index" else np.rint(t.data * schedule.T - 1).astype(np.int64)
     return schedule.f64["alpha_bar"][t].reshape(-1, 1, 1, 1)
@@ -25,10 +30,13 @@ class OneImageOracle:
     """The exact model for a data set of one image x*: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
 
     def __init__(self, schedule, xstar, objective="eps", time_input="index"):
-        self.s, self.xstar, self.objective, self.time_input = schedule, xstar, objective, time_input
+        self.s, self.xstar, self.objective, self.time_kind = schedule, xstar, objective, time_input
+
+    def time_input(self, t, T):              # the model owns its time convention: either kind here
+        return index_time(t, T) if self.time_kind == "index" else Tensor((t + 1) / T)
 
     def __call__(self, x, t, c=None):
-        ab = alpha_bar_at(self.s, t, self.time_input)
+        ab = alpha_bar_at(self.s, t, self.time_kind)
         eps = (x.data - np.sqrt(ab) * self.xstar) / np.sqrt(1 - ab)
         out = {"eps": eps, "x0": np.broadcast_to(self.xstar, x.shape),
                "v": np.sqrt(ab) * eps - np.sqrt(1 - ab) * self.xstar}[self.objective]
@@ -37,7 +45,7 @@ class OneImageOracle:
 
 class MixtureOracle:
     """The exact model for data spread evenly over K points (K, C, H, W)."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule, points):
         self.s, self.points = schedule, points
@@ -55,7 +63,7 @@ class MixtureOracle:
 class BayesClassifier:
     """The exact noise-aware classifier for MixtureOracle's points, point k being class k, in tinydiff
     ops: log p(k | x_t) = log_softmax_k(-|x_t - sqrt(ab) p_k|^2 / (2 (1 - ab)))."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule, points):
         self.s, self.points = schedule, points
@@ -71,7 +79,7 @@ class BayesClassifier:
 class ContextModel:
     """eps = sqrt(1 - ab) x_t + (context . u) (the Gaussian oracle pushed by a one-hot context);
     the null context is zeros. Records each call's batch size."""
-    time_input = "index"
+    time_input = staticmethod(index_time)
 
     def __init__(self, schedule):
         self.s, self.batches = schedule, []
@@ -340,7 +348,7 @@ def test_classifier_free_guidance_convention_and_doubled_batch(sampler):
     model = ContextModel(s)
 
     class Combined:                                  # the guided eps, spelled out with two calls
-        time_input = "index"
+        time_input = staticmethod(index_time)
 
         def __call__(self, x, t, ctx):
             cond, uncond = model(x, t, ctx).data, model(x, t, None).data
@@ -353,6 +361,43 @@ def test_classifier_free_guidance_convention_and_doubled_batch(sampler):
     assert set(model.batches) == {6} and len(model.batches) == (15 if sampler == "ddpm" else 5)
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(got - run(model)).max() > 1e-2                   # and guidance changed something
+
+
+class MarkedNullModel:
+    """The Gaussian oracle, recording every context it is given; its null context is a marker, 7s,
+    that neither zeros nor any one-hot vector could be mistaken for."""
+    time_input = staticmethod(index_time)
+
+    def __init__(self, schedule):
+        self.s, self.contexts = schedule, []
+
+    def null_context(self, batch):
+        return np.full((batch, 3), 7.0, np.float32)
+
+    def __call__(self, x, t, c=None):
+        self.contexts.append(None if c is None else c.data.copy())
+        return Tensor((np.sqrt(1 - alpha_bar_at(self.s, t, "index")) * x.data).astype(x.dtype))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_takes_the_models_own_null_context(sampler):
+    s, c = NoiseSchedule("linear", timesteps=6), np.eye(3, dtype=np.float32)[[2, 0]]
+    model = MarkedNullModel(s)
+    kw = dict(seed=1, guidance_scale=2.0)
+    ddpm_sample(model, s, (2, 1, 2, 2), c, **kw) if sampler == "ddpm" else \
+        ddim_sample(model, s, (2, 1, 2, 2), c, steps=3, **kw)
+    assert len(model.contexts) == (6 if sampler == "ddpm" else 3)
+    for seen in model.contexts:                                      # [context; null] in one call
+        assert np.array_equal(seen[:2], c) and np.array_equal(seen[2:], model.null_context(2))
+
+
+def test_classifier_guidance_needs_the_labels_given():
+    """The class y is never read off a context (only the model knows what its context means)."""
+    s = NoiseSchedule("linear", timesteps=5)
+    clf = BayesClassifier(s, _two_points())
+    with pytest.raises(ValueError, match="classifier_labels"):
+        ddim_sample(GaussianOracle(s), s, (2, 1, 2, 2), np.eye(2, dtype=np.float32), steps=2, seed=0,
+                    classifier=clf, classifier_scale=1.0)
 
 
 def _two_points():

@@ -1,9 +1,10 @@
 """tinydiff: a from-scratch diffusion engine. Read in this order:
 
 backend (NumPy or CuPy, compiled kernels) -> tensor (autograd; its shape ops in shape_ops)
--> functional (layers as ops)
--> kernels (the NumPy references of csrc/) -> module, nn (modules) -> context_unet, unet (models)
--> optim, checkpoint -> data -> diffusion (schedules, loss) -> samplers -> train, cli.
+-> arrays (a value onto a device) -> functional (layers as ops) -> kernels (the NumPy references
+of csrc/) -> module, nn (modules) -> context_unet, unet (models: each owns its conditioning)
+-> optim, checkpoint -> data -> diffusion (schedules, loss) -> samplers
+-> config, runs, pictures, interrupt -> train -> cli.
 """
 from tinydiff import functional
 from tinydiff.backend import cuda_available, get_kernels, manual_seed, set_kernels

@@ -47,7 +47,8 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from tinydiff import backend
+from tinydiff import backend, module
+from tinydiff.arrays import as_array
 from tinydiff.tensor import Tensor
 
 FORMAT, VERSION = "tinydiff-checkpoint", 1
@@ -76,6 +77,9 @@ def _atomic_write(path, data):
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+atomic_write = _atomic_write     # public: every file tinydiff writes (pictures, samples.npz) goes through it
 
 
 def _fsync_dir(path):
@@ -110,9 +114,8 @@ def _tensors_digest(arrays):
     return h.hexdigest()
 
 
-def _to_cpu(value):
-    value = value.data if isinstance(value, Tensor) else value
-    return np.asarray(backend.to_device(value, "cpu"), order="C")   # (ascontiguousarray makes 0-d 1-d)
+def _to_cpu(value):          # saving: the copy to the host is asked for
+    return np.asarray(as_array(value, "cpu", copy=True), order="C")   # (ascontiguousarray makes 0-d 1-d)
 
 
 def _safetensors_bytes(arrays, metadata=None):
@@ -147,21 +150,11 @@ def save_weights(model, path, metadata=None):
 
 
 def check_fits(arrays, model, path, strict=True):
-    """Refuse, naming keys and shapes, weights that do not fit the model's state_dict."""
-    own = {name: t.shape for name, t in model.state_dict().items()}
-    missing = [f"{k} {own[k]}" for k in own if k not in arrays]
-    unexpected = [f"{k} {arrays[k].shape}" for k in arrays if k not in own]
-    mismatched = [f"{k}: file {arrays[k].shape}, model {own[k]}"
-                  for k in own if k in arrays and arrays[k].shape != own[k]]
-    problems = []
-    if strict and missing:
-        problems.append(f"missing keys (in the model, not the file): {', '.join(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys (in the file, not the model): {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
-    if problems:
-        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + " | ".join(problems))
+    """Refuse weights that do not fit the model, in module.check_fits's words, naming the file."""
+    try:
+        module.check_fits(model, {k: tuple(a.shape) for k, a in arrays.items()}, strict)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def load_weights(model, path, strict=True):

@@ -6,7 +6,7 @@ References
                          noisy images x_t, whose gradient grad_{x_t} log p(y | x_t) steers sampling)
 
 Notation: as in diffusion.py; t is a timestep index 0..T-1, and the classifier, like the course's
-ContextUnet, takes the time as the fraction (t + 1) / T (time_input = "fraction").
+ContextUnet, takes the time as the fraction (t + 1) / T (its time_input(t, T)).
 
     clf = train_noisy_classifier(images, labels, schedule, steps=400)   # ~1 min on digits 16x16
     x = ddpm_sample(model, schedule, shape, context, classifier=clf, classifier_scale=2.0)
@@ -25,7 +25,6 @@ from tinydiff.tensor import Tensor, no_grad
 
 class NoisyClassifier(nn.Module):
     """logits = classifier(x_t, t / T): (B, C, H, W), (B,) fractions -> (B, num_classes)."""
-    time_input = "fraction"
 
     def __init__(self, in_channels=1, num_classes=10, n_feat=32):
         super().__init__()
@@ -41,6 +40,10 @@ class NoisyClassifier(nn.Module):
         self.conv3 = nn.Conv2d(2 * n, 2 * n, 3, 2, 1)             # -> (B, 2n, H/4, W/4)
         self.norm3 = nn.GroupNorm(8, 2 * n)
         self.head = nn.Linear(2 * n, num_classes)                 # (B, 2n) -> (B, classes)
+
+    def time_input(self, t, T):
+        """Timestep indices t (B,) in 0..T-1 -> the fraction (t + 1) / T, as the ContextUnet takes."""
+        return Tensor((t + 1) / T)
 
     def forward(self, x, t):
         b = x.shape[0]
@@ -97,5 +100,5 @@ def accuracy(classifier, schedule, images, labels, t, seed=0):
     x0 = np.asarray(images, dtype=np.float32)
     xt = schedule.q_sample(x0, np.full(len(x0), t), rng.standard_normal(x0.shape, dtype=np.float32))
     xt = backend.to_device(xt, classifier.parameters()[0].device)          # where the classifier is
-    logits = classifier(Tensor(xt), model_time(classifier, schedule, np.full(len(x0), t), xt))
+    logits = classifier(Tensor(xt), model_time(classifier, schedule, t, xt))   # one t for the batch
     return float((logits.numpy().argmax(axis=1) == np.asarray(labels)).mean())

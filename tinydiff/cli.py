@@ -5,22 +5,22 @@
     tinydiff eval --samples runs/digits/samples/samples.npz
     tinydiff <command> --help                 every flag, with its default
 
-`train` is tinydiff/train.py (its docstring describes the run folder); `sample` is below:
-it rebuilds the model from the run's config, loads the EMA weights when the run has them, and
+`train` is tinydiff/train.py (its docstring describes the run folder; its settings and their
+checks are tinydiff/config.py); `sample` is below: it loads the run (tinydiff/runs.py: the model
+rebuilt from the run's config, with the EMA weights when the run has them), and
 writes OUT/samples.png (one row per label), OUT/samples.npz (images float32 (N, C, H, W) in
 [0, 1], labels int64 (N,)) and with --gif OUT/denoising.gif (noise turning into images).
 """
 import argparse
 import io
-import json
 import os
 import sys
 
 import numpy as np
 
-from tinydiff import backend, data
+from tinydiff import backend, config, data, pictures, runs
 from tinydiff import train as training
-from tinydiff.checkpoint import CheckpointError, load_checkpoint, load_weights, read_safetensors
+from tinydiff.checkpoint import CheckpointError, atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -68,9 +68,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
     sub.required = True
 
-    # --- train: only the flags given reach train.train(); the rest come from train.DEFAULTS
+    # --- train: only the flags given reach train.train(); the rest come from config.DEFAULTS
     # (or, with --resume, from the run's config.json)
-    d = training.DEFAULTS
+    d, choices = config.DEFAULTS, config.CHOICES
     t = sub.add_parser("train", help="train a diffusion model (see tinydiff/train.py)",
                        description="Train a conditional diffusion model. Only the flags you give are "
                        "changed; with --resume the run's saved settings are the defaults.",
@@ -80,28 +80,28 @@ def build_parser():
     t.add_argument("--image-size", type=positive_int, help="resize images to this size (28 -> 16, or an "
                    "integer upscale; default: the data set's own size, 16 for digits)")
     t.add_argument("--out", help=f"run folder (default {d['out']})")
-    t.add_argument("--model", choices=training.CHOICES["model"], help=f"default {d['model']}")
+    t.add_argument("--model", choices=choices["model"], help=f"default {d['model']}")
     t.add_argument("--n-feat", type=positive_int, help=f"model width (default {d['n_feat']})")
     t.add_argument("--steps", type=positive_int, help="optimizer steps in all (default: from --epochs)")
-    t.add_argument("--epochs", type=positive_int, help=f"passes over the data (default {training.DEFAULT_EPOCHS})")
+    t.add_argument("--epochs", type=positive_int, help=f"passes over the data (default {config.DEFAULT_EPOCHS})")
     t.add_argument("--batch-size", type=positive_int, help=f"default {d['batch_size']}")
-    t.add_argument("--optimizer", choices=training.CHOICES["optimizer"], help=f"default {d['optimizer']}")
+    t.add_argument("--optimizer", choices=choices["optimizer"], help=f"default {d['optimizer']}")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
-    t.add_argument("--lr-schedule", choices=training.CHOICES["lr_schedule"],
+    t.add_argument("--lr-schedule", choices=choices["lr_schedule"],
                    help=f"linear: decay to 0 (the course's); cosine: with --warmup (default {d['lr_schedule']})")
     t.add_argument("--warmup", type=int, help=f"warm-up steps of the cosine schedule (default {d['warmup']})")
     t.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
     t.add_argument("--grad-clip", type=non_negative_float, help=f"max gradient norm, 0: off (default {d['grad_clip']})")
     t.add_argument("--timesteps", type=positive_int, help=f"diffusion steps T (default {d['timesteps']})")
-    t.add_argument("--schedule", choices=training.CHOICES["schedule"], help=f"noise schedule (default {d['schedule']})")
-    t.add_argument("--objective", choices=training.CHOICES["objective"],
+    t.add_argument("--schedule", choices=choices["schedule"], help=f"noise schedule (default {d['schedule']})")
+    t.add_argument("--objective", choices=choices["objective"],
                    help=f"what the model predicts (default {d['objective']})")
     t.add_argument("--context-drop", type=non_negative_float,
                    help=f"fraction of null contexts, for guidance (default {d['context_drop']})")
     t.add_argument("--ema", type=non_negative_float, help=f"EMA decay, 0: off (default {d['ema']})")
     t.add_argument("--seed", type=int, help=f"default {d['seed']}")
-    t.add_argument("--device", choices=training.CHOICES["device"], help=f"default {d['device']}")
-    t.add_argument("--kernels", choices=training.CHOICES["kernels"], help=f"default {d['kernels']}")
+    t.add_argument("--device", choices=choices["device"], help=f"default {d['device']}")
+    t.add_argument("--kernels", choices=choices["kernels"], help=f"default {d['kernels']}")
     t.add_argument("--checkpoint-every", type=positive_int, help=f"steps (default {d['checkpoint_every']})")
     t.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop (with a checkpoint) after this many minutes; --resume goes on")
@@ -152,40 +152,13 @@ def check_device(parser, device, kernels=None):
 # tinydiff sample
 
 
-def find_weights(path):
-    """(config, weights file) for a run folder (EMA weights when present) or a .safetensors file."""
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "checkpoint.json")):
-            raise CheckpointError(f"{path}: not a run folder (no checkpoint.json); train one with "
-                                  f"`tinydiff train --out {path}`")
-        info = load_checkpoint(path)
-        ema_file = os.path.join(info["dir"], "ema.safetensors")
-        return info["config"], ema_file if os.path.exists(ema_file) else os.path.join(info["dir"], "model.safetensors")
-    _, metadata = read_safetensors(path)
-    if "tinydiff.config" not in metadata:
-        raise CheckpointError(f"{path}: no tinydiff config in its metadata (use the model.safetensors "
-                              f"that `tinydiff train` writes, or the run folder)")
-    return json.loads(metadata["tinydiff.config"]), path
-
-
-def load_run(run, device="cpu"):
-    """A run's model (EMA weights, eval mode), its noise schedule and config: what the demos sample from."""
-    from tinydiff.diffusion import NoiseSchedule
-    if not os.path.exists(run):
-        raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")
-    cfg, weights = find_weights(run)                           # config.json and the EMA weights
-    model = load_weights(training.model_from_config(cfg).to(device), weights).eval()
-    return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg
-
-
 def sample_command(parser, args):
-    from tinydiff.diffusion import NoiseSchedule
     from tinydiff.samplers import ddim_sample, ddpm_sample
     from tinydiff.tensor import no_grad
 
     check_device(parser, args.device, args.kernels)
     backend.set_kernels(args.kernels)
-    cfg, weights = find_weights(args.checkpoint)
+    model, schedule, cfg = runs.load_run(args.checkpoint, args.device)   # EMA weights, eval mode
     labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
     if max(labels) >= cfg["num_classes"]:
         parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
@@ -194,10 +167,6 @@ def sample_command(parser, args):
     out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
                                    else os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
 
-    model = training.model_from_config(cfg).to(args.device)
-    load_weights(model, weights)
-    model.eval()                                                    # BatchNorm: running statistics
-    schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
     shown = np.concatenate([np.flatnonzero(all_labels == y)[:10] for y in labels])  # the GIF's images
     steps = schedule.T if args.sampler == "ddpm" else args.steps
@@ -206,12 +175,12 @@ def sample_command(parser, args):
            else backend.cupy_module().random.default_rng(args.seed))
     print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}"
           f"{'' if args.sampler == 'ddpm' else f'-{steps} eta {args.eta}'}, guidance {args.guidance}, "
-          f"from {weights}")
+          f"from {args.checkpoint}")
 
     images, frames = [], None
     for start in range(0, len(all_labels), args.batch_size):       # chunks of --batch-size images
         chunk = all_labels[start:start + args.batch_size]
-        context = backend.to_device(training.make_context(cfg, chunk, cfg["num_classes"]), args.device)
+        context = model.context(backend.to_device(chunk, args.device))   # the model's own conditioning
         shape = (len(chunk), cfg["in_channels"], cfg["height"], cfg["height"])
         kwargs = dict(generator=rng, objective=cfg["objective"], guidance_scale=args.guidance,
                       return_trajectory_every=every)
@@ -222,25 +191,25 @@ def sample_command(parser, args):
                 result = ddim_sample(model, schedule, shape, context, steps=steps, eta=args.eta,
                                      spacing=args.spacing, **kwargs)
         x, trajectory = result if args.gif else (result, None)
-        images.append(training.to_unit(backend.to_device(x, "cpu")))
+        images.append(pictures.to_unit(backend.to_device(x, "cpu")))
         if trajectory is not None:                                  # keep only the GIF's images
             local = shown[(shown >= start) & (shown < start + len(chunk))] - start
-            picked = [training.to_unit(backend.to_device(xt, "cpu"))[local] for xt in trajectory]
+            picked = [pictures.to_unit(backend.to_device(xt, "cpu"))[local] for xt in trajectory]
             frames = picked if frames is None else [np.concatenate([a, b]) for a, b in zip(frames, picked)]
     images = np.concatenate(images)                                 # (N, C, H, W) in [0, 1]
 
     os.makedirs(out, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, images=images.astype(np.float32), labels=all_labels)
-    training.write_atomic(os.path.join(out, "samples.npz"), buf.getvalue())
+    atomic_write(os.path.join(out, "samples.npz"), buf.getvalue())
     ncol = min(args.n, 10) if args.n > 20 else args.n
-    training.write_png(os.path.join(out, "samples.png"), training.image_grid(
+    pictures.write_png(os.path.join(out, "samples.png"), pictures.image_grid(
         _pad_groups(images, all_labels, labels, ncol), ncol=ncol))
     written = ["samples.png", "samples.npz"]
     if frames is not None:
         k = min(args.n, 10)
-        training.write_gif(os.path.join(out, "denoising.gif"),
-                           [training.image_grid(f, ncol=k) for f in frames])
+        pictures.write_gif(os.path.join(out, "denoising.gif"),
+                           [pictures.image_grid(f, ncol=k) for f in frames])
         written.append("denoising.gif")
     print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
     return 0
@@ -293,7 +262,7 @@ def main(argv=None):
         if args.command == "sample":
             return sample_command(parser, args)
         return eval_command(parser, args)
-    except training.ConfigError as err:
+    except config.ConfigError as err:
         parser.error(str(err))                       # exit code 2, as for any bad argument
     except (data.DataError, CheckpointError, training.TrainingDiverged, FileNotFoundError) as err:
         print(f"{command}: error: {err}", file=sys.stderr)

@@ -23,9 +23,8 @@ Two departures, both documented where they happen:
   2. `to_vec` pools with AvgPool2d(height // 4) rather than a fixed AvgPool2d(4), so that small
      images (height 8 in the tests) reduce to 1x1 too. For height 16 this is the course's layer.
 """
-import numpy as np
-
-from tinydiff import backend, nn
+from tinydiff import nn
+from tinydiff.arrays import as_array, as_labels
 from tinydiff.tensor import Tensor, cat
 
 
@@ -103,12 +102,17 @@ class ContextUnet(nn.Module):
     forward(x, t, c=None):
         x  (B, in_channels, height, height) noisy images x_t
         t  the time as a FRACTION, timestep / T, one per sample: any shape with B elements
-           (e.g. (B,) or (B, 1)), or a single value used for the whole batch.  time_input = "fraction"
+           (e.g. (B,) or (B, 1)), or a single value used for the whole batch.  time_input(t, T) gives it.
         c  (B, n_cfeat) context vectors (e.g. one-hot labels), or None for zeros: the "unconditional"
            context, as the course's context masking multiplies c by 0.  null_context(B) gives it.
     returns (B, in_channels, height, height) the predicted noise.
+
+    The conditioning seam (the same three methods on every noise predictor; the trainer, the
+    samplers, the CLI and the demos call only these):
+        context(labels)     class labels (B,) -> one-hot context vectors (B, n_cfeat)
+        null_context(B)     zeros (B, n_cfeat): "no context", for classifier-free guidance
+        time_input(t, T)    timestep indices t (B,) -> the fraction (t + 1) / T
     """
-    time_input = "fraction"
 
     def __init__(self, in_channels, n_feat=64, n_cfeat=5, height=16):
         super().__init__()
@@ -138,10 +142,25 @@ class ContextUnet(nn.Module):
                                  nn.GroupNorm(8, n), nn.ReLU(),
                                  nn.Conv2d(n, in_channels, 3, 1, 1))   # -> (B, C, h, h)
 
+    # --- the conditioning seam -----------------------------------------------------------------
+    def context(self, labels):
+        """Class labels (B,) integers in [0, n_cfeat) -> one-hot vectors (B, n_cfeat) on the model's
+        device, in its dtype (the course's context); None -> None, the null context in forward."""
+        if labels is None:
+            return None
+        w = self.out[3].weight
+        labels = as_labels(labels, self.n_cfeat, w.device, "ContextUnet.context")
+        return w.xp.eye(self.n_cfeat, dtype=w.dtype)[labels]               # (B, n_cfeat)
+
     def null_context(self, batch):
         """The unconditional context: zeros (B, n_cfeat), on the model's device and dtype."""
         w = self.out[3].weight
-        return Tensor(w.xp.zeros((batch, self.n_cfeat), dtype=w.dtype))
+        return w.xp.zeros((batch, self.n_cfeat), dtype=w.dtype)
+
+    def time_input(self, t, T):
+        """Timestep indices t (B,) in 0..T-1 -> the fraction (t + 1) / T, the course's t / T with its
+        t in 1..T (diffusion.py explains the shift). float64; forward casts it to x's dtype."""
+        return Tensor((t + 1) / T)
 
     def forward(self, x, t, c=None):
         x, t, c = self._check_inputs(x, t, c)
@@ -169,19 +188,17 @@ class ContextUnet(nn.Module):
         if x.ndim != 4 or x.shape[1:] != want:
             raise ValueError(f"ContextUnet: x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {x.shape}")
         b = x.shape[0]
-        t = _like(t, x)
+        t = _tensor_like(t, x)
         if t.size() not in (1, b):
             raise ValueError(f"ContextUnet: t must hold one value per sample ({b}) or one in all, got shape {t.shape}")
-        c = self.null_context(b) if c is None else _like(c, x)
+        c = _tensor_like(self.null_context(b) if c is None else c, x)
         if c.shape != (b, self.n_cfeat):
             raise ValueError(f"ContextUnet: c must have shape ({b}, {self.n_cfeat}) (context vectors), got {c.shape}")
         return x, t, c
 
 
-def _like(v, x):
-    """v (a Tensor, array or number) as a Tensor of x's dtype and device; Tensors keep their graph."""
-    if isinstance(v, Tensor):
-        return v if v.dtype == x.dtype else v.astype(x.dtype)
-    if not (isinstance(v, np.ndarray) or backend.is_cupy_array(v)):
-        v = np.asarray(v)                                        # numbers and lists
-    return Tensor(backend.to_device(v, x.device).astype(x.dtype))
+def _tensor_like(v, x):
+    """v (a Tensor, an array on x's device, a number) as a Tensor of x's dtype; Tensors keep their graph."""
+    if not isinstance(v, Tensor):
+        v = Tensor(as_array(v, x.device))
+    return v if v.dtype == x.dtype else v.astype(x.dtype)

@@ -19,9 +19,9 @@ Notation (code name: paper symbol)
 The course ("How Diffusion Models Work") keeps T+1 entries, index 0 being the clean image
 (alpha_bar = 1) and t = 1..T the noisy ones, with betas linspace(1e-4, 0.02, T+1)[1:]. We keep T
 entries, betas linspace(1e-4, 0.02, T) as in DDPM Sec. 4, so our index t is the course's t + 1
-(and the betas differ by at most (0.02 - 1e-4) / T). A model whose time input is a fraction
-(the course's ContextUnet, `time_input = "fraction"`) gets (t + 1) / T, exactly the course's t / T.
-A model with `time_input = "index"` gets the integer index t, as Ho's and diffusers' U-Nets do.
+(and the betas differ by at most (0.02 - 1e-4) / T). Each model says what it takes as time,
+model.time_input(t, T): the course's ContextUnet the fraction (t + 1) / T, exactly the course's
+t / T; the UNet the integer index t, as Ho's and diffusers' U-Nets do.
 
 Everything is computed in float64, then cast: the public arrays (`schedule.beta`, ...) are in
 the schedule's dtype; the per-sample coefficients used on data are cast from float64 to the
@@ -39,6 +39,7 @@ import numpy as np
 
 from tinydiff import backend, kernels
 from tinydiff import functional as F
+from tinydiff.arrays import as_array
 from tinydiff.tensor import Tensor
 
 OBJECTIVES = ("eps", "x0", "v")
@@ -145,7 +146,7 @@ class NoiseSchedule:
     def timesteps_like(self, t, like):
         """t (an int or B ints) as an int64 array of shape (B,) on like's device, checked."""
         xp = backend.get_array_module(like)
-        t = as_array(t, like)
+        t = as_array(t, backend.device_of(like))
         if t.dtype.kind not in "iu":
             raise TypeError(f"timesteps must be integers 0..{self.T - 1}, got dtype {t.dtype}")
         if t.ndim == 0:
@@ -226,24 +227,10 @@ def model_eps(output, schedule, xt, t, objective="eps"):
 
 
 def model_time(model, schedule, t, like):
-    """What the model takes as time: (t + 1) / T as a float Tensor for time_input "fraction"
-    (the course's ContextUnet, and the default), the int64 indices t for "index"."""
-    t = schedule.timesteps_like(t, like)
-    kind = getattr(model, "time_input", "fraction")
-    if kind == "fraction":
-        return Tensor(((t + 1) / schedule.T).astype(like.dtype))     # the course's t / T, t in 1..T
-    if kind == "index":
-        return Tensor(t)
-    raise ValueError(f"{type(model).__name__}.time_input must be 'fraction' or 'index', got {kind!r}")
-
-
-def as_array(value, like):
-    """A Tensor, array or list as an array on like's device (contexts, labels)."""
-    if isinstance(value, Tensor):
-        value = value.data
-    if not (isinstance(value, np.ndarray) or backend.is_cupy_array(value)):
-        value = np.asarray(value)
-    return backend.to_device(value, backend.device_of(like))
+    """Timestep indices t, checked (ints 0..T-1, one per sample of like), as the model's time input:
+    the model owns its convention, model.time_input(t, T): (t + 1) / T for the course's ContextUnet,
+    the index t for the UNet."""
+    return model.time_input(schedule.timesteps_like(t, like), schedule.T)
 
 
 def null_context(model, batch, like):
@@ -254,12 +241,12 @@ def null_context(model, batch, like):
     null = model.null_context(batch)
     if null is None:
         raise ValueError(f"{type(model).__name__} is unconditional (null_context is None): it takes no context")
-    return as_array(null, like)
+    return as_array(null, backend.device_of(like))
 
 
 def call_model(model, schedule, xt, t, context=None):
-    """model(x_t, time, context) on raw arrays; returns the output array."""
-    c = None if context is None else Tensor(as_array(context, xt))
+    """model(x_t, time, context) on raw arrays (context from model.context); returns the output array."""
+    c = None if context is None else Tensor(as_array(context, backend.device_of(xt)))
     return model(Tensor(xt), model_time(model, schedule, t, xt), c).data
 
 
@@ -286,11 +273,11 @@ def training_loss(model, schedule, x0, context=None, objective="eps", generator=
         eps = rng.standard_normal(x0.shape, dtype=x0.dtype)         # DDPM Alg. 1, line 4
     xt = schedule.q_sample(x0, t, eps)                              # DDPM eq. 4
     if context is not None and context_drop > 0:
-        context = as_array(context, x0)
+        context = as_array(context, backend.device_of(x0))
         drop = xp.asarray(rng.random(b) < context_drop).reshape((b,) + (1,) * (context.ndim - 1))
         context = xp.where(drop, null_context(model, b, x0), context)
     prediction = model(Tensor(xt), model_time(model, schedule, t, x0),
-                       None if context is None else Tensor(as_array(context, x0)))
+                       None if context is None else Tensor(as_array(context, backend.device_of(x0))))
     if objective == "eps":
         target = eps
     elif objective == "x0":

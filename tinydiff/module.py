@@ -20,6 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from tinydiff import backend
+from tinydiff.arrays import as_array
 from tinydiff.tensor import Tensor
 
 
@@ -129,24 +130,12 @@ class Module:
         and device. Shape mismatches always raise; missing or unexpected keys raise when strict.
         Nothing is copied unless everything fits. Returns (missing_keys, unexpected_keys)."""
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [f"{k}: checkpoint shape {tuple(np.shape(_raw(state[k])))}, model shape {own[k].shape}"
-                      for k in own if k in state and tuple(np.shape(_raw(state[k]))) != own[k].shape]
-        problems = []
-        if mismatched:
-            problems.append("shape mismatch for " + "; ".join(mismatched))
-        if strict and missing:
-            problems.append("missing keys: " + ", ".join(missing))
-        if strict and unexpected:
-            problems.append("unexpected keys: " + ", ".join(unexpected))
-        if problems:
-            raise ValueError(f"load_state_dict into {type(self).__name__}: " + " | ".join(problems))
+        check_fits(self, {k: _shape(v) for k, v in state.items()}, strict)
         for k, target in own.items():
-            if k in state:
-                value = backend.to_device(_raw(state[k]), target.device)
+            if k in state:                           # the copy is the point here: asked for, so allowed
+                value = as_array(state[k], target.device, copy=True)
                 target.data[...] = value.astype(target.dtype, copy=False)
-        return missing, unexpected
+        return [k for k in own if k not in state], [k for k in state if k not in own]
 
     # --- modes, devices, dtypes, gradients ---------------------------------------------------
     def train(self, mode=True):
@@ -195,8 +184,26 @@ class Module:
         return head + ")" if not lines else head + "\n  " + "\n  ".join(lines) + "\n)"
 
 
-def _raw(value):
-    """The array inside a Tensor; NumPy/CuPy arrays as they are; other array-likes via NumPy."""
-    if isinstance(value, Tensor):
-        return value.data
-    return value if isinstance(value, np.ndarray) or backend.is_cupy_array(value) else np.asarray(value)
+def _shape(value):
+    return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+
+
+def check_fits(model, shapes, strict=True):
+    """Refuse weights (name -> shape) that do not fit model.state_dict(), naming keys and shapes.
+
+    The one wording of a weights mismatch: load_state_dict, checkpoint.load_weights and the EMA
+    all refuse through here. Shape mismatches always raise; missing and unexpected keys when strict.
+    """
+    own = {name: t.shape for name, t in model.state_dict().items()}
+    missing = [f"{k} {own[k]}" for k in own if k not in shapes]
+    unexpected = [f"{k} {shapes[k]}" for k in shapes if k not in own]
+    mismatched = [f"{k}: weights {shapes[k]}, model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
+    if strict and missing:
+        problems.append(f"missing keys (in the model, not the weights): {', '.join(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys (in the weights, not the model): {', '.join(unexpected)}")
+    if problems:
+        raise ValueError(f"the weights do not fit {type(model).__name__}: " + " | ".join(problems))

@@ -23,6 +23,8 @@ import contextlib
 import math
 
 from tinydiff import backend, kernels
+from tinydiff.arrays import as_array
+from tinydiff.module import check_fits
 
 
 class Optimizer:
@@ -260,18 +262,12 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state_dict):
-        missing = sorted(set(self.shadow) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(self.shadow))
-        if missing or unexpected:
-            raise ValueError(f"EMA state does not fit the model: missing {missing}, "
-                             f"unexpected {unexpected}")
+        """Shadow arrays (Tensors or arrays) under the model's state_dict keys: refused in
+        module.check_fits's words unless they fit, then copied onto the shadow's device and dtype."""
+        check_fits(self.model, {name: tuple(v.shape) for name, v in state_dict.items()})
         for name, old in self.shadow.items():
-            new = state_dict[name]
-            new = new.data if hasattr(new, "requires_grad") else new    # a Tensor or an array
-            if tuple(new.shape) != old.shape:
-                raise ValueError(f"EMA state {name}: shape {tuple(new.shape)}, model {old.shape}")
-            device = backend.device_of(old)
-            self.shadow[name] = backend.to_device(new, device).astype(old.dtype, copy=True)
+            new = as_array(state_dict[name], backend.device_of(old), copy=True)   # loading: asked for
+            self.shadow[name] = new.astype(old.dtype, copy=True)
 
 
 def _live_tensors(model):

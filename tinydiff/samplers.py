@@ -14,6 +14,7 @@ means the clean image, alpha_bar = 1. DDIM's alpha_t is DDPM's alpha_bar_t: we w
     s            the guidance scale (classifier-free: guidance_scale; classifier: classifier_scale)
 
 API
+    context = model.context(labels)                        # the model's own conditioning (models.py)
     x = ddpm_sample(model, schedule, (B, C, H, W), context, seed=0)
     x = ddim_sample(model, schedule, (B, C, H, W), context, steps=50, eta=0.0, spacing="trailing")
     x, trajectory = ddim_sample(..., return_trajectory_every=5)   # list of x_t arrays, x_T first
@@ -27,7 +28,8 @@ batch, [context; model.null_context(B)], and the combination is fused into the u
 
 Classifier guidance (classifier_scale = s): the gradient g = grad_{x_t} log p(y | x_t) of a
 noise-aware classifier, computed by tinydiff's autograd, shifts DDPM's mean by s Sigma g
-(Dhariwal & Nichol Alg. 1) and DDIM's eps by -sqrt(1 - alpha_bar) s g (their eq. 14, Alg. 2).
+(Dhariwal & Nichol Alg. 1) and DDIM's eps by -sqrt(1 - alpha_bar) s g (their eq. 14, Alg. 2). The class y
+of each sample is given as classifier_labels (B,); it is never guessed from the context.
 
 The model is called as it is: put it in eval() mode first (the ContextUnet has BatchNorm).
 All model calls run under no_grad(); only the classifier's gradient builds a graph, so do not
@@ -40,7 +42,8 @@ import numpy as np
 
 from tinydiff import backend, kernels
 from tinydiff import functional as F
-from tinydiff.diffusion import OBJECTIVES, as_array, call_model, model_eps, model_time, null_context
+from tinydiff.arrays import as_array
+from tinydiff.diffusion import OBJECTIVES, call_model, model_eps, model_time, null_context
 from tinydiff.tensor import Tensor, is_grad_enabled, no_grad
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -67,7 +70,7 @@ def _setup(model, shape, context, generator, seed, device, x_T, dtype):
     if x_T is None:
         x = rng.standard_normal(tuple(shape), dtype=dtype)           # x_T ~ N(0, I), DDPM Alg. 2, line 1
     else:
-        x = backend.to_device(x_T.data if isinstance(x_T, Tensor) else x_T, device)
+        x = as_array(x_T, device, copy=True)         # copied anyway: the loop must not change the caller's
         x = backend.get_array_module(x).array(x, dtype=dtype, order="C", copy=True)
         if x.shape != tuple(shape):
             raise ValueError(f"x_T has shape {x.shape}, expected {tuple(shape)}")
@@ -81,7 +84,7 @@ def _eps(model, schedule, x, t, context, guidance_scale, objective):
     if guidance_scale == 1.0 or context is None:
         return model_eps(call_model(model, schedule, x, t, context), schedule, x, t, objective), None
     xp, b = backend.get_array_module(x), x.shape[0]
-    c = as_array(context, x)
+    c = as_array(context, backend.device_of(x))
     c2 = xp.concatenate([c, null_context(model, b, x).astype(c.dtype, copy=False)])   # (2B, ...)
     x2, t2 = xp.concatenate([x, x]), xp.concatenate([t, t])                          # one call, 2B
     out = call_model(model, schedule, x2, t2, c2)
@@ -114,16 +117,14 @@ def classifier_grad(classifier, schedule, x, t, labels):
     return xt.grad
 
 
-def _labels(classifier_labels, context, like):
-    """The class y for classifier guidance: given, or the argmax of a one-hot context, or the context."""
-    y = classifier_labels if classifier_labels is not None else context
-    if y is None:
-        raise ValueError("classifier guidance needs classifier_labels (or a context to take them from)")
-    y = as_array(y, like)
-    y = y.argmax(axis=1) if y.ndim == 2 else y
+def _labels(classifier_labels, like):
+    """The class y (B,) of each sample, for classifier guidance: given by the caller, never read off
+    the model's context (only the model knows what its context means)."""
+    if classifier_labels is None:
+        raise ValueError("classifier guidance needs classifier_labels: the class y of each sample, (B,) integers")
+    y = as_array(classifier_labels, backend.device_of(like))
     if y.dtype.kind not in "iu" or y.shape != (like.shape[0],):
-        raise ValueError(f"classifier labels must be (B,) integers or (B, classes) one-hot, got "
-                         f"shape {y.shape}, dtype {y.dtype}")
+        raise ValueError(f"classifier labels must be (B,) integers, got shape {y.shape}, dtype {y.dtype}")
     return y.astype(np.int64)
 
 
@@ -154,8 +155,8 @@ def ddpm_sample(model, schedule, shape, context=None, *, generator=None, seed=No
                 return_trajectory_every=None, noise_free=False):
     """DDPM Alg. 2: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z, with no noise at t = 1.
 
-    model       model(x_t, time, context) -> eps (or x0 or v, see objective); see diffusion.py
-    context     (B, ...) context (one-hot vectors or class indices, as the model takes), or None
+    model       model(x_t, model.time_input(t, T), context) -> eps (or x0 or v, see objective)
+    context     (B, ...) what model.context(labels) returns (the model's own conditioning), or None
     variance    "small": sigma^2 = beta_tilde (DDPM eq. 7), "large": sigma^2 = beta (DDPM Sec. 3.2
                 found both to work; the course's denoise_add_noise uses "large", b_t.sqrt() * z)
     noise_free  the course's ablation: add no noise at any step (samples collapse to blurry means)
@@ -169,7 +170,7 @@ def ddpm_sample(model, schedule, shape, context=None, *, generator=None, seed=No
     rng, xp, x = _setup(model, shape, context, generator, seed, device, x_T, dtype)
     b, f64 = x.shape[0], schedule.f64
     var = f64["posterior_variance"] if variance == "small" else f64["beta"]
-    y = _labels(classifier_labels, context, x) if classifier is not None else None
+    y = _labels(classifier_labels, x) if classifier is not None else None
     trajectory = [x] if return_trajectory_every else None
 
     for i, t in enumerate(reversed(range(schedule.T))):               # DDPM Alg. 2, line 2
@@ -261,7 +262,7 @@ def ddim_sample(model, schedule, shape, context=None, *, steps=50, eta=0.0, spac
     timesteps, prev_timesteps = ddim_timesteps(schedule.T, steps, spacing)
     rng, xp, x = _setup(model, shape, context, generator, seed, device, x_T, dtype)
     b, alpha_bar = x.shape[0], schedule.f64["alpha_bar"]
-    y = _labels(classifier_labels, context, x) if classifier is not None else None
+    y = _labels(classifier_labels, x) if classifier is not None else None
     trajectory = [x] if return_trajectory_every else None
     zeros = xp.zeros_like(x)
 

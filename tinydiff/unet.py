@@ -24,6 +24,7 @@ import numpy as np
 
 from tinydiff import backend, nn
 from tinydiff import functional as F
+from tinydiff.arrays import as_array, as_labels
 from tinydiff.tensor import Tensor, cat
 
 
@@ -108,13 +109,17 @@ class UNet(nn.Module):
     forward(x, t, c=None):
         x  (B, in_channels, H, W) noisy images x_t; H and W divisible by 2^(len(channels) - 1)
         t  the timestep INDEX (integers 0..T-1, floats allowed), one per sample: any shape with
-           B elements, or a single value for the whole batch.              time_input = "index"
+           B elements, or a single value for the whole batch.         time_input(t, T) gives it.
         c  (B,) integer class labels in [0, num_classes]; `num_classes` is the null class
            (unconditional). None means the null class. null_context(B) gives it.
            With num_classes=None the model is unconditional and c must be None.
     returns (B, in_channels, H, W) the predicted noise.
+
+    The conditioning seam (as the ContextUnet's; the callers use only these):
+        context(labels)     class labels (B,) -> the same labels, int64 on the model's device
+        null_context(B)     the null class `num_classes` for every sample (None: unconditional)
+        time_input(t, T)    timestep indices t (B,) -> t itself, as Ho's and diffusers' U-Nets take
     """
-    time_input = "index"
 
     def __init__(self, in_channels=1, channels=(32, 64, 128), num_classes=None, height=16,
                  heads=4, groups=8):
@@ -153,9 +158,25 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(groups, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, 1, 1))
 
+    # --- the conditioning seam -----------------------------------------------------------------
+    def context(self, labels):
+        """Class labels (B,) integers in [0, num_classes) -> int64 (B,) on the model's device, checked;
+        None -> None (forward then uses the null class)."""
+        if labels is None:
+            return None
+        if self.num_classes is None:
+            raise ValueError("UNet.context: this model has no classes (num_classes=None): pass labels=None")
+        return as_labels(labels, self.num_classes, self.init_conv.weight.device, "UNet.context")
+
     def null_context(self, batch):
         """The unconditional context: the null class index for every sample (None if unconditional)."""
-        return None if self.num_classes is None else np.full(batch, self.num_classes, dtype=np.int64)
+        if self.num_classes is None:
+            return None
+        return self.init_conv.weight.xp.full(batch, self.num_classes, dtype=np.int64)
+
+    def time_input(self, t, T):
+        """Timestep indices t (B,) in 0..T-1 -> the indices themselves (the sinusoidal embedding's input)."""
+        return Tensor(t)
 
     def forward(self, x, t, c=None):
         t, c = self._check_inputs(x, t, c)
@@ -191,7 +212,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: x must be a Tensor of shape (B, {self.in_channels}, H, W) with H, W "
                              f"divisible by {step}, got {getattr(x, 'shape', type(x).__name__)}")
         b = x.shape[0]
-        t = _raw(t, x.device).reshape(-1)
+        t = as_array(t, x.device).reshape(-1)
         if t.size not in (1, b):
             raise ValueError(f"UNet: t must hold one timestep per sample ({b}) or one in all, got shape {t.shape}")
         if self.num_classes is None:
@@ -199,7 +220,7 @@ class UNet(nn.Module):
                 raise ValueError("UNet: this model has no classes (num_classes=None), so c must be None")
             return t, None
         c = self.null_context(b) if c is None else c
-        c = _raw(c, x.device)
+        c = as_array(c, x.device)
         if c.shape != (b,) or c.dtype.kind not in "iu":
             raise ValueError(f"UNet: c must be ({b},) integer class labels in [0, {self.num_classes}], "
                              f"got shape {c.shape} dtype {c.dtype}")
@@ -207,11 +228,3 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: class labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
                              f"the null class), got min {int(c.min())} max {int(c.max())}")
         return t, c
-
-
-def _raw(v, device):
-    """A Tensor, array or number as an array on `device` (time and labels carry no gradient)."""
-    v = v.data if isinstance(v, Tensor) else v
-    if not (isinstance(v, np.ndarray) or backend.is_cupy_array(v)):
-        v = np.asarray(v)
-    return backend.to_device(v, device)
