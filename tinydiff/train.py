@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, checkpoint, data, optim
+from tinydiff import backend, checkpoint, data, optim, unet
 from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.samplers import ddim_sample
 from tinydiff.tensor import no_grad
@@ -95,11 +95,23 @@ def build_model(cfg, in_channels, num_classes, height):
     if cfg["model"] == "contextunet":
         return ContextUnet(in_channels, n_feat=cfg["n_feat"], n_cfeat=num_classes, height=height)
     n = cfg["n_feat"]
-    return UNet(in_channels, channels=(n, 2 * n, 4 * n), num_classes=num_classes, height=height)
+    return UNet(in_channels, channels=(n, 2 * n, 4 * n), num_classes=num_classes, height=height, head_dim=n)
+
+
+def check_unet_layout(cfg, where):
+    """Refuse a --model unet run whose saved UNet has another module layout than unet.LAYOUT."""
+    from tinydiff.checkpoint import CheckpointError
+    from tinydiff.unet import LAYOUT
+    layout = cfg.get("unet_layout", "unet-v1")        # runs before the key: one ResBlock per level
+    if cfg["model"] == "unet" and layout != LAYOUT:
+        raise CheckpointError(f"{where}: this run's UNet has the old layout {layout!r} (one ResBlock per "
+                              f"level, up-sampling that changes width); tinydiff now builds the {LAYOUT!r} "
+                              f"layout (diffusers' UNet2DModel), which its weights do not fit: train it again")
 
 
 def model_from_config(cfg):
     """Rebuild a run's model (untrained) from its config.json."""
+    check_unet_layout(cfg, f"run {cfg.get('out', '')}".strip())
     return build_model(cfg, cfg["in_channels"], cfg["num_classes"], cfg["height"])
 
 
@@ -185,6 +197,10 @@ def train(overrides=None, resume=False, progress=True):
     batches = data.Batches(len(images), cfg["batch_size"], seed=cfg["seed"])
     total = cfg["steps"] or (cfg["epochs"] or DEFAULT_EPOCHS) * batches.batches_per_epoch
     cfg.update(in_channels=images.shape[1], height=images.shape[2], num_classes=num_classes, total_steps=total)
+    if cfg["model"] == "unet":
+        if resume:
+            check_unet_layout(cfg, out)
+        cfg["unet_layout"] = unet.LAYOUT                                      # the module structure saved
     images_dev = backend.to_device(images, device)                            # (N, C, H, W)
     contexts_dev = backend.to_device(make_context(cfg, labels, num_classes), device)   # (N, K) or (N,)
 
