@@ -281,6 +281,15 @@ def test_cli_export_of_a_trained_unet_run(tmp_path, capsys):
         sched = json.load(f)
     assert sched["num_train_timesteps"] == 40 and sched["prediction_type"] == "epsilon"
     assert np.array_equal(sched["trained_betas"], schedule.f64["beta"])
+    # the same run with its config from before `unet_layout` existed: --resume is refused, naming it
+    with open(run_dir / "config.json") as f:
+        saved = json.load(f)
+    del saved["unet_layout"]
+    with open(run_dir / "config.json", "w") as f:
+        json.dump(saved, f)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run_dir), "--resume", "--steps", "4", "--quiet"]) == 1
+    assert "old layout 'unet-v1'" in capsys.readouterr().err
     # a ContextUnet run is refused with the reason
     cu_dir = tmp_path / "cu"
     assert cli.main(["train", "--out", str(cu_dir), "--n-feat", "8", "--steps", "1", "--batch-size", "8",
