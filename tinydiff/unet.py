@@ -187,7 +187,6 @@ class UNet(nn.Module):
     returns (B, in_channels, H, W) the predicted noise.
     """
     time_input = "index"
-    layout = LAYOUT
 
     def __init__(self, in_channels=1, channels=(32, 64, 128), num_classes=None, height=16, layers_per_block=1,
                  attention_levels=None, head_dim=None, groups=8, eps=1e-5, dropout=0.0,
