@@ -120,16 +120,19 @@ def torch_context_unet(torch, in_channels, n_feat=64, n_cfeat=5, height=16, lear
     return TorchContextUnet()
 
 
-def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, heads=4, groups=8):
+def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, layers_per_block=1,
+               attention_levels=None, head_dim=None, groups=8, eps=1e-5):
     """tinydiff.unet.UNet in PyTorch, module for module (same state-dict keys)."""
     tnn = torch.nn
+    levels = len(channels)
+    attention_levels = [i == levels - 1 for i in range(levels)] if attention_levels is None else attention_levels
 
     class ResBlock(tnn.Module):
         def __init__(self, i, o, emb):
             super().__init__()
-            self.norm1, self.conv1 = tnn.GroupNorm(groups, i), tnn.Conv2d(i, o, 3, 1, 1)
+            self.norm1, self.conv1 = tnn.GroupNorm(groups, i, eps), tnn.Conv2d(i, o, 3, 1, 1)
             self.emb_proj = tnn.Linear(emb, o)
-            self.norm2, self.conv2 = tnn.GroupNorm(groups, o), tnn.Conv2d(o, o, 3, 1, 1)
+            self.norm2, self.conv2 = tnn.GroupNorm(groups, o, eps), tnn.Conv2d(o, o, 3, 1, 1)
             self.skip = tnn.Conv2d(i, o, 1) if i != o else tnn.Identity()
 
         def forward(self, x, emb):
@@ -140,13 +143,14 @@ def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, h
     class Attention(tnn.Module):
         def __init__(self, ch):
             super().__init__()
-            self.norm = tnn.GroupNorm(groups, ch)
+            self.heads = ch // (head_dim or ch)
+            self.norm = tnn.GroupNorm(groups, ch, eps)
             self.q, self.k, self.v, self.proj = (tnn.Linear(ch, ch) for _ in range(4))
 
         def forward(self, x):
             b, c, h, w = x.shape
             tok = self.norm(x).view(b, c, h * w).transpose(1, 2)
-            q, k, v = (f(tok).view(b, h * w, heads, c // heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+            q, k, v = (f(tok).view(b, h * w, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
             y = tnn.functional.scaled_dot_product_attention(q, k, v)
             y = self.proj(y.transpose(1, 2).reshape(b, h * w, c))
             return x + y.transpose(1, 2).reshape(b, c, h, w)
@@ -160,12 +164,38 @@ def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, h
             return self.conv(x)
 
     class Up(tnn.Module):
-        def __init__(self, i, o):
+        def __init__(self, ch):
             super().__init__()
-            self.conv = tnn.Conv2d(i, o, 3, 1, 1)
+            self.conv = tnn.Conv2d(ch, ch, 3, 1, 1)
 
         def forward(self, x):
             return self.conv(tnn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+    class Level(tnn.Module):      # a DownLevel (skip_chs None) or an UpLevel
+        def __init__(self, i, o, emb, layers, attention, sample, skip_chs=None):
+            super().__init__()
+            ins = [(i if j == 0 else o) + (skip_chs[j] if skip_chs else 0) for j in range(layers)]
+            self.resnets = tnn.ModuleList([ResBlock(n, o, emb) for n in ins])
+            self.attentions = tnn.ModuleList([Attention(o) for _ in range(layers)] if attention else [])
+            if sample and skip_chs is None:
+                self.downsample = Down(o)
+            elif sample:
+                self.upsample = Up(o)
+            self.up = skip_chs is not None
+
+        def forward(self, h, emb, skips):
+            for j, resnet in enumerate(self.resnets):
+                h = resnet(torch.cat((h, skips.pop()), 1) if self.up else h, emb)
+                if len(self.attentions):
+                    h = self.attentions[j](h)
+                if not self.up:
+                    skips.append(h)
+            if hasattr(self, "downsample"):
+                h = self.downsample(h)
+                skips.append(h)
+            if hasattr(self, "upsample"):
+                h = self.upsample(h)
+            return h
 
     class TorchUNet(tnn.Module):
         def __init__(self):
@@ -175,40 +205,34 @@ def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, h
             if num_classes is not None:
                 self.class_emb = tnn.Embedding(num_classes + 1, emb)
             self.init_conv = tnn.Conv2d(in_channels, c0, 3, 1, 1)
-            self.down_blocks, self.downs = tnn.ModuleList(), tnn.ModuleList()
-            prev = c0
+            self.downs, skip_chs, prev = tnn.ModuleList(), [c0], c0
             for i, ch in enumerate(channels):
-                self.down_blocks.append(ResBlock(prev, ch, emb))
-                if i < len(channels) - 1:
-                    self.downs.append(Down(ch))
+                last = i == levels - 1
+                self.downs.append(Level(prev, ch, emb, layers_per_block, attention_levels[i], not last))
+                skip_chs += [ch] * (layers_per_block + (not last))
                 prev = ch
             self.mid1, self.mid_attn, self.mid2 = ResBlock(prev, prev, emb), Attention(prev), ResBlock(prev, prev, emb)
-            self.up_blocks, self.ups = tnn.ModuleList(), tnn.ModuleList()
-            for i in reversed(range(len(channels))):
-                self.up_blocks.append(ResBlock(prev + channels[i], channels[i], emb))
-                if i > 0:
-                    self.ups.append(Up(channels[i], channels[i - 1]))
-                prev = channels[max(i - 1, 0)]
-            self.out = tnn.Sequential(tnn.GroupNorm(groups, c0), tnn.SiLU(), tnn.Conv2d(c0, in_channels, 3, 1, 1))
+            self.ups = tnn.ModuleList()
+            for i in reversed(range(levels)):
+                takes = [skip_chs.pop() for _ in range(layers_per_block + 1)]
+                self.ups.append(Level(prev, channels[i], emb, layers_per_block + 1, attention_levels[i], i > 0, takes))
+                prev = channels[i]
+            self.out = tnn.Sequential(tnn.GroupNorm(groups, c0, eps), tnn.SiLU(), tnn.Conv2d(c0, in_channels, 3, 1, 1))
 
         def forward(self, x, t, c=None):
-            half = channels[0] // 2
+            half = channels[0] // 2            # flip_sin_to_cos=True, freq_shift=0: [cos, sin]
             freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
             args = t.reshape(-1).double()[:, None] * freqs[None]
-            emb = self.time_mlp(torch.cat([args.sin(), args.cos()], 1).to(x.dtype))
+            emb = self.time_mlp(torch.cat([args.cos(), args.sin()], 1).to(x.dtype))
             if num_classes is not None:
                 emb = emb + self.class_emb(c)
-            h, skips = self.init_conv(x), []
-            for i, block in enumerate(self.down_blocks):
-                h = block(h, emb)
-                skips.append(h)
-                if i < len(self.downs):
-                    h = self.downs[i](h)
+            h = self.init_conv(x)
+            skips = [h]
+            for level in self.downs:
+                h = level(h, emb, skips)
             h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-            for j, block in enumerate(self.up_blocks):
-                h = block(torch.cat((h, skips.pop()), 1), emb)
-                if j < len(self.ups):
-                    h = self.ups[j](h)
+            for level in self.ups:
+                h = level(h, emb, skips)
             return self.out(h)
 
     return TorchUNet()
@@ -415,7 +439,7 @@ def test_context_unet_matches_torch_through_safetensors(tmp_path):
 
 
 def test_unet_conventions_and_bad_input():
-    m = UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4).eval()
+    m = UNet(1, channels=(8, 16), num_classes=3, height=8, head_dim=4, groups=4).eval()
     assert list(m.time_input(np.array([0, 7]), 10).numpy()) == [0, 7]           # the index itself
     assert list(m.null_context(2)) == [3, 3]
     x = Tensor(np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32))
@@ -443,7 +467,7 @@ def test_unet_conventions_and_bad_input():
 
 def small_models():
     return [ContextUnet(1, n_feat=8, n_cfeat=3, height=8).eval(),
-            UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4).eval()]
+            UNet(1, channels=(8, 16), num_classes=3, height=8, head_dim=4, groups=4).eval()]
 
 
 def test_models_own_their_conditioning():
@@ -500,7 +524,7 @@ def test_gpu_models_refuse_host_labels_and_inputs_naming_the_fix():
 
 def test_attention_gradcheck_and_matches_softmax_formula():
     tinydiff.manual_seed(0)
-    att = Attention(4, heads=2, groups=2).double()
+    att = Attention(4, head_dim=2, groups=2).double()
     x = Tensor(np.random.default_rng(0).standard_normal((2, 4, 2, 3)), requires_grad=True)
     assert tinydiff.gradcheck(lambda x, *ps: att(x), [x] + att.parameters())
     # by hand, one head at a time, for sample 0
@@ -517,7 +541,7 @@ def test_attention_gradcheck_and_matches_softmax_formula():
 
 def test_unet_gradcheck_float64():
     tinydiff.manual_seed(0)
-    m = UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4).double()
+    m = UNet(1, channels=(8, 16), num_classes=3, height=8, head_dim=4, groups=4).double()
     rng = np.random.default_rng(1)
     for p in m.parameters():
         p.data = p.data + 0.05 * rng.standard_normal(p.shape)
@@ -532,7 +556,8 @@ def test_unet_matches_torch_through_safetensors(tmp_path):
     st_torch = pytest.importorskip("safetensors.torch")
     torch.set_num_threads(1)
     tinydiff.manual_seed(0)
-    kw = dict(channels=(8, 16, 32), num_classes=4, heads=2, groups=4)
+    kw = dict(channels=(8, 16, 32), num_classes=4, layers_per_block=2, attention_levels=[False, True, True],
+              head_dim=4, groups=4)
     ours = UNet(2, height=8, **kw)
     theirs = torch_unet(torch, 2, **kw)
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -584,6 +609,6 @@ def test_context_unet_overfits_one_batch():
 def test_unet_overfits_one_batch():
     tinydiff.manual_seed(0)
     _, _, frac = noisy_batch(8, 1, 8)
-    first, last, secs = overfit(UNet(1, channels=(8, 16), num_classes=3, height=8, heads=2, groups=4),
+    first, last, secs = overfit(UNet(1, channels=(8, 16), num_classes=3, height=8, head_dim=4, groups=4),
                                 (frac * 1000).astype(np.int64), np.arange(8) % 4, 60, 3e-3)
     assert last < first / 10, f"loss {first:.4f} -> {last:.4f} in {secs:.1f} s"

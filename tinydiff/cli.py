@@ -3,6 +3,7 @@
     tinydiff train [--data digits] [--out runs/digits] [--steps N | --epochs N] [...]
     tinydiff sample --checkpoint runs/digits --sampler ddim --steps 50 --labels 0,1,2 --n 10 --gif
     tinydiff eval --samples runs/digits/samples/samples.npz
+    tinydiff export --checkpoint runs/unet --format diffusers --out runs/unet/diffusers
     tinydiff <command> --help                 every flag, with its default
 
 `train` is tinydiff/train.py (its docstring describes the run folder; its settings and their
@@ -65,7 +66,7 @@ def label_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinydiff", description="A from-scratch diffusion engine: "
                                      "train a conditional diffusion model, sample from it, evaluate samples.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,export}")
     sub.required = True
 
     # --- train: only the flags given reach train.train(); the rest come from config.DEFAULTS
@@ -135,6 +136,16 @@ def build_parser():
                        description="Score samples.npz with the shipped digits classifier.")
     e.add_argument("--samples", required=True, help="a samples.npz written by `tinydiff sample`")
     e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+    # --- export: written by tinydiff/diffusers_bridge.py
+    x = sub.add_parser("export", help="write a --model unet run as a diffusers folder",
+                       description="Write a --model unet run (its EMA weights) as UNet2DModel + DDIMScheduler "
+                       "files that diffusers opens with from_pretrained (see tinydiff/diffusers_bridge.py).")
+    x.add_argument("--checkpoint", required=True, help="a run folder written by `tinydiff train --model unet`")
+    x.add_argument("--format", required=True, choices=("diffusers",), help="the only format: diffusers")
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
+                   help="the scheduler's DDIM timestep spacing (default trailing, as tinydiff sample)")
     return parser
 
 
@@ -261,6 +272,14 @@ def main(argv=None):
             return 0
         if args.command == "sample":
             return sample_command(parser, args)
+        if args.command == "export":
+            from tinydiff.diffusers_bridge import export_diffusers
+            try:
+                print(f"wrote {export_diffusers(args.checkpoint, args.out, spacing=args.spacing)}")
+            except ValueError as err:         # a run that has no diffusers counterpart, with the reason
+                print(f"{command}: error: {err}", file=sys.stderr)
+                return 1
+            return 0
         return eval_command(parser, args)
     except config.ConfigError as err:
         parser.error(str(err))                       # exit code 2, as for any bad argument

@@ -15,6 +15,7 @@ import os
 from tinydiff.checkpoint import MANIFEST, CheckpointError, load_checkpoint, load_weights, read_safetensors
 from tinydiff.diffusion import NoiseSchedule
 from tinydiff.models import ContextUnet, UNet
+from tinydiff.unet import LAYOUT
 
 
 def build_model(cfg, in_channels, num_classes, height):
@@ -22,11 +23,21 @@ def build_model(cfg, in_channels, num_classes, height):
     if cfg["model"] == "contextunet":
         return ContextUnet(in_channels, n_feat=cfg["n_feat"], n_cfeat=num_classes, height=height)
     n = cfg["n_feat"]
-    return UNet(in_channels, channels=(n, 2 * n, 4 * n), num_classes=num_classes, height=height)
+    return UNet(in_channels, channels=(n, 2 * n, 4 * n), num_classes=num_classes, height=height, head_dim=n)
+
+
+def check_unet_layout(cfg, where):
+    """Refuse a --model unet run whose saved UNet has another module layout than unet.LAYOUT."""
+    layout = cfg.get("unet_layout", "unet-v1")        # runs before the key: one ResBlock per level
+    if cfg["model"] == "unet" and layout != LAYOUT:
+        raise CheckpointError(f"{where}: this run's UNet has the old layout {layout!r} (one ResBlock per "
+                              f"level, up-sampling that changes width); tinydiff now builds the {LAYOUT!r} "
+                              f"layout (diffusers' UNet2DModel), which its weights do not fit: train it again")
 
 
 def model_from_config(cfg):
     """Rebuild a run's model (untrained) from its config.json."""
+    check_unet_layout(cfg, f"run {cfg.get('out', '')}".strip())
     return build_model(cfg, cfg["in_channels"], cfg["num_classes"], cfg["height"])
 
 

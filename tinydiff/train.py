@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, checkpoint, data, optim, pictures, runs
+from tinydiff import backend, checkpoint, data, optim, pictures, runs, unet
 from tinydiff.config import DEFAULT_EPOCHS, ConfigError, resolve_config
 from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.interrupt import StopFlag
@@ -69,6 +69,10 @@ def train(overrides=None, resume=False, progress=True):
     batches = data.Batches(len(images), cfg["batch_size"], seed=cfg["seed"])
     total = cfg["steps"] or (cfg["epochs"] or DEFAULT_EPOCHS) * batches.batches_per_epoch
     cfg.update(in_channels=images.shape[1], height=images.shape[2], num_classes=num_classes, total_steps=total)
+    if cfg["model"] == "unet":
+        if resume:
+            runs.check_unet_layout(cfg, out)
+        cfg["unet_layout"] = unet.LAYOUT                                      # the module structure saved
     images_dev = backend.to_device(images, device)                            # (N, C, H, W)
     labels_dev = backend.to_device(labels, device)                            # (N,) int64
 

@@ -8,15 +8,22 @@ Nichol & Dhariwal 2021, arXiv:2102.09672):
     then an MLP; every residual block adds its own projection of it.
   - The class enters as a learned embedding added to the time embedding. Index `num_classes` is the
     null class, the "no label" input of classifier-free guidance (arXiv:2207.12598).
-  - Self-attention at the lowest resolution lets every position see every other.
+  - Self-attention (at the levels in `attention_levels`, and in the middle) lets every position
+    see every other.
 
-    x (B, C, H, W) -conv-> (B, c0, H, W)
-      level 0: ResBlock -> skip0 -> down (stride-2 conv) -> (B, c0, H/2, W/2)
-      level 1: ResBlock -> skip1 -> down ...             (widths `channels` = (c0, c1, c2, ...))
-      last level: ResBlock -> skip_last (no down-sampling)
-      middle: ResBlock, Attention, ResBlock
-      up, from the last level: ResBlock(cat(h, skip_i)) -> up (nearest x2 + conv) ...
+The layout is the one diffusers' UNet2DModel builds (DownBlock2D / AttnDownBlock2D, UNetMidBlock2D,
+UpBlock2D / AttnUpBlock2D), so that tinydiff/diffusers_bridge.py can move weights both ways:
+
+    x (B, C, H, W) -init_conv-> h (B, c0, H, W)                                     skip
+      level 0:  layers_per_block x [ResBlock (+ Attention)]                         skip each
+                down (stride-2 conv, width kept) -> (B, c0, H/2, W/2)               skip
+      level 1:  ... widths `channels` = (c0, c1, ...); the last level has no down
+      middle:   ResBlock, Attention, ResBlock
+      up, from the last level: layers_per_block + 1 x [ResBlock(cat(h, skip)) (+ Attention)],
+                each taking the newest skip; then up (nearest x2 + conv, width kept)
       -> GroupNorm, SiLU, conv -> (B, C, H, W)
+
+Every skip is used once: 1 + L*layers_per_block + (L-1) skips pushed, L*(layers_per_block+1) popped.
 """
 import math
 
@@ -27,26 +34,33 @@ from tinydiff import functional as F
 from tinydiff.arrays import as_array, as_labels
 from tinydiff.tensor import Tensor, cat
 
+LAYOUT = "unet2d"   # this module structure (diffusers' UNet2DModel); runs record it as "unet_layout"
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of timesteps t (B,) into (B, dim): [sin(t f_k), cos(t f_k)],
-    frequencies f_k = 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1 (Transformer positions; DDPM App. B)."""
+
+def timestep_embedding(t, dim, flip_sin_to_cos=False, freq_shift=0):
+    """Sinusoidal embedding of timesteps t (B,) into (B, dim): [sin(t f_k), cos(t f_k)] (or
+    [cos, sin] with flip_sin_to_cos), f_k = 10000^(-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1
+    (Transformer positions; DDPM App. B). An odd dim gets one zero column at the end."""
     xp = backend.get_array_module(t)
     half = dim // 2
-    freqs = xp.exp(-math.log(10000.0) * xp.arange(half, dtype=np.float64) / half)   # (dim/2,)
+    freqs = xp.exp(-math.log(10000.0) * xp.arange(half, dtype=np.float64) / (half - freq_shift))  # (dim/2,)
     args = t.astype(np.float64)[:, None] * freqs[None, :]                             # (B, dim/2)
-    return xp.concatenate([xp.sin(args), xp.cos(args)], axis=1)                       # (B, dim)
+    parts = [xp.cos(args), xp.sin(args)] if flip_sin_to_cos else [xp.sin(args), xp.cos(args)]
+    if dim % 2:
+        parts.append(xp.zeros((len(t), 1)))
+    return xp.concatenate(parts, axis=1)                                              # (B, dim)
 
 
 class ResBlock(nn.Module):
-    """h = conv(SiLU(GN(x))) + proj(SiLU(emb));  out = skip(x) + conv(SiLU(GN(h)))."""
+    """h = conv(SiLU(GN(x))) + proj(SiLU(emb));  out = skip(x) + conv(dropout(SiLU(GN(h))))."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8, eps=1e-5, dropout=0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -54,19 +68,21 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))                    # (B, out, H, W)
         e = self.emb_proj(F.silu(emb))                           # (B, out)
         h = h + e.view(e.shape[0], e.shape[1], 1, 1)             # (B, out, H, W): time/class shift per channel
-        h = self.conv2(F.silu(self.norm2(h)))                    # (B, out, H, W)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))      # (B, out, H, W)
         return self.skip(x) + h                                  # (B, out, H, W)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions: softmax(q k^T / sqrt(d)) v, plus a residual."""
+    """Multi-head self-attention over the H*W positions: softmax(q k^T / sqrt(d)) v, plus a residual.
+    head_dim d (None: one head of all `ch` channels); heads = ch / d."""
 
-    def __init__(self, ch, heads=4, groups=8):
+    def __init__(self, ch, head_dim=None, groups=8, eps=1e-5):
         super().__init__()
-        if ch % heads:
-            raise ValueError(f"Attention: {ch} channels do not split into {heads} heads")
-        self.heads = heads
-        self.norm = nn.GroupNorm(groups, ch)
+        head_dim = ch if head_dim is None else head_dim
+        if ch % head_dim:
+            raise ValueError(f"Attention: {ch} channels do not split into heads of {head_dim}")
+        self.heads = ch // head_dim
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.q, self.k, self.v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
         self.proj = nn.Linear(ch, ch)
 
@@ -95,16 +111,72 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
+        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
 
-    def forward(self, x):                                        # (B, in, H, W) -> (B, out, 2H, 2W)
+    def forward(self, x):                                        # (B, C, H, W) -> (B, C, 2H, 2W)
         return self.conv(F.upsample_nearest2d(x, 2))
+
+
+class DownLevel(nn.Module):
+    """One level on the way down: `layers` ResBlocks (each followed by Attention if `attention`),
+    then a Downsample unless it is the last level. Every output is kept as a skip."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, layers, attention, downsample, head_dim, groups, eps, dropout):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(in_ch if j == 0 else out_ch, out_ch, emb_dim, groups, eps, dropout)
+                                      for j in range(layers)])
+        self.attentions = nn.ModuleList([Attention(out_ch, head_dim, groups, eps) for _ in range(layers)]
+                                        if attention else [])
+        self.downsample = Downsample(out_ch) if downsample else None
+
+    def forward(self, h, emb, skips):                            # (B, in, H, W) -> (B, out, H/2, W/2)
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)                                   # (B, out, H, W)
+            if len(self.attentions):
+                h = self.attentions[j](h)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)                               # (B, out, H/2, W/2)
+            skips.append(h)
+        return h
+
+
+class UpLevel(nn.Module):
+    """One level on the way up: `layers` ResBlocks, each on cat(h, newest skip) (then Attention if
+    `attention`), and an Upsample unless it is the top level. skip_chs: the widths of the skips it
+    takes, newest first."""
+
+    def __init__(self, in_ch, out_ch, skip_chs, emb_dim, attention, upsample, head_dim, groups, eps, dropout):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock((in_ch if j == 0 else out_ch) + s, out_ch, emb_dim, groups, eps, dropout)
+                                      for j, s in enumerate(skip_chs)])
+        self.attentions = nn.ModuleList([Attention(out_ch, head_dim, groups, eps) for _ in skip_chs]
+                                        if attention else [])
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, h, emb, skips):                            # (B, in, H, W) -> (B, out, 2H, 2W)
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(cat((h, skips.pop()), 1), emb)            # (B, out, H, W)
+            if len(self.attentions):
+                h = self.attentions[j](h)
+        if self.upsample is not None:
+            h = self.upsample(h)                                 # (B, out, 2H, 2W)
+        return h
 
 
 class UNet(nn.Module):
     """Noise predictor eps_theta(x_t, t, c) with GroupNorm, SiLU, attention and class embeddings.
+
+    UNet(in_channels=1, channels=(32, 64, 128), num_classes=None, height=16, layers_per_block=1,
+         attention_levels=None, head_dim=None, groups=8, eps=1e-5, dropout=0.0,
+         flip_sin_to_cos=True, freq_shift=0)
+        attention_levels  one bool per level (None: attention at the last, lowest, level only);
+                          the middle always has one Attention
+        head_dim          channels per attention head (None: one head per Attention)
+        flip_sin_to_cos, freq_shift   the time embedding's order and frequencies (see
+                          timestep_embedding; the defaults are UNet2DModel's)
 
     forward(x, t, c=None):
         x  (B, in_channels, H, W) noisy images x_t; H and W divisible by 2^(len(channels) - 1)
@@ -121,42 +193,49 @@ class UNet(nn.Module):
         time_input(t, T)    timestep indices t (B,) -> t itself, as Ho's and diffusers' U-Nets take
     """
 
-    def __init__(self, in_channels=1, channels=(32, 64, 128), num_classes=None, height=16,
-                 heads=4, groups=8):
+    def __init__(self, in_channels=1, channels=(32, 64, 128), num_classes=None, height=16, layers_per_block=1,
+                 attention_levels=None, head_dim=None, groups=8, eps=1e-5, dropout=0.0,
+                 flip_sin_to_cos=True, freq_shift=0):
         super().__init__()
-        step = 2 ** (len(channels) - 1)
+        levels = len(channels)
+        step = 2 ** (levels - 1)
         if height % step:
-            raise ValueError(f"UNet: height {height} must be divisible by {step} for {len(channels)} levels")
+            raise ValueError(f"UNet: height {height} must be divisible by {step} for {levels} levels")
+        attention_levels = [i == levels - 1 for i in range(levels)] if attention_levels is None else attention_levels
+        if len(attention_levels) != levels:
+            raise ValueError(f"UNet: attention_levels needs one entry per level ({levels}), got {attention_levels}")
         self.in_channels, self.channels, self.num_classes, self.height = in_channels, tuple(channels), num_classes, height
-        self.config = dict(in_channels=in_channels, channels=list(channels), num_classes=num_classes,
-                           height=height, heads=heads, groups=groups)
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), freq_shift
+        self.config = dict(in_channels=in_channels, channels=list(channels), num_classes=num_classes, height=height,
+                           layers_per_block=layers_per_block, attention_levels=[bool(a) for a in attention_levels],
+                           head_dim=head_dim, groups=groups, eps=eps, dropout=dropout,
+                           flip_sin_to_cos=bool(flip_sin_to_cos), freq_shift=freq_shift)
         c0, emb = channels[0], 4 * channels[0]
+        common = dict(head_dim=head_dim, groups=groups, eps=eps, dropout=dropout)
 
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))   # (B, c0) -> (B, E)
         if num_classes is not None:
             self.class_emb = nn.Embedding(num_classes + 1, emb)  # row num_classes: the null class
         self.init_conv = nn.Conv2d(in_channels, c0, 3, 1, 1)
 
-        self.down_blocks, self.downs = nn.ModuleList(), nn.ModuleList()
-        prev = c0
+        self.downs, skip_chs, prev = nn.ModuleList(), [c0], c0      # skip_chs: the width of every skip
         for i, ch in enumerate(channels):
-            self.down_blocks.append(ResBlock(prev, ch, emb, groups))
-            if i < len(channels) - 1:
-                self.downs.append(Downsample(ch))
+            last = i == levels - 1
+            self.downs.append(DownLevel(prev, ch, emb, layers_per_block, attention_levels[i], not last, **common))
+            skip_chs += [ch] * (layers_per_block + (not last))
             prev = ch
 
-        self.mid1 = ResBlock(prev, prev, emb, groups)
-        self.mid_attn = Attention(prev, heads, groups)
-        self.mid2 = ResBlock(prev, prev, emb, groups)
+        self.mid1 = ResBlock(prev, prev, emb, groups, eps, dropout)
+        self.mid_attn = Attention(prev, head_dim, groups, eps)
+        self.mid2 = ResBlock(prev, prev, emb, groups, eps, dropout)
 
-        self.up_blocks, self.ups = nn.ModuleList(), nn.ModuleList()   # ordered from the lowest level up
-        for i in reversed(range(len(channels))):
-            self.up_blocks.append(ResBlock(prev + channels[i], channels[i], emb, groups))
-            if i > 0:
-                self.ups.append(Upsample(channels[i], channels[i - 1]))
-            prev = channels[i - 1] if i > 0 else channels[0]
+        self.ups = nn.ModuleList()                                   # ordered from the lowest level up
+        for i in reversed(range(levels)):
+            takes = [skip_chs.pop() for _ in range(layers_per_block + 1)]   # newest first, as forward pops
+            self.ups.append(UpLevel(prev, channels[i], takes, emb, attention_levels[i], i > 0, **common))
+            prev = channels[i]
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, 1, 1))
+        self.out = nn.Sequential(nn.GroupNorm(groups, c0, eps), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, 1, 1))
 
     # --- the conditioning seam -----------------------------------------------------------------
     def context(self, labels):
@@ -181,27 +260,20 @@ class UNet(nn.Module):
     def forward(self, x, t, c=None):
         t, c = self._check_inputs(x, t, c)
         b = x.shape[0]
-        temb = timestep_embedding(t, self.channels[0]).astype(x.dtype)     # (B or 1, c0)
-        emb = self.time_mlp(Tensor(temb))                                   # (B or 1, E)
+        temb = timestep_embedding(t, self.channels[0], self.flip_sin_to_cos, self.freq_shift)  # (B or 1, c0)
+        emb = self.time_mlp(Tensor(temb.astype(x.dtype)))                   # (B or 1, E)
         if self.num_classes is not None:
             emb = emb + self.class_emb(c)                                   # (B, E)
         if emb.shape[0] != b:
             emb = emb.expand(b, emb.shape[1])                               # one t for the whole batch
 
         h = self.init_conv(x)                                    # (B, c0, H, W)
-        skips = []
-        for i, block in enumerate(self.down_blocks):
-            h = block(h, emb)                                    # (B, c_i, H/2^i, W/2^i)
-            skips.append(h)
-            if i < len(self.downs):
-                h = self.downs[i](h)                             # (B, c_i, H/2^(i+1), W/2^(i+1))
-
+        skips = [h]
+        for level in self.downs:
+            h = level(h, emb, skips)                             # (B, c_i, H/2^(i+1), ...), skips pushed
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)     # (B, c_last, h_low, w_low)
-
-        for j, block in enumerate(self.up_blocks):
-            h = block(cat((h, skips.pop()), 1), emb)             # (B, c_i, ., .)
-            if j < len(self.ups):
-                h = self.ups[j](h)                               # (B, c_(i-1), 2., 2.)
+        for level in self.ups:
+            h = level(h, emb, skips)                             # (B, c_i, 2., 2.), skips popped
         return self.out(h)                                       # (B, C, H, W)
 
     def _check_inputs(self, x, t, c):
