@@ -20,7 +20,7 @@ import numpy as np
 
 from tinydiff import backend, data
 from tinydiff import train as training
-from tinydiff.checkpoint import CheckpointError, load_checkpoint, load_weights, read_safetensors
+from tinydiff.checkpoint import CheckpointError, load_checkpoint, load_weights, read_safetensors, reading
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -173,8 +173,9 @@ def load_run(run, device="cpu"):
     from tinydiff.diffusion import NoiseSchedule
     if not os.path.exists(run):
         raise SystemExit(f"--checkpoint {run}: no such run; train one with: python demos/02_train_digits.py")
-    cfg, weights = find_weights(run)                           # config.json and the EMA weights
-    model = load_weights(training.model_from_config(cfg).to(device), weights).eval()
+    with reading(run):
+        cfg, weights = find_weights(run)                       # config.json and the EMA weights
+        model = load_weights(training.model_from_config(cfg).to(device), weights).eval()
     return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg
 
 
@@ -185,7 +186,9 @@ def sample_command(parser, args):
 
     check_device(parser, args.device, args.kernels)
     backend.set_kernels(args.kernels)
-    cfg, weights = find_weights(args.checkpoint)
+    with reading(args.checkpoint):       # a trainer may replace the checkpoint meanwhile: keep ours
+        cfg, weights = find_weights(args.checkpoint)
+        model = load_weights(training.model_from_config(cfg).to(args.device), weights)
     labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
     if max(labels) >= cfg["num_classes"]:
         parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
@@ -194,8 +197,6 @@ def sample_command(parser, args):
     out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
                                    else os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
 
-    model = training.model_from_config(cfg).to(args.device)
-    load_weights(model, weights)
     model.eval()                                                    # BatchNorm: running statistics
     schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
@@ -295,7 +296,7 @@ def main(argv=None):
         return eval_command(parser, args)
     except training.ConfigError as err:
         parser.error(str(err))                       # exit code 2, as for any bad argument
-    except (data.DataError, CheckpointError, training.TrainingDiverged, FileNotFoundError) as err:
+    except (data.DataError, CheckpointError, training.TrainingDiverged, OSError) as err:   # OSError: a full disk
         print(f"{command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

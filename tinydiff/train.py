@@ -174,6 +174,11 @@ def resolve_config(overrides, resume):
 def train(overrides=None, resume=False, progress=True):
     """Train (or resume) the run described by `overrides` (flag name -> value). Returns the run folder."""
     cfg = resolve_config(overrides or {}, resume)
+    with checkpoint.RunLock(cfg["out"]):       # one writer per run folder: a second is refused
+        return _train(cfg, resume, progress)
+
+
+def _train(cfg, resume, progress):
     backend.set_kernels(cfg["kernels"])
     backend.manual_seed(cfg["seed"])
     out, device = cfg["out"], cfg["device"]
@@ -324,10 +329,7 @@ def _progress_bar(total, initial, enabled):
 
 
 def write_atomic(path, payload):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, payload)     # a full disk: WriteError, the old file unchanged
 
 
 def to_unit(x):
