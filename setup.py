@@ -11,6 +11,8 @@ TINYDIFF_ARCH=native (default): -march=native, the instruction set of this machi
 TINYDIFF_ARCH=avx2 | avx512: x86-64-v3 (AVX2, FMA) or x86-64-v4 (AVX-512), e.g. to measure an AVX2
     build on an AVX-512 machine.  TINYDIFF_ARCH=generic: the compiler's default (a portable wheel).
     (TINYDIFF_NATIVE_ARCH=0, the older spelling, means generic.)
+TINYDIFF_SANITIZE=1: build tinydiff._C with AddressSanitizer and UndefinedBehaviorSanitizer (-O1 -g),
+    for scripts/sanitize.sh; Python must then run with LD_PRELOAD of the ASan runtime.
 TINYDIFF_CUDA_ARCHS="90": build for these GPU architectures only (default 75 80 86 89 90, + PTX of the last).
 """
 import glob
@@ -50,7 +52,12 @@ def cpu_flags():
         sys.exit(f"TINYDIFF_ARCH must be one of {', '.join(ARCH_FLAGS)}, got {arch!r}")
     if arch == "native" and not compiler_accepts("-march=native"):
         arch = "generic"                       # a compiler that has no -march=native (some clangs)
-    return flags + ARCH_FLAGS[arch]
+    return flags + ARCH_FLAGS[arch] + SANITIZE_FLAGS
+
+
+# ASan + UBSan, every UB report fatal; -O1 keeps the build and the tests fast enough for CI
+SANITIZE_FLAGS = (["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                   "-fno-sanitize-recover=all"] if os.environ.get("TINYDIFF_SANITIZE") == "1" else [])
 
 
 def find_cuda():
@@ -97,7 +104,7 @@ class BuildExt(build_ext):
 cpu_sources = sorted(glob.glob("csrc/*_cpu.cpp"))
 extensions = [
     Pybind11Extension("tinydiff._C", cpu_sources, include_dirs=["csrc"],
-                      extra_compile_args=cpu_flags(), extra_link_args=["-fopenmp"],
+                      extra_compile_args=cpu_flags(), extra_link_args=["-fopenmp", *SANITIZE_FLAGS],
                       depends=glob.glob("csrc/*.h")),
 ]
 

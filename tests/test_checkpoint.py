@@ -182,7 +182,7 @@ def test_checkpoint_round_trip(tmp_path):
 
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path)
                    for d, _, fs in os.walk(tmp_path) for f in fs)
-    assert files == ["checkpoint.json", "step-00000002/ema.safetensors",
+    assert files == ["checkpoint.json", "readers.lock", "step-00000002/ema.safetensors",
                      "step-00000002/model.safetensors", "step-00000002/train_state.json",
                      "step-00000002/train_state.safetensors"]
 
@@ -194,7 +194,7 @@ def test_keep_and_pick_a_step(tmp_path):
         model[0].bias.data = model[0].bias.data + 1
         weights[step] = arrays_of(model)
         save_checkpoint(tmp_path, model, opt, step, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "step-00000002", "step-00000003"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "readers.lock", "step-00000002", "step-00000003"]
     for step in (2, 3):
         other = small_net()
         assert load_checkpoint(tmp_path, other, step=step)["step"] == step
@@ -202,7 +202,7 @@ def test_keep_and_pick_a_step(tmp_path):
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 1 \(kept: \[2, 3\]\)"):
         load_checkpoint(tmp_path, small_net(), step=1)
     save_checkpoint(tmp_path, model, opt, 3, keep=2)        # the same step again: a new folder
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "step-00000003", "step-00000003-1"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "readers.lock", "step-00000003", "step-00000003-1"]
 
 
 @pytest.mark.parametrize("crash_at", ["model.safetensors", "train_state.json", "checkpoint.json"])
@@ -212,13 +212,13 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, cras
     at_step1 = arrays_of(model)
     train(model, opt, ema, 2, 1)
 
-    real_write = checkpoint._atomic_write
+    real_write = checkpoint.write_atomic
 
     def crashing_write(path, data):
         if os.path.basename(path) == crash_at:
             raise KeyboardInterrupt("killed (simulated)")
         real_write(path, data)
-    monkeypatch.setattr(checkpoint, "_atomic_write", crashing_write)
+    monkeypatch.setattr(checkpoint, "write_atomic", crashing_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, opt, 2, ema=ema)
     monkeypatch.undo()
@@ -228,7 +228,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, cras
     assert_same(at_step1, arrays_of(restored))
     (tmp_path / "checkpoint.json.tmp-1-dead").write_bytes(b"{")   # as a SIGKILL would leave it
     save_checkpoint(tmp_path, model, opt, 3, ema=ema)       # the next save clears the debris
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "step-00000003"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "readers.lock", "step-00000003"]
     assert not any(".tmp" in f for _, _, fs in os.walk(tmp_path) for f in fs)
 
 

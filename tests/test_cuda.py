@@ -431,8 +431,9 @@ def build_emulator(folder):
             with open(sources[-1], "w") as f:
                 f.write(f'#include "emulator.h"\n#line 1 "csrc/{name}"\n{text}')
     lib = os.path.join(folder, "cuda_emulated.so")
+    # TINYDIFF_EMULATOR_FLAGS: extra compiler flags, e.g. the sanitizers of scripts/sanitize.sh
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-I", EMULATOR_DIR, "-I", CSRC,
-           "-I", include, *sources, "-o", lib]
+           "-I", include, *sources, "-o", lib, *os.environ.get("TINYDIFF_EMULATOR_FLAGS", "").split()]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, f"the CUDA sources do not compile for the emulator:\n{' '.join(cmd)}\n{run.stderr[-4000:]}"
     return EmulatedKernels(ctypes.CDLL(lib))

@@ -26,16 +26,28 @@ Training state, a run folder:
                                    counts, EMA decay, `extra` (epoch, scheduler step, data-loader
                                    position, ...); an array appears as {"__tensor__": key}
 
+      writer.lock                  held (flock) by the one process writing the run; holds its pid
+      readers.lock                 held shared by processes reading a checkpoint (sample, eval)
+
   Crash safety: every file is written to a temporary name, flushed, fsynced and renamed
   (os.replace, atomic). A save writes a new folder, and only then replaces checkpoint.json; so
   a crash at any moment leaves the previous checkpoint complete and named by the manifest.
   Folders the manifest does not name (a crashed save, or older than `keep`) are removed by the
   next save. Loading recomputes each file's sha256 and refuses one that changed or is missing.
   The CUDA generator's state is not saved: exact resumption is guaranteed on the CPU.
+  A write that fails (a full disk, an I/O error) raises WriteError naming the file and the error;
+  the half-written folder is removed and the previous checkpoint stays the current one.
+
+  One writer, many readers: `with RunLock(run_dir):` makes this process the run's only writer (a
+  second one is refused with the holder's pid; the kernel frees the lock however the holder dies,
+  SIGKILL too). `with reading(run_dir):` keeps the checkpoint a reader found on disk until it is
+  done: a save that replaces it meanwhile leaves the old folder for a later save to remove.
 
 Every refusal is a CheckpointError (a ValueError) that names the file, and for a model that does
 not fit, the keys and shapes.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -53,6 +65,7 @@ from tinydiff.tensor import Tensor
 
 FORMAT, VERSION = "tinydiff-checkpoint", 1
 MANIFEST = "checkpoint.json"
+WRITER_LOCK, READERS_LOCK = "writer.lock", "readers.lock"
 STEP_DIR = re.compile(r"^step-\d{8}(-\d+)?$")     # our folders; nothing else is ever removed
 
 
@@ -60,10 +73,18 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated, inconsistent, or does not fit the model."""
 
 
+class RunLocked(CheckpointError):
+    """Another process is writing this run folder."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, an I/O error); the file there before is unchanged."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes, hashes, safetensors with the path in every error
 
-def _atomic_write(path, data):
+def write_atomic(path, data):
     """Write bytes to `path` so that it holds either the old or the new content, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -72,14 +93,14 @@ def _atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(err, OSError):
+            raise WriteError(f"{path}: not written ({err.strerror or err}); "
+                             f"the file there before, if any, is unchanged") from err
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-atomic_write = _atomic_write     # public: every file tinydiff writes (pictures, samples.npz) goes through it
 
 
 def _fsync_dir(path):
@@ -146,7 +167,7 @@ def read_safetensors(path):
 def save_weights(model, path, metadata=None):
     """Write model.state_dict() (or a dict name -> Tensor/array) to a safetensors file, atomically."""
     state = model.state_dict() if hasattr(model, "state_dict") else model
-    _atomic_write(str(path), _safetensors_bytes({k: _to_cpu(v) for k, v in state.items()}, metadata))
+    write_atomic(str(path), _safetensors_bytes({k: _to_cpu(v) for k, v in state.items()}, metadata))
 
 
 def check_fits(arrays, model, path, strict=True):
@@ -246,26 +267,97 @@ def save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, confi
         n += 1
         name = f"step-{step:08d}-{n}"
     folder = os.path.join(run_dir, name)
-    os.makedirs(folder)
-    for filename, data in files.items():
-        _atomic_write(os.path.join(folder, filename), data)
-    _fsync_dir(run_dir)
     entry = {"step": step, "dir": name,
              "files": {f: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
                        for f, d in files.items()}}
-
     kept = (old + [entry])[-keep:]
     manifest = {"format": FORMAT, "version": VERSION, "checkpoints": kept}
-    _atomic_write(os.path.join(run_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    try:
+        os.makedirs(folder)
+        for filename, data in files.items():
+            write_atomic(os.path.join(folder, filename), data)
+        _fsync_dir(run_dir)
+        write_atomic(os.path.join(run_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    except OSError as err:         # a full disk, an I/O error: the manifest still names the old one
+        shutil.rmtree(folder, ignore_errors=True)
+        previous = f"its checkpoint of step {old[-1]['step']} is intact" if old else "it has no checkpoint yet"
+        raise WriteError(f"the checkpoint of step {step} was not saved: {err}. {run_dir}: {previous}") from err
     # The new checkpoint is now the current one. Remove the folders the manifest no longer names,
-    # and a temporary manifest a killed process may have left.
+    # and a temporary manifest a killed process may have left; unless a reader holds one (then a
+    # later save removes them).
     named = {c["dir"] for c in kept}
-    for d in os.listdir(run_dir):
-        if STEP_DIR.match(d) and d not in named:
-            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
-        elif d.startswith(MANIFEST + ".tmp-"):
-            os.remove(os.path.join(run_dir, d))
+    with _no_readers(run_dir) as alone:
+        for d in os.listdir(run_dir) if alone else []:
+            if STEP_DIR.match(d) and d not in named:
+                shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+            elif d.startswith(MANIFEST + ".tmp-"):
+                os.remove(os.path.join(run_dir, d))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder; readers keep the checkpoint they are reading (fcntl.flock: the
+# kernel drops a process's locks when it exits, however it dies, so no lock is ever stale)
+
+class RunLock:
+    """`with RunLock(run_dir):` this process is the only writer of the run; else RunLocked."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, WRITER_LOCK)
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunLocked(f"{os.path.dirname(self.path)} is being written by process {holder} "
+                            f"(it holds {self.path}): one writer per run folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)   # for the message of a refused writer
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)                                     # closing drops the lock
+
+
+@contextlib.contextmanager
+def reading(run_dir):
+    """Within `with reading(run_dir):` the checkpoint a reader finds stays on disk (a shared lock
+    on readers.lock, which save_checkpoint checks before it removes old folders)."""
+    path = os.path.join(run_dir, READERS_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:            # not a folder, or one we cannot write: then nobody writes it either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)                        # waits only while a save removes folders
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _no_readers(run_dir):
+    """Yields True, holding readers.lock exclusively, when no reader holds it; else False at once."""
+    try:
+        fd = os.open(os.path.join(run_dir, READERS_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:            # (a full disk): remove nothing now, a later save will
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    try:
+        yield alone
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(run_dir, model=None, optimizer=None, ema=None, step=None, restore_rng=True):
@@ -274,6 +366,11 @@ def load_checkpoint(run_dir, model=None, optimizer=None, ema=None, step=None, re
     Returns {"step", "config", "extra", "dir"}. With a model, also restores the CPU generator
     (unless restore_rng=False); without one, only reads (e.g. the config to build the model).
     """
+    with reading(run_dir):     # the folder stays while we read it, even if a trainer saves meanwhile
+        return _load_checkpoint(run_dir, model, optimizer, ema, step, restore_rng)
+
+
+def _load_checkpoint(run_dir, model, optimizer, ema, step, restore_rng):
     manifest = _read_manifest(run_dir)
     entries = [c for c in manifest["checkpoints"] if step is None or c["step"] == step]
     if not entries:

@@ -21,7 +21,7 @@ import numpy as np
 
 from tinydiff import backend, config, data, pictures, runs
 from tinydiff import train as training
-from tinydiff.checkpoint import CheckpointError, atomic_write
+from tinydiff.checkpoint import CheckpointError, write_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -212,7 +212,7 @@ def sample_command(parser, args):
     os.makedirs(out, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, images=images.astype(np.float32), labels=all_labels)
-    atomic_write(os.path.join(out, "samples.npz"), buf.getvalue())
+    write_atomic(os.path.join(out, "samples.npz"), buf.getvalue())
     ncol = min(args.n, 10) if args.n > 20 else args.n
     pictures.write_png(os.path.join(out, "samples.png"), pictures.image_grid(
         _pad_groups(images, all_labels, labels, ncol), ncol=ncol))
@@ -283,7 +283,7 @@ def main(argv=None):
         return eval_command(parser, args)
     except config.ConfigError as err:
         parser.error(str(err))                       # exit code 2, as for any bad argument
-    except (data.DataError, CheckpointError, training.TrainingDiverged, FileNotFoundError) as err:
+    except (data.DataError, CheckpointError, training.TrainingDiverged, OSError) as err:   # OSError: a full disk
         print(f"{command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

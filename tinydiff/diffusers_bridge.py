@@ -29,7 +29,7 @@ import re
 
 import numpy as np
 
-from tinydiff.checkpoint import CheckpointError, _atomic_write, read_safetensors
+from tinydiff.checkpoint import CheckpointError, write_atomic, read_safetensors
 from tinydiff.unet import UNet
 
 # Every tinydiff UNet state-dict name -> its UNet2DModel name: one block row for the start of the
@@ -220,10 +220,10 @@ def export_diffusers(model_or_run, out_dir, schedule=None, objective="eps", spac
     arrays = {diffusers_name(k): np.ascontiguousarray(v.numpy(), dtype=np.float32)
               for k, v in model.state_dict().items()}
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "diffusion_pytorch_model.safetensors"),
+    write_atomic(os.path.join(out_dir, "diffusion_pytorch_model.safetensors"),
                   safetensors.numpy.save(arrays, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
-    _atomic_write(os.path.join(out_dir, "scheduler", "scheduler_config.json"), json.dumps(sched, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "scheduler", "scheduler_config.json"), json.dumps(sched, indent=1).encode())
     return out_dir
 
 

@@ -4,14 +4,14 @@
     write_gif("denoising.gif", [image_grid(to_unit(xt), ncol=10) for xt in trajectory])
     write_loss_plot("loss.png", losses)
 
-Every file goes through checkpoint.atomic_write (a temporary file, fsync, os.replace), so a
+Every file goes through checkpoint.write_atomic (a temporary file, fsync, os.replace), so a
 picture is either the old one or the new one, never half of one.
 """
 import io
 
 import numpy as np
 
-from tinydiff.checkpoint import atomic_write
+from tinydiff.checkpoint import write_atomic
 
 
 def to_unit(x):
@@ -37,7 +37,7 @@ def write_png(path, rgb):
     from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_gif(path, frames, duration_ms=80):
@@ -47,7 +47,7 @@ def write_gif(path, frames, duration_ms=80):
     buf = io.BytesIO()
     pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:] + [pictures[-1]] * 12,
                      duration=duration_ms, loop=0)
-    atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_loss_plot(path, losses):
@@ -73,4 +73,4 @@ def write_loss_plot(path, losses):
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())

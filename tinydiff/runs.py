@@ -9,10 +9,11 @@ metadata). Either is enough to rebuild the model. Problems raise ordinary except
 path (FileNotFoundError, checkpoint.CheckpointError, a ValueError); the CLI turns them into
 messages and exit codes.
 """
+import contextlib
 import json
 import os
 
-from tinydiff.checkpoint import MANIFEST, CheckpointError, load_checkpoint, load_weights, read_safetensors
+from tinydiff.checkpoint import MANIFEST, CheckpointError, load_checkpoint, load_weights, read_safetensors, reading
 from tinydiff.diffusion import NoiseSchedule
 from tinydiff.models import ContextUnet, UNet
 from tinydiff.unet import LAYOUT
@@ -62,7 +63,9 @@ def find_weights(path):
 
 def load_run(path, device="cpu"):
     """A run's model (EMA weights, eval mode: BatchNorm uses its running statistics), its noise
-    schedule and its config: what `tinydiff sample` and the demos sample from."""
-    cfg, weights = find_weights(path)
-    model = load_weights(model_from_config(cfg).to(device), weights).eval()
+    schedule and its config: what `tinydiff sample` and the demos sample from. A trainer may
+    replace the checkpoint meanwhile: reading() keeps the one being read until it is loaded."""
+    with reading(path) if os.path.isdir(path) else contextlib.nullcontext():
+        cfg, weights = find_weights(path)
+        model = load_weights(model_from_config(cfg).to(device), weights).eval()
     return model, NoiseSchedule(cfg["schedule"], cfg["timesteps"]), cfg

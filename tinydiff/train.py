@@ -58,6 +58,11 @@ def learning_rate(cfg, step, total):
 def train(overrides=None, resume=False, progress=True):
     """Train (or resume) the run described by `overrides` (flag name -> value). Returns the run folder."""
     cfg = resolve_config(overrides or {}, resume)
+    with checkpoint.RunLock(cfg["out"]):       # one writer per run folder: a second is refused
+        return _train(cfg, resume, progress)
+
+
+def _train(cfg, resume, progress):
     backend.set_kernels(cfg["kernels"])
     backend.manual_seed(cfg["seed"])
     out, device = cfg["out"], cfg["device"]
@@ -96,7 +101,7 @@ def train(overrides=None, resume=False, progress=True):
         if step > total:
             raise ConfigError(f"{out} is at step {step}, past the {total} steps asked for: give more --steps")
     os.makedirs(out, exist_ok=True)
-    checkpoint.atomic_write(os.path.join(out, "config.json"), json.dumps(cfg, indent=1).encode())
+    checkpoint.write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=1).encode())
     print(f"training {cfg['model']} (n_feat {cfg['n_feat']}, {model.num_parameters():,} parameters) on "
           f"{cfg['data']}: {len(images)} images {images.shape[1:]}, {num_classes} classes; "
           f"steps {step} -> {total} of batch {cfg['batch_size']}; device {device}, kernels {cfg['kernels']}")

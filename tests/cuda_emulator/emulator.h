@@ -10,6 +10,9 @@
 // __shared__ becomes `static`: one copy, used by one block at a time.
 // What it cannot show: warp-level behaviour, memory coalescing, register or shared-memory limits,
 // launch-size limits, or anything about speed.
+// Under AddressSanitizer (scripts/sanitize.sh) every switch between the scheduler's stack and a
+// fiber's is announced with __sanitizer_start_switch_fiber / __sanitizer_finish_switch_fiber, so
+// that ASan knows which stack is live (else it reports false stack overflows and misses real ones).
 #pragma once
 
 #include <cuda_runtime.h>   // types only (dim3, uint3, cudaStream_t); no CUDA call is made
@@ -21,6 +24,15 @@
 #include <functional>
 #include <memory>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define EMU_FINISH_SWITCH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define EMU_START_SWITCH(save, bottom, size) ((void)0)
+#define EMU_FINISH_SWITCH(save, bottom, size) ((void)0)
+#endif
 
 #undef __global__
 #undef __device__
@@ -54,10 +66,28 @@ inline std::vector<char> finished;
 inline std::vector<std::unique_ptr<char[]>> stacks;
 inline unsigned current = 0;                  // the fiber running now
 inline std::function<void()> body;            // the kernel call, the same for every thread
+inline const void* scheduler_stack = nullptr; // ASan: the scheduler's stack (learnt on the first switch)
+inline size_t scheduler_stack_bytes = 0;
+inline void* scheduler_fake_stack = nullptr;  // ASan: the scheduler's fake stack while a fiber runs
 
 inline void fiber_main() {
+    EMU_FINISH_SWITCH(nullptr, &scheduler_stack, &scheduler_stack_bytes);   // arrived on a new stack
     body();
     finished[current] = 1;                    // then back to `scheduler` through uc_link
+    EMU_START_SWITCH(nullptr, scheduler_stack, scheduler_stack_bytes);      // nullptr: this fiber ends
+}
+
+inline void run_fiber(unsigned t) {           // from the scheduler into fiber t, until it yields or ends
+    EMU_START_SWITCH(&scheduler_fake_stack, stacks[t].get(), STACK_BYTES);
+    swapcontext(&scheduler, &fibers[t]);
+    EMU_FINISH_SWITCH(scheduler_fake_stack, nullptr, nullptr);
+}
+
+inline void yield_to_scheduler() {            // from fiber `current` back to the scheduler, and on later
+    void* fake_stack = nullptr;
+    EMU_START_SWITCH(&fake_stack, scheduler_stack, scheduler_stack_bytes);
+    swapcontext(&fibers[current], &scheduler);
+    EMU_FINISH_SWITCH(fake_stack, &scheduler_stack, &scheduler_stack_bytes);
 }
 
 template <typename... Params, typename... Args>
@@ -87,7 +117,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
                         if (finished[t]) continue;
                         current = t;
                         threadIdx = uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-                        swapcontext(&scheduler, &fibers[t]);
+                        run_fiber(t);
                         alive = alive || !finished[t];
                     }
                 }
@@ -96,4 +126,4 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
 
 }  // namespace emu
 
-inline void __syncthreads() { swapcontext(&emu::fibers[emu::current], &emu::scheduler); }
+inline void __syncthreads() { emu::yield_to_scheduler(); }
