@@ -16,7 +16,13 @@
 #include <cstring>
 #include <vector>
 
+#ifdef _OPENMP
 #include <omp.h>
+#else                                    // a serial build (TINYDIFF_OPENMP=0): one thread, the pragmas are ignored
+static int omp_get_max_threads() { return 1; }
+static int omp_get_thread_num() { return 0; }
+static int omp_get_num_threads() { return 1; }
+#endif
 
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
