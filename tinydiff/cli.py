@@ -65,7 +65,7 @@ def label_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinydiff", description="A from-scratch diffusion engine: "
                                      "train a conditional diffusion model, sample from it, evaluate samples.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,info}")
     sub.required = True
 
     # --- train: only the flags given reach train.train(); the rest come from train.DEFAULTS
@@ -135,6 +135,9 @@ def build_parser():
                        description="Score samples.npz with the shipped digits classifier.")
     e.add_argument("--samples", required=True, help="a samples.npz written by `tinydiff sample`")
     e.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+    sub.add_parser("info", help="the kernels built, the CPU, NumPy's BLAS, whether CUDA runs here",
+                   description="Report this install (see tinydiff/info.py).")
     return parser
 
 
@@ -292,6 +295,10 @@ def main(argv=None):
             return 0
         if args.command == "sample":
             return sample_command(parser, args)
+        if args.command == "info":
+            from tinydiff.info import format_report, report
+            print(format_report(report()))
+            return 0
         return eval_command(parser, args)
     except training.ConfigError as err:
         parser.error(str(err))                       # exit code 2, as for any bad argument
