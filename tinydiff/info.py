@@ -63,7 +63,7 @@ def format_report(d):
         kernels = (f"tinydiff._C built for {k['isa']} ({k['vector_bytes']}-byte vectors), "
                    f"{'OpenMP' if k['openmp'] else 'serial (no OpenMP)'}, {k['compiler']}")
     else:
-        kernels = f"tinydiff._C not built: {k}"
+        kernels = k                                              # why tinydiff._C is missing
     cuda_module = "tinydiff._C_cuda built" if d["cuda_module"] is True else d["cuda_module"]
     c = d["cpu"]
     blas_text = (", ".join(f"{b['library']} {b['version']} ({b['threads']} threads)" for b in d["blas"]) or "none found"
