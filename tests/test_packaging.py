@@ -82,3 +82,27 @@ def test_import_tinydiff_reaches_the_submodules():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["ContextUnet", "NoiseSchedule", "ddim_sample"]
+
+
+@pytest.mark.parametrize("mode,returncode,says", [
+    ("auto", 0, "WARNING: the C++ compiler does not support OpenMP"),   # one warning, a serial build
+    ("0", 0, None),                                                      # asked for: no warning
+    ("1", 1, "TINYDIFF_OPENMP=1 but the C++ compiler cannot build an OpenMP program"),
+    ("maybe", 1, "TINYDIFF_OPENMP must be auto, 0 or 1, got 'maybe'"),
+])
+def test_setup_without_openmp(tmp_path, mode, returncode, says):
+    """setup.py with a compiler that refuses -fopenmp (as Apple's clang does), for each TINYDIFF_OPENMP.
+    `setup.py --version` runs setup.py's checks without building anything."""
+    cxx = tmp_path / "c++-without-openmp"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
+                   'exit 1; }; done\nexec c++ "$@"\n')
+    cxx.chmod(0o755)
+    env = {**os.environ, "CXX": str(cxx), "TINYDIFF_OPENMP": mode, "TINYDIFF_CUDA": "0"}
+    run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == returncode, run.stderr
+    openmp_lines = [line for line in run.stderr.splitlines() if "openmp" in line.lower()]
+    assert openmp_lines == ([] if says is None else [line for line in openmp_lines if says in line]), run.stderr
+    if says is not None:
+        assert len(openmp_lines) == 1, openmp_lines
+    if returncode == 0:
+        assert run.stdout.strip().splitlines()[-1] == "0.1.0"
