@@ -106,3 +106,15 @@ def test_setup_without_openmp(tmp_path, mode, returncode, says):
         assert len(openmp_lines) == 1, openmp_lines
     if returncode == 0:
         assert run.stdout.strip().splitlines()[-1] == "0.1.0"
+
+
+def test_the_pytorch_context_unet_users_copy_needs_only_torch():
+    """docs/interop/context_unet_torch.py stands alone: it imports torch and nothing of tinydiff
+    (tests/test_models.py checks its outputs and gradients against tinydiff's ContextUnet)."""
+    path = os.path.join(ROOT, "docs", "interop", "context_unet_torch.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"torch"}, imported
