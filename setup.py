@@ -54,13 +54,11 @@ def openmp_flags():
         return ["-fopenmp"]
     if mode == "1":
         sys.exit("TINYDIFF_OPENMP=1 but the C++ compiler cannot build an OpenMP program with -fopenmp")
-    if mode == "auto":
-        print("WARNING: the C++ compiler does not support OpenMP (-fopenmp); tinydiff._C is built serial "
-              "(one thread per kernel). Set TINYDIFF_OPENMP=0 to silence this.", file=sys.stderr)
     return []
 
 
 OPENMP = openmp_flags()
+OPENMP_MISSING = not OPENMP and os.environ.get("TINYDIFF_OPENMP", "auto") == "auto"   # warned at the build
 
 
 def cpu_flags():
@@ -83,6 +81,9 @@ class BuildExt(build_ext):
     """build_ext that first compiles the .cu files of the CUDA module with nvcc."""
 
     def build_extension(self, ext):
+        if ext.name == "tinydiff._C" and OPENMP_MISSING:
+            print("WARNING: the C++ compiler does not support OpenMP (-fopenmp); tinydiff._C is built serial "
+                  "(one thread per kernel). Set TINYDIFF_OPENMP=0 to silence this.", file=sys.stderr)
         if ext.name != "tinydiff._C_cuda":
             return super().build_extension(ext)
         try:

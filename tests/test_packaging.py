@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tinydiff import backend
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the import name of each distribution that tinydiff declares
 DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "cupy": "cupy-cuda13x", "cupyx": "cupy-cuda13x"}
@@ -84,6 +86,19 @@ def test_import_tinydiff_reaches_the_submodules():
     assert run.stdout.split() == ["ContextUnet", "NoiseSchedule", "ddim_sample"]
 
 
+# setup.py run as pip runs it, then its BuildExt asked to build tinydiff._C, the compiler call itself
+# replaced by a no-op: what the build would compile with, and what it says.
+SETUP_THEN_BUILD = """import runpy, sys
+import pybind11.setup_helpers
+from setuptools.dist import Distribution
+sys.argv = ["setup.py", "--version"]
+g = runpy.run_path("setup.py")
+pybind11.setup_helpers.build_ext.build_extension = lambda self, ext: None
+g["BuildExt"](Distribution()).build_extension(g["extensions"][0])
+print("flags", g["extensions"][0].extra_compile_args + g["extensions"][0].extra_link_args)
+"""
+
+
 @pytest.mark.parametrize("mode,returncode,says", [
     ("auto", 0, "WARNING: the C++ compiler does not support OpenMP"),   # one warning, a serial build
     ("0", 0, None),                                                      # asked for: no warning
@@ -91,21 +106,29 @@ def test_import_tinydiff_reaches_the_submodules():
     ("maybe", 1, "TINYDIFF_OPENMP must be auto, 0 or 1, got 'maybe'"),
 ])
 def test_setup_without_openmp(tmp_path, mode, returncode, says):
-    """setup.py with a compiler that refuses -fopenmp (as Apple's clang does), for each TINYDIFF_OPENMP.
-    `setup.py --version` runs setup.py's checks without building anything."""
+    """setup.py with a compiler that refuses -fopenmp (as Apple's clang does), for each TINYDIFF_OPENMP."""
     cxx = tmp_path / "c++-without-openmp"
     cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
                    'exit 1; }; done\nexec c++ "$@"\n')
     cxx.chmod(0o755)
     env = {**os.environ, "CXX": str(cxx), "TINYDIFF_OPENMP": mode, "TINYDIFF_CUDA": "0"}
-    run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", SETUP_THEN_BUILD], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == returncode, run.stderr
     openmp_lines = [line for line in run.stderr.splitlines() if "openmp" in line.lower()]
-    assert openmp_lines == ([] if says is None else [line for line in openmp_lines if says in line]), run.stderr
-    if says is not None:
-        assert len(openmp_lines) == 1, openmp_lines
-    if returncode == 0:
-        assert run.stdout.strip().splitlines()[-1] == "0.1.0"
+    assert len(openmp_lines) == (0 if says is None else 1) and all(says in line for line in openmp_lines), run.stderr
+    if returncode == 0:                                  # serial: no -fopenmp, the pragmas not warned about
+        flags = run.stdout.strip().splitlines()[-1]
+        assert flags.startswith("flags") and "-fopenmp" not in flags and "-Wno-unknown-pragmas" in flags, flags
+
+
+def test_setup_with_openmp():
+    env = {**os.environ, "TINYDIFF_OPENMP": "auto", "TINYDIFF_CUDA": "0"}
+    run = subprocess.run([sys.executable, "-c", SETUP_THEN_BUILD], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    if backend.native is None or not backend.native.build_info()["openmp"]:
+        pytest.skip("this machine's compiler has no OpenMP (tinydiff._C is serial)")
+    assert "openmp" not in run.stderr.lower(), run.stderr
+    assert run.stdout.strip().splitlines()[-1].count("-fopenmp") == 2          # compile and link
 
 
 def test_the_pytorch_context_unet_users_copy_needs_only_torch():
