@@ -66,8 +66,9 @@ def format_report(d):
         kernels = k                                              # why tinydiff._C is missing
     cuda_module = "tinydiff._C_cuda built" if d["cuda_module"] is True else d["cuda_module"]
     c = d["cpu"]
-    blas_text = (", ".join(f"{b['library']} {b['version']} ({b['threads']} threads)" for b in d["blas"]) or "none found"
-                 if isinstance(d["blas"], list) else d["blas"])
+    blas_text = d["blas"]                                        # why threadpoolctl is missing, or the libraries
+    if isinstance(blas_text, list):
+        blas_text = ", ".join(f"{b['library']} {b['version']} ({b['threads']} threads)" for b in blas_text) or "none found"
     cuda = "yes" if d["cuda"]["available"] else f"no: {d['cuda']['reason']}"
     return "\n".join([
         f"kernels:      {kernels}",
