@@ -18,7 +18,7 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#else                                    // a serial build (TINYDIFF_OPENMP=0): one thread, the pragmas are ignored
+#else                                    // a build without OpenMP (setup.py): one thread, the pragmas ignored
 static int omp_get_max_threads() { return 1; }
 static int omp_get_thread_num() { return 0; }
 static int omp_get_num_threads() { return 1; }

@@ -1,9 +1,9 @@
 """Every ```python block of README.md and docs/*.md runs, so the documentation cannot drift from the code.
 
 A block runs in a fresh namespace with the repository root as the working directory; its asserts
-are the checks. A block announced by `<!-- needs: torch -->` just above it is skipped, saying so,
-where one of the modules named there is not installed. A block announced by the line `<!-- excerpt: PATH -->` just above it shows a piece
+are the checks. A block announced by the line `<!-- excerpt: PATH -->` just above it shows a piece
 of a source file instead: it must be that file's lines exactly, up to one common indentation.
+A block announced by `<!-- needs: torch -->` is skipped, saying so, where a module it names is missing.
 Shell lines (```bash, or ``` alone) install or run for minutes and are not run here.
 The prose is held to the code too: every repository path and every `module.function` of tinydiff
 that the docs write in backticks must exist.
