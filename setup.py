@@ -1,6 +1,6 @@
 """Builds tinydiff's compiled kernels; everything else lives in pyproject.toml.
 
-- tinydiff._C       the C++ kernels (csrc/*_cpu.cpp + csrc/bind_cpu.cpp), -O3 and OpenMP,
+- tinydiff._C       the C++ kernels (csrc/*_cpu.cpp + csrc/bind_cpu.cpp), -O3 and OpenMP (if any),
                     built on every install.
 - tinydiff._C_cuda  the CUDA kernels (csrc/*.cu, compiled by nvcc + csrc/bind_cuda.cpp),
                     built when CUDA is found (CUDA_HOME, else /usr/local/cuda).
@@ -14,6 +14,8 @@ TINYDIFF_ARCH=avx2 | avx512: x86-64-v3 (AVX2, FMA) or x86-64-v4 (AVX-512), e.g. 
 TINYDIFF_SANITIZE=1: build tinydiff._C with AddressSanitizer and UndefinedBehaviorSanitizer (-O1 -g),
     for scripts/sanitize.sh; Python must then run with LD_PRELOAD of the ASan runtime.
 TINYDIFF_CUDA_ARCHS="90": build for these GPU architectures only (default 75 80 86 89 90, + PTX of the last).
+TINYDIFF_OPENMP=auto (default): OpenMP where the compiler supports it, else a serial tinydiff._C and
+    one warning (Apple's clang has no -fopenmp).  TINYDIFF_OPENMP=1: fail without it.  =0: serial.
 """
 import glob
 import os
@@ -29,13 +31,13 @@ CUDA_ARCHS = os.environ.get("TINYDIFF_CUDA_ARCHS", "75 80 86 89 90").replace(","
 # + PTX for the last one (compute_90), so newer GPUs JIT it
 
 
-def compiler_accepts(flag):
-    """True if the C++ compiler accepts `flag` (used for -march=native)."""
+def compiler_accepts(flag, program="int main() { return 0; }\n"):
+    """True if the C++ compiler compiles and links `program` with `flag` (-march=native, -fopenmp)."""
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "t.cpp")
         with open(src, "w") as f:
-            f.write("int main() { return 0; }\n")
+            f.write(program)
         cmd = [cxx, flag, src, "-o", os.path.join(tmp, "t")]
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
@@ -44,9 +46,26 @@ ARCH_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "avx512
               "generic": []}
 
 
+def openmp_flags():
+    """["-fopenmp"], or [] for a serial build (the sources guard omp.h with #ifdef _OPENMP)."""
+    mode = os.environ.get("TINYDIFF_OPENMP", "auto")
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"TINYDIFF_OPENMP must be auto, 0 or 1, got {mode!r}")
+    program = "#include <omp.h>\nint main() { return omp_get_max_threads() < 1; }\n"
+    if mode != "0" and compiler_accepts("-fopenmp", program):
+        return ["-fopenmp"]
+    if mode == "1":
+        sys.exit("TINYDIFF_OPENMP=1 but the C++ compiler cannot build an OpenMP program with -fopenmp")
+    return []
+
+
+OPENMP = openmp_flags()
+OPENMP_MISSING = not OPENMP and os.environ.get("TINYDIFF_OPENMP", "auto") == "auto"   # warned at the build
+
+
 def cpu_flags():
     # -fno-math-errno: no kernel reads errno, and without it a loop that calls std::sqrt does not vectorise
-    flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    flags = ["-O3", "-std=c++17", "-fno-math-errno"] + (OPENMP or ["-Wno-unknown-pragmas"])  # serial: pragmas ignored
     arch = os.environ.get("TINYDIFF_ARCH", "generic" if os.environ.get("TINYDIFF_NATIVE_ARCH") == "0" else "native")
     if arch not in ARCH_FLAGS:
         sys.exit(f"TINYDIFF_ARCH must be one of {', '.join(ARCH_FLAGS)}, got {arch!r}")
@@ -70,6 +89,9 @@ class BuildExt(build_ext):
     """build_ext that first compiles the .cu files of the CUDA module with nvcc."""
 
     def build_extension(self, ext):
+        if ext.name == "tinydiff._C" and OPENMP_MISSING:
+            print("WARNING: the C++ compiler does not support OpenMP (-fopenmp); tinydiff._C is built serial "
+                  "(one thread per kernel). Set TINYDIFF_OPENMP=0 to silence this.", file=sys.stderr)
         if ext.name != "tinydiff._C_cuda":
             return super().build_extension(ext)
         try:
@@ -104,7 +126,7 @@ class BuildExt(build_ext):
 cpu_sources = sorted(glob.glob("csrc/*_cpu.cpp"))
 extensions = [
     Pybind11Extension("tinydiff._C", cpu_sources, include_dirs=["csrc"],
-                      extra_compile_args=cpu_flags(), extra_link_args=["-fopenmp", *SANITIZE_FLAGS],
+                      extra_compile_args=cpu_flags(), extra_link_args=[*OPENMP, *SANITIZE_FLAGS],
                       depends=glob.glob("csrc/*.h")),
 ]
 

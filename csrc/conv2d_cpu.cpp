@@ -29,7 +29,7 @@ namespace td {
 template <typename T>
 void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
     const int64_t C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw;
-    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+    [[maybe_unused]] const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t n = 0; n < s.N; ++n)
         for (int64_t o = 0; o < s.O; ++o)
@@ -53,7 +53,7 @@ void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const Con
 template <typename T>
 void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s) {
     const int64_t C = s.C, O = s.O, kh = s.kh, kw = s.kw, OH = s.OH, OW = s.OW;
-    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+    [[maybe_unused]] const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t n = 0; n < s.N; ++n)
         for (int64_t c = 0; c < C; ++c)
@@ -78,7 +78,7 @@ void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvSh
 template <typename T>
 void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvShape& s) {
     const int64_t C = s.C, H = s.H, W = s.W, O = s.O, kh = s.kh, kw = s.kw;
-    const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
+    [[maybe_unused]] const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t o = 0; o < O; ++o)
         for (int64_t c = 0; c < C; ++c)

@@ -3,6 +3,7 @@
 A block runs in a fresh namespace with the repository root as the working directory; its asserts
 are the checks. A block announced by the line `<!-- excerpt: PATH -->` just above it shows a piece
 of a source file instead: it must be that file's lines exactly, up to one common indentation.
+A block announced by `<!-- needs: torch -->` is skipped, saying so, where a module it names is missing.
 Shell lines (```bash, or ``` alone) install or run for minutes and are not run here.
 The prose is held to the code too: every repository path and every `module.function` of tinydiff
 that the docs write in backticks must exist.
@@ -15,6 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FENCE = re.compile(r"^```(\w*)\s*$")
 EXCERPT = re.compile(r"^<!--\s*excerpt:\s*(\S+)\s*-->\s*$")
+NEEDS = re.compile(r"^<!--\s*needs:\s*([\w. ]+?)\s*-->\s*$")   # optional modules: skipped without them
 
 
 def doc_files():
@@ -93,6 +95,11 @@ def test_python_block(relpath, line, code, excerpt, monkeypatch):
             f"{relpath}:{line}: this block is marked as an excerpt of {excerpt}, but those lines are not "
             f"in {excerpt} as they are here: copy them from the file again")
         return
+    with open(os.path.join(ROOT, relpath), encoding="utf-8") as f:
+        above = f.read().splitlines()[line - 3] if line >= 3 else ""    # the line above the fence
+    needs = NEEDS.match(above)
+    for module in needs.group(1).split() if needs else []:
+        pytest.importorskip(module, reason=f"{relpath}:{line} needs {module}")
     monkeypatch.chdir(ROOT)
     padded = "\n" * (line - 1) + code                  # tracebacks give the line in the .md file
     exec(compile(padded, relpath, "exec"), {"__name__": "__docs__"})

@@ -32,7 +32,7 @@ LAYERS = [
     ("classifier",),                 # the noisy classifier of classifier guidance
     ("samplers",),                   # DDPM and DDIM sampling, guidance
     ("config", "runs", "pictures", "interrupt"),   # run settings, run folders, image writers, Ctrl-C
-    ("train", "evaluate", "diffusers_bridge"),   # the training loop; sample quality; to and from diffusers
+    ("train", "evaluate", "diffusers_bridge", "info"),   # the training loop; sample quality; diffusers; the install
     ("cli",),                        # the `tinydiff` command
     ("__main__", "__init__"),        # `python -m tinydiff`; the package's public names
 ]

@@ -1,11 +1,14 @@
 """The course's ContextUnet and the modern UNet: state-dict keys, gradients, PyTorch parity
 through safetensors files, overfitting one batch, and clear refusals of bad input.
 
-The PyTorch twins below are written here, in the test, from the course's code; the only change
-to the course is the learned 1x1 `shortcut` (the course makes a new random one per call).
+The PyTorch twin of the ContextUnet is the file users copy, docs/interop/context_unet_torch.py,
+written from the course's code; the only change to the course is the learned 1x1 `shortcut` (the
+course makes a new random one per call). The UNet's twin is written below.
 `benchmarks/bench_train_step.py` imports them to time PyTorch on the identical architecture.
 """
+import importlib.util
 import math
+import os
 import time
 
 import numpy as np
@@ -24,100 +27,17 @@ SHORTCUT_KEYS = ["init_conv.shortcut.weight", "init_conv.shortcut.bias"]
 # PyTorch twins (built only when torch is installed)
 
 
+TORCH_CONTEXT_UNET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "docs", "interop", "context_unet_torch.py")
+
+
 def torch_context_unet(torch, in_channels, n_feat=64, n_cfeat=5, height=16, learned_shortcut=True):
-    """The course's ContextUnet in PyTorch; learned_shortcut=False is the course's random one."""
-    tnn = torch.nn
-
-    class ResidualConvBlock(tnn.Module):
-        def __init__(self, in_channels, out_channels, is_res=False):
-            super().__init__()
-            self.same_channels = in_channels == out_channels
-            self.is_res = is_res
-            self.conv1 = tnn.Sequential(tnn.Conv2d(in_channels, out_channels, 3, 1, 1),
-                                        tnn.BatchNorm2d(out_channels), tnn.GELU())
-            self.conv2 = tnn.Sequential(tnn.Conv2d(out_channels, out_channels, 3, 1, 1),
-                                        tnn.BatchNorm2d(out_channels), tnn.GELU())
-            if is_res and not self.same_channels and learned_shortcut:
-                self.shortcut = tnn.Conv2d(in_channels, out_channels, 1, 1, 0)
-
-        def forward(self, x):
-            x2 = self.conv2(self.conv1(x))
-            if not self.is_res:
-                return x2
-            if self.same_channels:
-                out = x + x2
-            elif learned_shortcut:
-                out = self.shortcut(x) + x2
-            else:                                                # the course, verbatim in spirit
-                out = tnn.Conv2d(x.shape[1], x2.shape[1], 1, 1, 0).to(x.device)(x) + x2
-            return out / 1.414
-
-    class UnetUp(tnn.Module):
-        def __init__(self, in_channels, out_channels):
-            super().__init__()
-            self.model = tnn.Sequential(tnn.ConvTranspose2d(in_channels, out_channels, 2, 2),
-                                        ResidualConvBlock(out_channels, out_channels),
-                                        ResidualConvBlock(out_channels, out_channels))
-
-        def forward(self, x, skip):
-            return self.model(torch.cat((x, skip), 1))
-
-    class UnetDown(tnn.Module):
-        def __init__(self, in_channels, out_channels):
-            super().__init__()
-            self.model = tnn.Sequential(ResidualConvBlock(in_channels, out_channels),
-                                        ResidualConvBlock(out_channels, out_channels), tnn.MaxPool2d(2))
-
-        def forward(self, x):
-            return self.model(x)
-
-    class EmbedFC(tnn.Module):
-        def __init__(self, input_dim, emb_dim):
-            super().__init__()
-            self.input_dim = input_dim
-            self.model = tnn.Sequential(tnn.Linear(input_dim, emb_dim), tnn.GELU(), tnn.Linear(emb_dim, emb_dim))
-
-        def forward(self, x):
-            return self.model(x.view(-1, self.input_dim))
-
-    class TorchContextUnet(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            n, h = n_feat, height
-            self.n_feat, self.n_cfeat = n, n_cfeat
-            self.init_conv = ResidualConvBlock(in_channels, n, is_res=True)
-            self.down1 = UnetDown(n, n)
-            self.down2 = UnetDown(n, 2 * n)
-            self.to_vec = tnn.Sequential(tnn.AvgPool2d(h // 4), tnn.GELU())
-            self.timeembed1 = EmbedFC(1, 2 * n)
-            self.timeembed2 = EmbedFC(1, n)
-            self.contextembed1 = EmbedFC(n_cfeat, 2 * n)
-            self.contextembed2 = EmbedFC(n_cfeat, n)
-            self.up0 = tnn.Sequential(tnn.ConvTranspose2d(2 * n, 2 * n, h // 4, h // 4),
-                                      tnn.GroupNorm(8, 2 * n), tnn.ReLU())
-            self.up1 = UnetUp(4 * n, n)
-            self.up2 = UnetUp(2 * n, n)
-            self.out = tnn.Sequential(tnn.Conv2d(2 * n, n, 3, 1, 1), tnn.GroupNorm(8, n), tnn.ReLU(),
-                                      tnn.Conv2d(n, in_channels, 3, 1, 1))
-
-        def forward(self, x, t, c=None):
-            n = self.n_feat
-            x = self.init_conv(x)
-            down1 = self.down1(x)
-            down2 = self.down2(down1)
-            hiddenvec = self.to_vec(down2)
-            if c is None:
-                c = torch.zeros(x.shape[0], self.n_cfeat).to(x)
-            cemb1 = self.contextembed1(c).view(-1, n * 2, 1, 1)
-            temb1 = self.timeembed1(t).view(-1, n * 2, 1, 1)
-            cemb2 = self.contextembed2(c).view(-1, n, 1, 1)
-            temb2 = self.timeembed2(t).view(-1, n, 1, 1)
-            up1 = self.up0(hiddenvec)
-            up2 = self.up1(cemb1 * up1 + temb1, down2)
-            up3 = self.up2(cemb2 * up2 + temb2, down1)
-            return self.out(torch.cat((up3, x), 1))
-
-    return TorchContextUnet()
+    """The course's ContextUnet in PyTorch, the file users copy (docs/interop/context_unet_torch.py),
+    imported by path; learned_shortcut=False is the course's random shortcut."""
+    spec = importlib.util.spec_from_file_location("context_unet_torch", TORCH_CONTEXT_UNET)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ContextUnet(in_channels, n_feat, n_cfeat, height, learned_shortcut=learned_shortcut)
 
 
 def torch_unet(torch, in_channels=1, channels=(32, 64, 128), num_classes=None, layers_per_block=1,

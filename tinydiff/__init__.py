@@ -15,10 +15,11 @@ from tinydiff.checkpoint import (CheckpointError, load_checkpoint, load_weights,
                                  save_weights)
 from tinydiff.torch_import import load_torch_checkpoint
 from tinydiff.diffusers_bridge import load_diffusers_unet
+from tinydiff import models, diffusion, samplers   # tinydiff.models.UNet after `import tinydiff`, as torch.nn
 
 F = functional
 
 __all__ = ["Tensor", "no_grad", "is_grad_enabled", "cat", "stack", "where", "matmul", "gradcheck",
            "functional", "F", "manual_seed", "set_kernels", "get_kernels", "cuda_available"]
 __all__ += ["optim", "save_weights", "load_weights", "save_checkpoint", "load_checkpoint",
-            "CheckpointError", "load_torch_checkpoint", "load_diffusers_unet"]
+            "CheckpointError", "load_torch_checkpoint", "load_diffusers_unet", "models", "diffusion", "samplers"]

@@ -66,7 +66,7 @@ def label_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="tinydiff", description="A from-scratch diffusion engine: "
                                      "train a conditional diffusion model, sample from it, evaluate samples.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,export,info}")
     sub.required = True
 
     # --- train: only the flags given reach train.train(); the rest come from config.DEFAULTS
@@ -105,7 +105,8 @@ def build_parser():
     t.add_argument("--kernels", choices=choices["kernels"], help=f"default {d['kernels']}")
     t.add_argument("--checkpoint-every", type=positive_int, help=f"steps (default {d['checkpoint_every']})")
     t.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="stop (with a checkpoint) after this many minutes; --resume goes on")
+                   help="without --steps/--epochs: plan the run's length to fit this many minutes (the "
+                   "learning rate anneals to it); always: stop (with a checkpoint) once spent; --resume goes on")
     t.add_argument("--sample-steps", type=positive_int, help=f"DDIM steps for samples.png (default {d['sample_steps']})")
     t.add_argument("--sample-per-class", type=positive_int, help=f"samples.png columns (default {d['sample_per_class']})")
     t.add_argument("--resume", action="store_true", default=False, help="continue the run in --out")
@@ -146,6 +147,9 @@ def build_parser():
     x.add_argument("--out", required=True, help="the folder to write")
     x.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
                    help="the scheduler's DDIM timestep spacing (default trailing, as tinydiff sample)")
+
+    sub.add_parser("info", help="the kernels built, the CPU, NumPy's BLAS, whether CUDA runs here",
+                   description="Report this install (see tinydiff/info.py).")
     return parser
 
 
@@ -279,6 +283,10 @@ def main(argv=None):
             except ValueError as err:         # a run that has no diffusers counterpart, with the reason
                 print(f"{command}: error: {err}", file=sys.stderr)
                 return 1
+            return 0
+        if args.command == "info":
+            from tinydiff.info import format_report, report
+            print(format_report(report()))
             return 0
         return eval_command(parser, args)
     except config.ConfigError as err:

@@ -36,7 +36,8 @@ DEFAULTS = dict(
     device="cpu",
     kernels="native",       # "native" (compiled C++/CUDA where built) or "numpy" (the reference)
     checkpoint_every=500,   # steps between checkpoints (one is always written at the end)
-    time_budget=None,       # minutes: stop (and checkpoint) once this much time has passed
+    time_budget=None,       # minutes: with no steps or epochs, the run's length is planned to fit
+                            # (train.PLAN_FROM); always, training stops (and checkpoints) once spent
     sample_steps=50,        # DDIM steps for samples.png
     sample_per_class=10,    # samples.png: samples per class (one row per class)
 )

@@ -20,7 +20,9 @@ The run folder (--out):
                          model, optimizer, EMA, random-generator state, data position, losses
     model.safetensors    the weights to sample with (the EMA's when --ema > 0), config in metadata
     loss.png             the loss curve;  samples.png  one row per class, DDIM-50 from the EMA
-Ctrl-C (or --time-budget) stops after the current step and writes all of the above; run the
+--time-budget M with no --steps or --epochs times the first steps and plans the run's length to
+fit M minutes (PLAN_FROM below); the learning rate then anneals to that planned count.
+Ctrl-C (or a spent --time-budget) stops after the current step and writes all of the above; run the
 same command with --resume to go on. On the CPU a resumed run equals an uninterrupted one, bit
 for bit (tests/test_cli.py checks it).
 
@@ -47,7 +49,25 @@ class TrainingDiverged(RuntimeError):
     """The loss (or a weight) became NaN or infinite."""
 
 
+# A time budget with no --steps or --epochs plans the run's length once, from its own speed: the
+# steps PLAN_FROM .. PLAN_FROM + PLAN_STEPS are timed (the first ones pay for allocations), and
+# the steps that fit in what is left of the budget become the run's total, saved in config.json
+# as "planned_steps". The learning rate then anneals to that count, and --resume continues it bit
+# for bit; a faster machine plans more steps. Until the plan, the rate is the schedule's peak (or
+# its warm-up), which does not depend on the total.
+PLAN_FROM, PLAN_STEPS = 5, 20
+PLAN_RESERVE = 0.03               # of the budget, for checkpoints and the final pictures
+
+
+def plan_steps(step, seconds_per_step, seconds_left):
+    """The total step count that fits: the steps done plus those the time left allows (at least 1)."""
+    return step + max(1, int(seconds_left / seconds_per_step))
+
+
 def learning_rate(cfg, step, total):
+    if total is None:             # not planned yet: the peak rate, or the cosine schedule's warm-up
+        warming = cfg["lr_schedule"] == "cosine" and step < cfg["warmup"]
+        return cfg["lr"] * step / cfg["warmup"] if warming else cfg["lr"]
     if cfg["lr_schedule"] == "linear":
         return optim.linear_decay(step, total, cfg["lr"])
     if cfg["lr_schedule"] == "cosine":
@@ -72,7 +92,11 @@ def _train(cfg, resume, progress):
     if cfg["batch_size"] > len(images):
         raise ConfigError(f"--batch-size {cfg['batch_size']} is larger than the data set ({len(images)} images)")
     batches = data.Batches(len(images), cfg["batch_size"], seed=cfg["seed"])
-    total = cfg["steps"] or (cfg["epochs"] or DEFAULT_EPOCHS) * batches.batches_per_epoch
+    planned = cfg["time_budget"] is not None and cfg["steps"] is None and cfg["epochs"] is None
+    if planned:                   # the budget sets the length (see PLAN_FROM); a resumed run keeps its plan
+        total = cfg.get("planned_steps")
+    else:
+        total = cfg["steps"] or (cfg["epochs"] or DEFAULT_EPOCHS) * batches.batches_per_epoch
     cfg.update(in_channels=images.shape[1], height=images.shape[2], num_classes=num_classes, total_steps=total)
     if cfg["model"] == "unet":
         if resume:
@@ -98,13 +122,14 @@ def _train(cfg, resume, progress):
         info = checkpoint.load_checkpoint(out, model, opt, ema)
         step, losses = info["step"], list(np.asarray(info["extra"]["losses"]).tolist())
         batches.load_state_dict(info["extra"]["batches"])
-        if step > total:
+        if total is not None and step > total:
             raise ConfigError(f"{out} is at step {step}, past the {total} steps asked for: give more --steps")
     os.makedirs(out, exist_ok=True)
     checkpoint.write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=1).encode())
     print(f"training {cfg['model']} (n_feat {cfg['n_feat']}, {model.num_parameters():,} parameters) on "
           f"{cfg['data']}: {len(images)} images {images.shape[1:]}, {num_classes} classes; "
-          f"steps {step} -> {total} of batch {cfg['batch_size']}; device {device}, kernels {cfg['kernels']}")
+          f"steps {step} -> {total or 'planned from the time budget'} of batch {cfg['batch_size']}; "
+          f"device {device}, kernels {cfg['kernels']}")
 
     stop = StopFlag()
     start = time.time()
@@ -112,7 +137,7 @@ def _train(cfg, resume, progress):
     bar = _progress_bar(total, step, progress)
     try:
         with stop, backend.one_blas_thread(device):          # see backend.one_blas_thread
-            while step < total:
+            while total is None or step < total:
                 idx = batches.next()                                  # (B,) indices into the data
                 x0 = images_dev[idx]                                  # (B, C, H, W) in [-1, 1]
                 context = model.context(labels_dev[idx])              # the model's: (B, K) one-hot, (B,) ...
@@ -136,6 +161,16 @@ def _train(cfg, resume, progress):
                     ema.decay = min(cfg["ema"], (1 + step) / (10 + step))
                     ema.update()
                 step += 1
+                if total is None and step == PLAN_FROM:
+                    plan_start = time.time()
+                if total is None and step == PLAN_FROM + PLAN_STEPS:   # the plan: steps that fit the budget
+                    per_step = (time.time() - plan_start) / PLAN_STEPS
+                    left = 60 * cfg["time_budget"] * (1 - PLAN_RESERVE) - (time.time() - start)
+                    total = cfg["planned_steps"] = cfg["total_steps"] = plan_steps(step, per_step, left)
+                    checkpoint.write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=1).encode())
+                    bar.total = total
+                    bar.write(f"time budget {cfg['time_budget']:g} min: {per_step * 1000:.0f} ms a step, "
+                              f"so {total} steps in all (saved in {out}/config.json)")
                 seen += len(idx)
                 losses.append(loss_value)
                 bar.update(1)
