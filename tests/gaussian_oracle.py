@@ -117,3 +117,28 @@ def sample_moments(x):
     x = np.asarray(x, dtype=np.float64).ravel()
     n, mean, var = x.size, x.mean(), x.var(ddof=1)
     return mean, var, math.sqrt(var / n), var * math.sqrt(2 / (n - 1))
+
+
+def ode_endpoint_error(sampler, schedule, steps, mu=0.3, sd=0.5, x_T=None):
+    """max |x - exact| at the sampler's own last noise level before its final jump to sigma = 0 (or to
+    DDIM's t = -1), with the exact denoiser, in float64: the global error of the ODE solver alone.
+    sampler: "ddim" (eta 0, linspace spacing: it ends at t = 0 for every step count), "euler", "heun", "dpm++2m"."""
+    from tinydiff.samplers import (ddim_sample, dpm_solver_sample, euler_sample, heun_sample, karras_sigmas,
+                                   vp_sigmas)
+    sigma = vp_sigmas(schedule)
+    x_T = np.random.default_rng(0).standard_normal((4, 1, 2, 2)) if x_T is None else x_T
+    model = GaussianOracle(schedule, mu, sd)
+    kw = dict(x_T=x_T, dtype=np.float64, return_trajectory_every=1)
+    if sampler == "ddim":
+        _, trajectory = ddim_sample(model, schedule, x_T.shape, steps=steps, spacing="linspace", **kw)
+        last = sigma[ddim_timesteps(schedule.T, steps, "linspace")[0][-1]]
+    else:
+        run = {"euler": euler_sample, "heun": heun_sample, "dpm++2m": dpm_solver_sample}[sampler]
+        _, trajectory = run(model, schedule, x_T.shape, steps=steps, **kw)
+        last = karras_sigmas(schedule, steps)[-2]
+    return float(np.abs(trajectory[-2] - ode_solution(x_T, sigma[-1], last, mu, sd)).max())
+
+
+def convergence_order(errors, steps):
+    """The slope p of log error = -p log steps + c, least squares."""
+    return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])

@@ -419,9 +419,9 @@ def karras_sigmas(schedule, steps, rho=7.0):
 
 
 def _check_sigmas(schedule, sigmas, steps):
-    """The noise levels a solver steps through: its own (Karras), or the caller's, checked."""
+    """The noise levels a solver steps through, as Python floats: its own (Karras), or the caller's, checked."""
     if sigmas is None:
-        return karras_sigmas(schedule, 20 if steps is None else steps)
+        return [float(v) for v in karras_sigmas(schedule, 20 if steps is None else steps)]
     sigmas = np.asarray(sigmas, dtype=np.float64)
     sigma = vp_sigmas(schedule)
     if (sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0)
@@ -430,7 +430,7 @@ def _check_sigmas(schedule, sigmas, steps):
                          f"sigma_min = {sigma[0]:.6g}, then end with 0; got {sigmas}")
     if steps is not None and steps != len(sigmas) - 1:
         raise ValueError(f"steps = {steps} but {len(sigmas)} sigmas make {len(sigmas) - 1} steps (give one of them)")
-    return sigmas
+    return [float(v) for v in sigmas]          # Python floats: they keep the data's dtype (NumPy 2, NEP 50)
 
 
 def _ode_eps(denoise, schedule, x, sigma, guidance_scale):
