@@ -56,6 +56,14 @@ GUIDANCE = 2.0                   # the classifier-free guidance scale of the gui
 NFE_SAMPLERS = ["ddim", "ddim eta=1", "dpm++2m", "heun", "euler"]
 
 
+def write_table(path, lines):
+    """The markdown table (its lines), written to path and printed."""
+    table = "\n".join(lines) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(table)
+    print("\n" + table)
+
+
 def steps_within(sampler, budget, guided, T):
     """The most steps (1..T) whose NFE fits the budget (at least 1 step)."""
     name = sampler.split()[0]
@@ -97,10 +105,7 @@ def quality_per_nfe(model, schedule, cfg, labels, context, shape, classifier, ar
     for sampler, guidance, steps, cost, seconds, sc in rows:
         lines.append(f"| {sampler} | {guidance:g} | {steps} | {cost} | {seconds:.1f} | {sc['accuracy']:.1%} | "
                      f"{sc['frechet']:.2f} | {sc['floor']:.2f} | {sc['ratio']:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "quality_per_nfe.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print("\n" + table)
+    write_table(os.path.join(args.out, "quality_per_nfe.md"), lines)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -181,10 +186,7 @@ def main(argv=None):
     for name, steps, seconds, s in rows:
         lines.append(f"| {name} | {steps} | {seconds:.1f} | {1000 * seconds / len(labels):.0f} | "
                      f"{s['accuracy']:.1%} | {s['frechet']:.2f} | {s['floor']:.2f} | {s['ratio']:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "fast_sampling.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print("\n" + table)
+    write_table(os.path.join(args.out, "fast_sampling.md"), lines)
 
     # --- the picture: one sample of each digit per row of the table ----------------------------------
     import matplotlib
