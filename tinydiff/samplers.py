@@ -28,6 +28,12 @@ API
     x, trajectory = ddim_sample(..., return_trajectory_every=5)   # list of x_t arrays, x_T first
 All return arrays (NumPy or CuPy, like the model's parameters) in the data's range, [-1, 1].
 
+The ODE view. With x_hat = x_t / sqrt(alpha_bar) = x0 + sigma eps, sampling is solving the
+probability-flow ODE dx_hat/dsigma = eps from sigma_max down to 0. DDIM with eta = 0 is Euler's
+method on it (ddim_sample shows the algebra); euler_sample and heun_sample (Karras Alg. 1) and
+dpm_solver_sample (Lu et al. Alg. 2) step through Karras noise levels (rho = 7, karras_sigmas)
+between the schedule's own sigma_min = sigma_0 and sigma_max = sigma_{T-1}. Cost: nfe(sampler, steps).
+
 Continuous time. The ODE solvers step through Karras noise levels, which fall between the trained
 timesteps. The model is then called at a fractional timestep t, through its own seam
 model.time_input(t, T) (the ContextUnet's (t + 1) / T and the UNet's sinusoidal embedding take
@@ -38,11 +44,13 @@ Classifier-free guidance (guidance_scale = s):  eps = eps_uncond + s (eps_cond -
 s = 1 is the conditional model alone (no guidance; nothing extra is computed), s = 0 the
 unconditional one, s > 1 pushes further toward the context. Ho & Salimans write
 (1 + w) eps_cond - w eps_uncond: that is s = 1 + w. One network call per step evaluates a doubled
-batch, [context; model.null_context(B)], and the combination is fused into the update kernel.
+batch, [context; model.null_context(B)], and the combination is fused into the DDPM and DDIM update
+kernels (the ODE solvers combine it first, kernels.guided_eps_ref).
 
 Classifier guidance (classifier_scale = s): the gradient g = grad_{x_t} log p(y | x_t) of a
 noise-aware classifier, computed by tinydiff's autograd, shifts DDPM's mean by s Sigma g
-(Dhariwal & Nichol Alg. 1) and DDIM's eps by -sqrt(1 - alpha_bar) s g (their eq. 14, Alg. 2). The class y
+(Dhariwal & Nichol Alg. 1) and DDIM's and the ODE solvers' eps by -sqrt(1 - alpha_bar) s g (their
+eq. 14, Alg. 2). The class y
 of each sample is given as classifier_labels (B,); it is never guessed from the context.
 
 The model is called as it is: put it in eval() mode first (the ContextUnet has BatchNorm).
