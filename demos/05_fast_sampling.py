@@ -1,8 +1,10 @@
-"""Lesson 4 (fast sampling): DDIM against DDPM at 10, 20, 50, 100 and T steps, timed and scored.
+"""Lesson 4 (fast sampling): DDIM against DDPM at 10, 20, 50, 100 and T steps, timed and scored;
+then quality per network evaluation (NFE) of DDIM and three ODE solvers, without and with guidance.
 
     python demos/05_fast_sampling.py --checkpoint runs/digits                # ~5-10 minutes, 2-core CPU
     python demos/05_fast_sampling.py --checkpoint runs/digits --per-class 20 # a steadier score, slower
     python demos/05_fast_sampling.py --checkpoint runs/digits --device cuda
+    python demos/05_fast_sampling.py --checkpoint runs/digits --device cuda --per-class 100 --nfe-only --guidance 2
     python demos/05_fast_sampling.py --tiny                                   # seconds (throwaway model)
 
 DDPM (Alg. 2) needs all T network calls: each step removes a little noise and adds some back.
@@ -21,8 +23,17 @@ Frechet distance to held-out digits beside its real-data floor (ratio 1.0 = as c
 digits). With few samples (PER_CLASS per digit) the distance is noisy: use --per-class 20+ to
 compare close rows.
 
-Writes (in --out): fast_sampling.md (the table, also printed) and fast_sampling.png (one sample
-of each digit for every row of the table).
+Sampling as solving an ODE. DDIM with eta = 0 is Euler's method on the probability-flow ODE in
+the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (tinydiff.samplers.ddim_sample).
+Better solvers reach the same image in fewer network evaluations: Heun's second-order method and
+Euler's on Karras noise levels (arXiv:2206.00364, Alg. 1, eq. 5), and DPM-Solver++ 2M
+(arXiv:2211.01095, Alg. 2). The second table puts every sampler at a budget of NFE_BUDGETS
+network evaluations per image (each sampler takes the most steps that fit: Heun costs 2 steps - 1,
+classifier-free guidance doubles every count), with guidance off and at --guidance.
+
+Writes (in --out): fast_sampling.md (the first table, also printed), fast_sampling.png (one sample
+of each digit for every row of that table), quality_per_nfe.md (the second table) and
+quality_per_nfe.png (accuracy and Frechet/floor against NFE, one line per sampler and guidance).
 """
 import argparse
 import os
@@ -34,12 +45,88 @@ import numpy as np
 from _common import load_model            # the run to sample from (demos/_common.py)
 
 from tinydiff import backend, evaluate, pictures
-from tinydiff.samplers import ddim_sample, ddpm_sample
+from tinydiff.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, euler_sample, heun_sample, nfe
 from tinydiff.tensor import no_grad
 
 STEPS = [10, 20, 50, 100]        # and T, the schedule's full length
 PER_CLASS = 5                    # samples per digit for each row of the table
 SEED = 0
+NFE_BUDGETS = [5, 10, 20, 50]    # network evaluations per image, for the second table
+GUIDANCE = 2.0                   # the classifier-free guidance scale of the guided rows
+NFE_SAMPLERS = ["ddim", "ddim eta=1", "dpm++2m", "heun", "euler"]
+
+
+def write_table(path, lines):
+    """The markdown table (its lines), written to path and printed."""
+    table = "\n".join(lines) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(table)
+    print("\n" + table)
+
+
+def steps_within(sampler, budget, guided, T):
+    """The most steps (1..T) whose NFE fits the budget (at least 1 step)."""
+    name = sampler.split()[0]
+    fits = [n for n in range(1, T + 1) if nfe(name, n, guided) <= budget]
+    return fits[-1] if fits else 1
+
+
+def sample_with(sampler, model, schedule, shape, context, steps, guidance, args, objective):
+    """One sampler of the second table, from seed SEED."""
+    kw = dict(seed=SEED, device=args.device, objective=objective, guidance_scale=guidance)
+    with no_grad():
+        if sampler.startswith("ddim"):
+            return ddim_sample(model, schedule, shape, context, steps=steps, eta=1.0 if "eta=1" in sampler else 0.0, **kw)
+        sample = {"dpm++2m": dpm_solver_sample, "heun": heun_sample, "euler": euler_sample}[sampler]
+        return sample(model, schedule, shape, context, steps=steps, **kw)
+
+
+def quality_per_nfe(model, schedule, cfg, labels, context, shape, classifier, args):
+    """Every sampler at every NFE budget, guidance off and at args.guidance: the table and the plot."""
+    budgets = [2, 4] if args.tiny else args.nfe
+    rows = []
+    for guidance in (1.0, args.guidance):
+        for sampler in NFE_SAMPLERS:
+            for budget in budgets:
+                steps = steps_within(sampler, budget, guidance != 1, schedule.T)
+                start = time.time()
+                x = sample_with(sampler, model, schedule, shape, context, steps, guidance, args, cfg["objective"])
+                seconds = time.time() - start
+                score = evaluate.evaluate(pictures.to_unit(backend.to_device(x, "cpu")), labels, classifier=classifier)
+                cost = nfe(sampler.split()[0], steps, guidance != 1)
+                rows.append((sampler, guidance, steps, cost, seconds, score))
+                print(f"{sampler:11s} guidance {guidance:g}  {steps:3d} steps  {cost:3d} NFE  {seconds:7.1f} s  "
+                      f"accuracy {score['accuracy']:.1%}  Frechet {score['frechet']:.2f} ({score['ratio']:.2f}x floor)")
+    lines = [f"{len(labels)} samples ({len(labels) // cfg['num_classes']} per digit), seed {SEED}, NFE budgets "
+             f"{budgets} per image (guidance doubles the count); guidance scale {args.guidance:g}.",
+             "",
+             "| sampler | guidance | steps | NFE | time (s) | accuracy | Frechet | floor | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for sampler, guidance, steps, cost, seconds, sc in rows:
+        lines.append(f"| {sampler} | {guidance:g} | {steps} | {cost} | {seconds:.1f} | {sc['accuracy']:.1%} | "
+                     f"{sc['frechet']:.2f} | {sc['floor']:.2f} | {sc['ratio']:.2f}x |")
+    write_table(os.path.join(args.out, "quality_per_nfe.md"), lines)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, sampler in enumerate(NFE_SAMPLERS):
+        for guidance, style in ((1.0, "-"), (args.guidance, "--")):
+            mine = [r for r in rows if r[0] == sampler and r[1] == guidance]
+            label = f"{sampler}, guidance {guidance:g}"
+            left.plot([r[3] for r in mine], [100 * r[5]["accuracy"] for r in mine], style, marker="o", color=f"C{k}", label=label)
+            right.plot([r[3] for r in mine], [r[5]["ratio"] for r in mine], style, marker="o", color=f"C{k}", label=label)
+    for ax, name in ((left, "conditional accuracy (%)"), (right, "Frechet / real-data floor")):
+        ax.set_xscale("log"), ax.set_xlabel("network evaluations per image (NFE)"), ax.set_ylabel(name)
+        ax.set_xticks(budgets, [str(b) for b in budgets]), ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "quality_per_nfe.png"), dpi=100)
+    plt.close(fig)
+    print(f"wrote {args.out}/quality_per_nfe.md and {args.out}/quality_per_nfe.png")
+    return rows
 
 
 def main(argv=None):
@@ -48,8 +135,11 @@ def main(argv=None):
     parser.add_argument("--per-class", type=int, default=PER_CLASS, help="samples per digit and row")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="out/05_fast_sampling", help="folder for the table and picture")
-    parser.add_argument("--tiny", action="store_true", help="2 samples per digit, steps 2, 5 and T; "
+    parser.add_argument("--tiny", action="store_true", help="2 samples per digit, steps 2, 5 and T, NFE 2 and 4; "
                         "without --checkpoint, train a throwaway tiny model first")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="guidance scale of the second table's guided rows")
+    parser.add_argument("--nfe", type=int, nargs="+", default=NFE_BUDGETS, help="the second table's NFE budgets")
+    parser.add_argument("--nfe-only", action="store_true", help="only the second table (quality per NFE)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     model, schedule, cfg = load_model(args)
@@ -60,6 +150,8 @@ def main(argv=None):
     context = model.context(backend.to_device(labels, args.device))        # the model's conditioning
     shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])
     classifier = evaluate.load_classifier(device=args.device)
+    if args.nfe_only:
+        return quality_per_nfe(model, schedule, cfg, labels, context, shape, classifier, args)
     rows, row_images = [], []
     for steps in step_list:
         for sampler in ("DDIM", "DDPM"):
@@ -94,10 +186,7 @@ def main(argv=None):
     for name, steps, seconds, s in rows:
         lines.append(f"| {name} | {steps} | {seconds:.1f} | {1000 * seconds / len(labels):.0f} | "
                      f"{s['accuracy']:.1%} | {s['frechet']:.2f} | {s['floor']:.2f} | {s['ratio']:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "fast_sampling.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print("\n" + table)
+    write_table(os.path.join(args.out, "fast_sampling.md"), lines)
 
     # --- the picture: one sample of each digit per row of the table ----------------------------------
     import matplotlib
@@ -113,7 +202,7 @@ def main(argv=None):
     fig.savefig(os.path.join(args.out, "fast_sampling.png"), dpi=100)
     plt.close(fig)
     print(f"wrote {args.out}/fast_sampling.md and {args.out}/fast_sampling.png")
-    return rows
+    return rows, quality_per_nfe(model, schedule, cfg, labels, context, shape, classifier, args)
 
 
 if __name__ == "__main__":

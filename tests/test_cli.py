@@ -143,6 +143,24 @@ def test_sample_outputs(tmp_path, reference):
         assert z["images"].shape == (10, 1, 16, 16) and z["labels"].tolist() == list(range(10))
 
 
+@pytest.mark.parametrize("sampler, nfe", [("heun", 2 * (2 * 3 - 1)), ("dpm++2m", 2 * 3), ("euler", 2 * 3)])
+def test_sample_with_an_ode_solver(tmp_path, reference, capsys, sampler, nfe):
+    """--sampler heun|dpm++2m|euler: the library's sampler, its network evaluations printed (guidance doubles them)."""
+    from tinydiff import samplers
+    from tinydiff.tensor import no_grad
+    assert run("sample", "--checkpoint", reference, "--sampler", sampler, "--steps", 3, "--labels", "2,5",
+               "--n", 1, "--guidance", 2, "--out", tmp_path) == 0
+    assert f"{sampler.upper()}-3, guidance 2.0, {nfe} network evaluations (NFE) per image" in capsys.readouterr().out
+    with np.load(tmp_path / "samples.npz") as z:
+        images = z["images"]
+    model, schedule, cfg = runs.load_run(str(reference), "cpu")
+    sample = {"heun": samplers.heun_sample, "dpm++2m": samplers.dpm_solver_sample, "euler": samplers.euler_sample}[sampler]
+    with no_grad():
+        x = sample(model, schedule, images.shape, model.context(np.array([2, 5])), steps=3, guidance_scale=2.0,
+                   generator=np.random.default_rng(0), objective=cfg["objective"])
+    np.testing.assert_allclose(images, np.clip((x + 1) / 2, 0, 1), atol=1e-6)
+
+
 def test_unet_trains_and_samples(tmp_path):
     from tinydiff.diffusion import NoiseSchedule
     from tinydiff.samplers import ddim_sample
@@ -179,7 +197,13 @@ def test_bad_data_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--checkpoint", "RUN", "--labels", "1,x"], "expected class numbers separated by commas"),
     (["sample", "--checkpoint", "RUN", "--n", "0"], "expected a positive integer, got 0"),
-    (["sample", "--checkpoint", "RUN", "--sampler", "euler"], "invalid choice: 'euler'"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "dpm"], "invalid choice: 'dpm'"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "ddpm", "--steps", "5"], "ddpm takes all T = 10 steps"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "euler", "--steps", "11"], "trained with 10 timesteps"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "heun", "--steps", "0"], "expected a positive integer, got 0"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "heun", "--eta", "0.5"], "--eta: only ddim takes it"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "ddpm", "--eta", "1"], "--eta: only ddim takes it"),
+    (["sample", "--checkpoint", "RUN", "--sampler", "dpm++2m", "--spacing", "leading"], "--spacing: only ddim takes it"),
     (["sample", "--checkpoint", "RUN", "--labels", "12"], "the model knows classes 0..9, got 12"),
     (["sample", "--checkpoint", "RUN", "--steps", "11"], "trained with 10 timesteps"),
     (["sample", "--checkpoint", "RUN", "--eta", "-1"], "expected a number >= 0"),

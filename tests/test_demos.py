@@ -236,6 +236,25 @@ def test_05_fast_sampling(tmp_path, tiny_run):
     score = evaluate.evaluate(np.clip((x + 1) / 2, 0, 1), labels)
     assert rows[0][4:7] == [f"{score['accuracy']:.1%}", f"{score['frechet']:.2f}", f"{score['floor']:.2f}"], (rows[0], score)
 
+    # the second table: every sampler at NFE budgets 2 and 4, guidance off and at 2; each row's NFE is
+    # the most its sampler's steps can cost within the budget (Heun 2 steps - 1, guidance doubles)
+    from tinydiff.samplers import dpm_solver_sample, nfe
+    assert_png(tmp_path / "quality_per_nfe.png")
+    table = (tmp_path / "quality_per_nfe.md").read_text()
+    rows = [r for r in read_table(table, "") if r[0] in ("ddim", "ddim eta=1", "dpm++2m", "heun", "euler")]
+    assert [(r[0], r[1]) for r in rows[::2]] == [(name, g) for g in ("1", "2")
+                                                for name in ("ddim", "ddim eta=1", "dpm++2m", "heun", "euler")], table
+    for (name, guidance, steps, cost, *_), budget in zip(rows, [2, 4] * 10):
+        steps, cost, guided = int(steps), int(cost), guidance != "1"
+        assert cost == nfe(name.split()[0], steps, guided) <= budget < nfe(name.split()[0], steps + 1, guided), (name, guidance, steps)
+    # one row scored here: DPM-Solver++ 2M, 2 steps, guidance 2 (4 NFE), seed 0
+    row = [r for r in rows if r[:4] == ["dpm++2m", "2", "2", "4"]][0]
+    with no_grad():
+        x = dpm_solver_sample(model, schedule, (len(labels), 1, 16, 16), np.eye(cfg["num_classes"], dtype=np.float32)[labels],
+                              steps=2, seed=0, objective=cfg["objective"], guidance_scale=2.0)
+    score = evaluate.evaluate(np.clip((x + 1) / 2, 0, 1), labels)
+    assert row[5:8] == [f"{score['accuracy']:.1%}", f"{score['frechet']:.2f}", f"{score['floor']:.2f}"], (row, score)
+
 
 def test_06_guidance(tmp_path, tiny_run):
     run_demo("06_guidance.py", "--tiny", "--checkpoint", tiny_run, "--out", tmp_path)

@@ -2,6 +2,7 @@
 
     tinydiff train [--data digits] [--out runs/digits] [--steps N | --epochs N] [...]
     tinydiff sample --checkpoint runs/digits --sampler ddim --steps 50 --labels 0,1,2 --n 10 --gif
+    tinydiff sample --checkpoint runs/digits --sampler dpm++2m --steps 10     # or heun, euler (ODE solvers)
     tinydiff eval --samples runs/digits/samples/samples.npz
     tinydiff export --checkpoint runs/unet --format diffusers --out runs/unet/diffusers
     tinydiff <command> --help                 every flag, with its default
@@ -22,6 +23,7 @@ import numpy as np
 from tinydiff import backend, config, data, pictures, runs
 from tinydiff import train as training
 from tinydiff.checkpoint import CheckpointError, write_atomic
+from tinydiff.samplers import SAMPLERS
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -116,11 +118,15 @@ def build_parser():
                        description="Generate images with a trained model (its EMA weights when present).")
     s.add_argument("--checkpoint", required=True, help="a run folder written by `tinydiff train`, "
                    "or a .safetensors weights file (such as RUN/model.safetensors)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default ddim")
-    s.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (DDPM always takes all T; default 50)")
-    s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
-    s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default="trailing",
-                   help="DDIM timestep spacing (default trailing)")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddpm (all T steps), ddim, or an ODE solver on Karras noise levels: dpm++2m "
+                   "(DPM-Solver++ 2M), heun, euler (default ddim)")
+    s.add_argument("--steps", type=positive_int, default=None,
+                   help="steps, 1..T (default 50; ddpm takes exactly T, the only value it accepts)")
+    s.add_argument("--eta", type=non_negative_float, default=None,
+                   help="ddim only: noise, 0 deterministic, 1 DDPM-like (default 0)")
+    s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default=None,
+                   help="ddim only: timestep spacing (default trailing)")
     s.add_argument("--guidance", type=non_negative_float, default=1.0,
                    help="classifier-free guidance scale s: 1 none, >1 stronger (default 1)")
     s.add_argument("--labels", type=label_list, default=None, help="classes, e.g. 0,1,2 (default: all)")
@@ -167,8 +173,20 @@ def check_device(parser, device, kernels=None):
 # tinydiff sample
 
 
+def check_sampler_flags(parser, args, T):
+    """Each flag where it means something: --steps 1..T (ddpm: T only), --eta and --spacing for ddim."""
+    if args.sampler == "ddpm" and args.steps not in (None, T):
+        parser.error(f"--steps {args.steps}: ddpm takes all T = {T} steps of the model's schedule "
+                     f"(use --sampler ddim or an ODE solver for fewer)")
+    if args.steps is not None and args.steps > T:
+        parser.error(f"--steps {args.steps}: the model was trained with {T} timesteps")
+    for flag, value in (("--eta", args.eta), ("--spacing", args.spacing)):
+        if value is not None and args.sampler != "ddim":
+            parser.error(f"{flag}: only ddim takes it, not --sampler {args.sampler}")
+
+
 def sample_command(parser, args):
-    from tinydiff.samplers import ddim_sample, ddpm_sample
+    from tinydiff.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, euler_sample, heun_sample, nfe
     from tinydiff.tensor import no_grad
 
     check_device(parser, args.device, args.kernels)
@@ -177,20 +195,20 @@ def sample_command(parser, args):
     labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
     if max(labels) >= cfg["num_classes"]:
         parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
-    if args.sampler == "ddim" and args.steps > cfg["timesteps"]:
-        parser.error(f"--steps {args.steps}: the model was trained with {cfg['timesteps']} timesteps")
+    check_sampler_flags(parser, args, cfg["timesteps"])
     out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
                                    else os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
 
     all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
     shown = np.concatenate([np.flatnonzero(all_labels == y)[:10] for y in labels])  # the GIF's images
-    steps = schedule.T if args.sampler == "ddpm" else args.steps
+    steps = schedule.T if args.sampler == "ddpm" else args.steps or 50
+    eta, spacing = args.eta or 0.0, args.spacing or "trailing"       # ddim's defaults
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
     rng = (np.random.default_rng(args.seed) if args.device == "cpu"
            else backend.cupy_module().random.default_rng(args.seed))
-    print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}"
-          f"{'' if args.sampler == 'ddpm' else f'-{steps} eta {args.eta}'}, guidance {args.guidance}, "
-          f"from {args.checkpoint}")
+    print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}-{steps}"
+          f"{f' eta {eta}' if args.sampler == 'ddim' else ''}, guidance {args.guidance}, "
+          f"{nfe(args.sampler, steps, args.guidance != 1)} network evaluations (NFE) per image, from {args.checkpoint}")
 
     images, frames = [], None
     for start in range(0, len(all_labels), args.batch_size):       # chunks of --batch-size images
@@ -202,9 +220,11 @@ def sample_command(parser, args):
         with no_grad():
             if args.sampler == "ddpm":
                 result = ddpm_sample(model, schedule, shape, context, **kwargs)
+            elif args.sampler == "ddim":
+                result = ddim_sample(model, schedule, shape, context, steps=steps, eta=eta, spacing=spacing, **kwargs)
             else:
-                result = ddim_sample(model, schedule, shape, context, steps=steps, eta=args.eta,
-                                     spacing=args.spacing, **kwargs)
+                sample = {"dpm++2m": dpm_solver_sample, "heun": heun_sample, "euler": euler_sample}[args.sampler]
+                result = sample(model, schedule, shape, context, steps=steps, **kwargs)
         x, trajectory = result if args.gif else (result, None)
         images.append(pictures.to_unit(backend.to_device(x, "cpu")))
         if trajectory is not None:                                  # keep only the GIF's images
