@@ -23,7 +23,7 @@ import numpy as np
 from tinydiff import backend, config, data, pictures, runs
 from tinydiff import train as training
 from tinydiff.checkpoint import CheckpointError, write_atomic
-from tinydiff.samplers import SAMPLERS
+from tinydiff.samplers import DEFAULT_SAMPLING, SAMPLERS
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -118,15 +118,16 @@ def build_parser():
                        description="Generate images with a trained model (its EMA weights when present).")
     s.add_argument("--checkpoint", required=True, help="a run folder written by `tinydiff train`, "
                    "or a .safetensors weights file (such as RUN/model.safetensors)")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+    d = DEFAULT_SAMPLING
+    s.add_argument("--sampler", choices=SAMPLERS, default=d["sampler"],
                    help="ddpm (all T steps), ddim, or an ODE solver on Karras noise levels: dpm++2m "
-                   "(DPM-Solver++ 2M), heun, euler (default ddim)")
+                   f"(DPM-Solver++ 2M), heun, euler (default {d['sampler']})")
     s.add_argument("--steps", type=positive_int, default=None,
-                   help="steps, 1..T (default 50; ddpm takes exactly T, the only value it accepts)")
+                   help=f"steps, 1..T (default {d['steps']}; ddpm takes exactly T, the only value it accepts)")
     s.add_argument("--eta", type=non_negative_float, default=None,
-                   help="ddim only: noise, 0 deterministic, 1 DDPM-like (default 0)")
+                   help=f"ddim only: noise, 0 deterministic, 1 DDPM-like (default {d['eta']:g})")
     s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default=None,
-                   help="ddim only: timestep spacing (default trailing)")
+                   help=f"ddim only: timestep spacing (default {d['spacing']})")
     s.add_argument("--guidance", type=non_negative_float, default=1.0,
                    help="classifier-free guidance scale s: 1 none, >1 stronger (default 1)")
     s.add_argument("--labels", type=label_list, default=None, help="classes, e.g. 0,1,2 (default: all)")
@@ -186,7 +187,7 @@ def check_sampler_flags(parser, args, T):
 
 
 def sample_command(parser, args):
-    from tinydiff.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, euler_sample, heun_sample, nfe
+    from tinydiff.samplers import nfe, sample
     from tinydiff.tensor import no_grad
 
     check_device(parser, args.device, args.kernels)
@@ -201,8 +202,9 @@ def sample_command(parser, args):
 
     all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
     shown = np.concatenate([np.flatnonzero(all_labels == y)[:10] for y in labels])  # the GIF's images
-    steps = schedule.T if args.sampler == "ddpm" else args.steps or 50
-    eta, spacing = args.eta or 0.0, args.spacing or "trailing"       # ddim's defaults
+    steps = schedule.T if args.sampler == "ddpm" else args.steps or DEFAULT_SAMPLING["steps"]
+    eta = DEFAULT_SAMPLING["eta"] if args.eta is None else args.eta           # ddim's
+    spacing = args.spacing or DEFAULT_SAMPLING["spacing"]
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
     rng = (np.random.default_rng(args.seed) if args.device == "cpu"
            else backend.cupy_module().random.default_rng(args.seed))
@@ -218,13 +220,8 @@ def sample_command(parser, args):
         kwargs = dict(generator=rng, objective=cfg["objective"], guidance_scale=args.guidance,
                       return_trajectory_every=every)
         with no_grad():
-            if args.sampler == "ddpm":
-                result = ddpm_sample(model, schedule, shape, context, **kwargs)
-            elif args.sampler == "ddim":
-                result = ddim_sample(model, schedule, shape, context, steps=steps, eta=eta, spacing=spacing, **kwargs)
-            else:
-                sample = {"dpm++2m": dpm_solver_sample, "heun": heun_sample, "euler": euler_sample}[args.sampler]
-                result = sample(model, schedule, shape, context, steps=steps, **kwargs)
+            result = sample(args.sampler, model, schedule, shape, context, steps=steps, eta=eta, spacing=spacing,
+                            **kwargs)
         x, trajectory = result if args.gif else (result, None)
         images.append(pictures.to_unit(backend.to_device(x, "cpu")))
         if trajectory is not None:                                  # keep only the GIF's images
