@@ -7,7 +7,7 @@ import pytest
 
 from tinydiff import checkpoint, train
 
-TINY = dict(n_feat=8, batch_size=8, timesteps=10, sample_steps=2, sample_per_class=1, checkpoint_every=7)
+TINY = dict(n_feat=8, batch_size=8, timesteps=10, sample_steps=2, sample_per_class=1, checkpoint_every=7, warmup=10)
 
 
 def test_plan_steps_counts_what_fits():
@@ -49,7 +49,7 @@ def test_a_budget_plans_the_length_and_the_run_ends_there(tmp_path, monkeypatch)
     assert cfg["total_steps"] == planned and 50 <= planned <= 58     # (1.2 s * 0.97 - 25 steps' 0.5 s) / 20 ms + 25
     info = checkpoint.load_checkpoint(out)
     assert info["step"] == planned                                # it ran to its plan, not cut by the budget
-    assert train.learning_rate(cfg, planned, planned) == 0.0      # and the linear schedule annealed to 0
+    assert train.learning_rate(cfg, planned, planned) == 0.0      # and the schedule annealed to 0
 
 
 def test_a_planned_run_resumes_bit_for_bit(tmp_path, monkeypatch):
