@@ -31,6 +31,7 @@ def cases(shape, dtype):
     xt, eps, z, unc, x0 = (rng.standard_normal(shape, dtype=dtype) for _ in range(5))
     c = [rng.uniform(0.1, 1.0, b).astype(dtype) for _ in range(5)]
     w, bias_, inv_std = (rng.uniform(0.5, 2.0, shape[1]).astype(dtype) for _ in range(3))   # per channel
+    pool_d, pool_idx = _C.max_pool2d_forward(xt, (2, 2), (2, 2), 0)   # a dout and its window offsets
     out = {
         "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
                          "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
@@ -57,6 +58,12 @@ def cases(shape, dtype):
         "batch_norm + gelu backward": (3, {
             "C++": lambda: _C.batch_norm_gelu_backward_train(eps, x0, inv_std, w, bias_),
             "numpy": lambda: kernels.batch_norm_gelu_backward_train_ref(eps, x0, inv_std, w, bias_)}),
+        # 2x2 windows at stride 2 (the ContextUnet's MaxPool2d): reads x, writes out and idx (8 bytes)
+        "max_pool2d forward": (0.75, {"C++": lambda: _C.max_pool2d_forward(xt, (2, 2), (2, 2), 0),
+                                      "numpy": lambda: kernels.max_pool2d_forward_ref(xt, (2, 2), (2, 2), 0)}),
+        "max_pool2d backward": (1.5, {
+            "C++": lambda: _C.max_pool2d_backward(pool_d, pool_idx, shape[2:], (2, 2), (2, 2), 0),
+            "numpy": lambda: kernels.max_pool2d_backward_ref(pool_d, pool_idx, shape[2:], (2, 2), (2, 2), 0)}),
         "batch_norm + gelu eval": (2, {"C++": lambda: _C.batch_norm_gelu_forward_eval(xt, w, bias_),
                                        "numpy": lambda: kernels.batch_norm_gelu_forward_eval_ref(xt, w, bias_)}),
     }
@@ -81,6 +88,10 @@ def cases(shape, dtype):
             t_eps, t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5, [True, True, True])
         out["batch_norm + gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(torch.ops.aten.native_batch_norm(
             t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)[0])      # eager: two kernels
+        t_pool, t_pool_idx = torch.nn.functional.max_pool2d(t_xt, 2, return_indices=True)
+        out["max_pool2d forward"][1]["torch"] = lambda: torch.nn.functional.max_pool2d(t_xt, 2, return_indices=True)
+        out["max_pool2d backward"][1]["torch"] = lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+            t_pool, t_xt, [2, 2], [2, 2], [0, 0], [1, 1], False, t_pool_idx)
         t_y = torch.ops.aten.native_batch_norm(t_xt, t_w, t_b, None, None, True, 0.1, 1e-5)[0]
         out["batch_norm + gelu backward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
             torch.ops.aten.gelu_backward(t_eps, t_y), t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5,

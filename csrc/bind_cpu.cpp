@@ -1,7 +1,7 @@
 // bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
-// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp, batch_norm_cpu.cpp (batch norm, alone or with GELU)
-// and adam_cpu.cpp.
+// conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp, batch_norm_cpu.cpp (batch norm, alone or with GELU),
+// max_pool_cpu.cpp and adam_cpu.cpp.
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
 // order, with the dtype of the first array argument. Anything else raises TypeError or
@@ -583,6 +583,83 @@ static void adam_step(const py::object& params, const py::object& grads, const p
 }
 
 // ---------------------------------------------------------------------------------------------
+// Max pooling
+
+// The pooling shape from the input's (N, C, H, W) and the window arguments, checked
+static td::PoolShape pool_shape(int64_t N, int64_t C, int64_t H, int64_t W, const py::object& kernel_hw,
+                                const py::object& stride, const py::object& padding, const char* fn) {
+    auto [kh, kw] = pair_arg(kernel_hw, fn, "kernel_hw");
+    auto [sh, sw] = pair_arg(stride, fn, "stride");
+    const int64_t pad = int_arg(padding, fn, "padding", 0);
+    if (2 * pad > std::min(kh, kw))
+        throw py::value_error(std::string(fn) + ": padding " + std::to_string(pad) +
+                              " must be at most half the kernel size (" + std::to_string(kh) + ", " + std::to_string(kw) + ")");
+    const int64_t OH = conv_out(H, kh, sh, pad, fn, "input height"), OW = conv_out(W, kw, sw, pad, fn, "input width");
+    return td::PoolShape{N, C, H, W, kh, kw, sh, sw, pad, OH, OW};
+}
+
+template <typename T>
+static py::tuple max_pool2d_forward_t(const py::array& x, const td::PoolShape& s) {
+    py::array_t<T> out({s.N, s.C, s.OH, s.OW});
+    py::array_t<int64_t> idx({s.N, s.C, s.OH, s.OW});
+    T* o = out.mutable_data();
+    int64_t* k = idx.mutable_data();
+    {
+        py::gil_scoped_release release;
+        td::max_pool2d_forward_cpu<T>(o, k, ptr<T>(x), s);
+    }
+    return py::make_tuple(out, idx);
+}
+
+static py::tuple max_pool2d_forward(const py::object& x_, const py::object& kernel_hw, const py::object& stride,
+                                    const py::object& padding) {
+    const char* fn = "max_pool2d_forward";
+    py::array x = array_arg(x_, fn, "x", 4);
+    const td::PoolShape s = pool_shape(x.shape(0), x.shape(1), x.shape(2), x.shape(3), kernel_hw, stride, padding, fn);
+    return is_f32(x) ? max_pool2d_forward_t<float>(x, s) : max_pool2d_forward_t<double>(x, s);
+}
+
+template <typename T>
+static py::array max_pool2d_backward_t(const py::array& dout, const py::array& idx, const td::PoolShape& s) {
+    py::array_t<T> dx({s.N, s.C, s.H, s.W});
+    T* d = dx.mutable_data();
+    py::gil_scoped_release release;
+    td::max_pool2d_backward_cpu<T>(d, ptr<T>(dout), static_cast<const int64_t*>(idx.data()), s);
+    return dx;
+}
+
+static py::array max_pool2d_backward(const py::object& dout_, const py::object& idx_, const py::object& input_hw,
+                                     const py::object& kernel_hw, const py::object& stride, const py::object& padding) {
+    const char* fn = "max_pool2d_backward";
+    py::array dout = array_arg(dout_, fn, "dout", 4);
+    if (!py::isinstance<py::array>(idx_))
+        throw py::type_error(std::string(fn) + ": idx must be a numpy.ndarray, got " + repr_type(idx_));
+    auto idx = py::reinterpret_borrow<py::array>(idx_);
+    if (idx.dtype().num() != py::dtype::num_of<int64_t>())
+        throw py::type_error(std::string(fn) + ": idx must be an int64 array (max_pool2d_forward's), got dtype " +
+                             std::string(py::str(idx.dtype())));
+    if (!(idx.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) || !(idx.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+        throw py::value_error(std::string(fn) + ": idx must be C-contiguous and aligned");
+    bool same = idx.ndim() == 4;
+    for (int i = 0; same && i < 4; ++i) same = idx.shape(i) == dout.shape(i);
+    if (!same)
+        throw py::value_error(std::string(fn) + ": idx has shape " + std::string(py::str(idx_.attr("shape"))) +
+                              " but dout has shape " + std::string(py::str(dout_.attr("shape"))));
+    auto [H, W] = pair_arg(input_hw, fn, "input_hw");
+    const td::PoolShape s = pool_shape(dout.shape(0), dout.shape(1), H, W, kernel_hw, stride, padding, fn);
+    if (s.OH != dout.shape(2) || s.OW != dout.shape(3))
+        throw py::value_error(std::string(fn) + ": input_hw (" + std::to_string(H) + ", " + std::to_string(W) +
+                              ") does not give dout's size " + std::to_string(dout.shape(2)) + "x" +
+                              std::to_string(dout.shape(3)) + " with this kernel, stride and padding");
+    const int64_t* k = static_cast<const int64_t*>(idx.data());
+    for (py::ssize_t q = 0; q < idx.size(); ++q)          // each index picks a tap of its window
+        if (k[q] < 0 || k[q] >= s.kh * s.kw)
+            throw py::value_error(std::string(fn) + ": idx holds " + std::to_string(k[q]) + ", outside the window's " +
+                                  std::to_string(s.kh * s.kw) + " taps");
+    return is_f32(dout) ? max_pool2d_backward_t<float>(dout, idx, s) : max_pool2d_backward_t<double>(dout, idx, s);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 // What this build is: the instruction set it was compiled for, OpenMP or not, the compiler.
 static py::dict build_info() {
@@ -661,6 +738,10 @@ PYBIND11_MODULE(_C, m) {
           "dout (of gelu's output), xhat (N,C,...), inv_std, w, b (C,) -> (dx, dw, db)");
     m.def("batch_norm_gelu_forward_eval", &batch_norm_gelu_forward_eval, py::arg("x"), py::arg("scale"), py::arg("shift"),
           "eval mode: x (N,C,...), scale, shift (C,) -> gelu(x scale_c + shift_c)");
+    m.def("max_pool2d_forward", &max_pool2d_forward, py::arg("x"), py::arg("kernel_hw"), py::arg("stride"),
+          py::arg("padding"), "x (N,C,H,W) -> (out, idx) (N,C,OH,OW): the maxima and their window offsets u*kw+v");
+    m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dout"), py::arg("idx"), py::arg("input_hw"),
+          py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"), "dout, idx (N,C,OH,OW) -> dx (N,C,H,W)");
     m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
           py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
           py::arg("decoupled"), py::arg("step"),

@@ -133,4 +133,21 @@ template <typename T>
 void adam_step_cpu(T* const* params, T* const* exp_avgs, T* const* exp_avg_sqs, const T* const* grads,
                    const int64_t* sizes, int64_t num_params, const AdamHyper& h);
 
+// ---------------------------------------------------------------------------------------------
+// max_pool_cpu.cpp: max pooling over kh x kw windows at stride (sh, sw), `pad` rows and columns
+// of -inf around; idx holds the window offset u*kw + v of each output's maximum
+
+struct PoolShape {
+    int64_t N, C, H, W;         // input (N, C, H, W)
+    int64_t kh, kw, sh, sw, pad;
+    int64_t OH, OW;             // output (N, C, OH, OW), OH = (H + 2 pad - kh) / sh + 1
+};
+
+// out, idx (N, C, OH, OW) <- x (N, C, H, W)
+template <typename T>
+void max_pool2d_forward_cpu(T* out, int64_t* idx, const T* x, const PoolShape& s);
+// dx (N, C, H, W) <- dout, idx (N, C, OH, OW); every idx in [0, kh*kw)
+template <typename T>
+void max_pool2d_backward_cpu(T* dx, const T* dout, const int64_t* idx, const PoolShape& s);
+
 }  // namespace td

@@ -253,7 +253,8 @@ def rng_mask(*shape):
 
 
 # The heavy ops that go through kernels.py, where the compiled kernels can take over
-KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.batch_norm_gelu", "F.group_norm"}
+KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.batch_norm_gelu", "F.group_norm",
+              "F.max_pool2d"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,6 +328,41 @@ def test_batch_norm_gelu_eval_is_batch_norm_then_gelu():
     assert_close(fused.numpy(), apart.numpy().astype(np.float64), np.float32, "eval fused vs apart")
 
 
+def max_pool_cases(count=60, seed=12):
+    """Random awkward pooling problems: batch 1, odd and non-square sizes, kernels 1-3 (non-square),
+    stride 1 (overlapping windows), 2, 3, padding 0 or 1."""
+    rng = np.random.default_rng(seed)
+    cases = [((64, 32, 16, 16), (2, 2), (2, 2), 0), ((1, 1, 1, 1), (1, 1), (1, 1), 0), ((1, 3, 7, 5), (3, 2), (2, 1), 1)]
+    while len(cases) < count:
+        kh, kw = (int(k) for k in rng.integers(1, 4, 2))
+        p = int(rng.integers(0, 2)) if min(kh, kw) >= 2 else 0
+        h, w = (int(s) for s in rng.integers(max(kh, kw), 12, 2))
+        cases.append(((int(rng.integers(1, 4)), int(rng.integers(1, 5)), h, w), (kh, kw),
+                      tuple(int(s) for s in rng.integers(1, 4, 2)), p))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_on_random_shapes(dtype):
+    rng = np.random.default_rng(13)
+    for shape, k, s, p in max_pool_cases():
+        x = rng.integers(-3, 4, shape).astype(dtype)              # small integers: many ties (the first wins)
+        out, idx = _C.max_pool2d_forward(x, k, s, p)
+        want_out, want_idx = kernels.max_pool2d_forward_ref(x, k, s, p)
+        assert np.array_equal(out, want_out) and np.array_equal(idx, want_idx), f"forward {shape} {k} {s} {p}"
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        want = kernels.max_pool2d_backward_ref(dout.astype(np.float64), idx, shape[2:], k, s, p)
+        assert_close(_C.max_pool2d_backward(dout, idx, shape[2:], k, s, p), want, dtype, f"max_pool backward {shape}")
+
+
+def test_max_pool2d_nan_and_infinity_as_numpy():
+    x = np.array([[[[1.0, np.nan], [np.inf, 2.0]], [[-np.inf, -np.inf], [-np.inf, -np.inf]]]], np.float32)
+    out, idx = _C.max_pool2d_forward(x, (2, 2), (2, 2), 0)
+    want_out, want_idx = kernels.max_pool2d_forward_ref(x, (2, 2), (2, 2), 0)
+    np.testing.assert_array_equal(out, want_out)                  # nan, -inf
+    assert np.isnan(out[0, 0, 0, 0]) and idx.ravel().tolist() == want_idx.ravel().tolist() == [1, 0]
+
+
 def test_gelu_float32_over_its_whole_range():
     """The float32 GELU of gelu_math.h over its whole range (0 and -0, the underflow past z = 9.3,
     infinities) against the float64 reference, on a dense grid and around the cut-off."""
@@ -522,6 +557,8 @@ def test_step_and_gelu_bindings_refuse_bad_arguments(call, error, words):
 
 
 C2 = np.ones(2, np.float32)                                     # per channel of XT (3, 2, 4)
+X4, D4 = np.ones((1, 2, 4, 4), np.float32), np.ones((1, 2, 2, 2), np.float32)   # max pool 2x2: x, dout
+I4 = np.zeros((1, 2, 2, 2), np.int64)                            # its window offsets
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -554,6 +591,16 @@ C2 = np.ones(2, np.float32)                                     # per channel of
      "batch_norm_gelu_backward_train: b has 3 values but dout has 2 channels"),
     (lambda: _C.batch_norm_gelu_backward_train(XT, XT, C2, None, C2.astype(np.float64)), TypeError, "b has dtype"),
     (lambda: _C.batch_norm_gelu_backward_train(XT, XT[..., ::2], C2), ValueError, "xhat must be C-contiguous"),
+    (lambda: _C.max_pool2d_forward(XT, (2, 2), (2, 2), 0), ValueError, "max_pool2d_forward: x must have 4 dimensions"),
+    (lambda: _C.max_pool2d_forward(X4, (9, 2), (2, 2), 0), ValueError, "kernel size 9 is larger than the padded"),
+    (lambda: _C.max_pool2d_forward(X4, (2, 2), (0, 2), 0), ValueError, "stride must be in"),
+    (lambda: _C.max_pool2d_forward(X4, (2, 2), (2, 2), 2), ValueError, "padding 2 must be at most half"),
+    (lambda: _C.max_pool2d_forward(X4.astype(np.int32), (2, 2), (2, 2), 0), TypeError, "x must be a float32"),
+    (lambda: _C.max_pool2d_backward(D4, I4.astype(np.int32), (4, 4), (2, 2), (2, 2), 0), TypeError, "idx must be an int64"),
+    (lambda: _C.max_pool2d_backward(D4, I4[:, :, :1].copy(), (4, 4), (2, 2), (2, 2), 0), ValueError, "idx has shape"),
+    (lambda: _C.max_pool2d_backward(D4, I4 + 4, (4, 4), (2, 2), (2, 2), 0), ValueError, "idx holds 4, outside"),
+    (lambda: _C.max_pool2d_backward(D4, I4, (5, 6), (2, 2), (2, 2), 0), ValueError, "does not give dout's size"),
+    (lambda: _C.max_pool2d_backward(D4, I4[..., ::-1], (4, 4), (2, 2), (2, 2), 0), ValueError, "idx must be C-contig"),
     (lambda: _C.batch_norm_gelu_forward_eval(XT, C2, CO), ValueError,
      "batch_norm_gelu_forward_eval: shift has 3 values but x has 2 channels"),
     (lambda: _C.batch_norm_gelu_forward_eval(XT, C2.astype(np.float64), C2), TypeError, "scale has dtype"),

@@ -233,19 +233,13 @@ def _windows(x, kh, kw, stride, padding, pad_value):
 
 
 def max_pool2d_forward(x, kernel_size, stride, padding):
-    kh, kw = kernel_size
-    windows = _windows(x, kh, kw, stride, padding, -np.inf)
-    idx = windows.argmax(axis=-1)                                # (N, C, OH, OW)
-    out = backend.get_array_module(x).take_along_axis(windows, idx[..., None], axis=-1)[..., 0]
+    out, idx = kernels.max_pool2d_forward(x, kernel_size, _pair(stride), padding)   # idx: where each max is
     return out, (x.shape, idx, kernel_size, stride, padding)
 
 
 def max_pool2d_backward(dout, cache, needs):
-    x_shape, idx, (kh, kw), stride, padding = cache
-    xp = backend.get_array_module(dout)
-    onehot = xp.arange(kh * kw) == idx[..., None]                # d max/dx = 1 at the argmax
-    dcols = (onehot * dout[..., None]).reshape(dout.shape + (kh, kw)).transpose(0, 1, 4, 5, 2, 3)
-    return (_scatter_taps(dcols, x_shape, kh, kw, stride, padding),)
+    x_shape, idx, kernel_size, stride, padding = cache             # d max/dx = 1 at the maximum
+    return (kernels.max_pool2d_backward(dout, idx, x_shape[2:], kernel_size, _pair(stride), padding),)
 
 
 def _check_pool(name, x, kernel_size, stride, padding):

@@ -441,3 +441,50 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weigh
     kernel(params, _contiguous(*grads), exp_avgs, exp_avg_sqs, float(lr), float(beta1), float(beta2),
            float(eps), float(weight_decay), bool(decoupled), int(step))
     return params, exp_avgs, exp_avg_sqs
+
+
+# ---------------------------------------------------------------------------------------------
+# Max pooling (csrc/max_pool_cpu.cpp): each output is the largest value of its kh x kw window of
+# x padded with -inf; idx is that value's offset u*kw + v in the window (the first of equal ones,
+# and a NaN counts as the largest, as NumPy's argmax). The backward sends dout to that one input.
+
+def max_pool2d_forward_ref(x, kernel_hw, stride, padding):
+    """x (N, C, H, W) -> (out, idx), both (N, C, OH, OW); idx int64."""
+    xp, (kh, kw), (sh, sw), p = _xp(x), kernel_hw, stride, padding
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, kh, sh, p), conv_output_size(w, kw, sw, p)
+    x = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf) if p else x
+    out, idx = xp.full((n, c, oh, ow), -np.inf, dtype=x.dtype), xp.zeros((n, c, oh, ow), dtype=np.int64)
+    for u in range(kh):
+        for v in range(kw):
+            tap = x[:, :, u:u + sh * (oh - 1) + 1:sh, v:v + sw * (ow - 1) + 1:sw]   # (N, C, OH, OW)
+            better = (tap > out) | (xp.isnan(tap) & ~xp.isnan(out))
+            out, idx = xp.where(better, tap, out), xp.where(better, u * kw + v, idx)
+    return out, idx
+
+
+def max_pool2d_backward_ref(dout, idx, input_hw, kernel_hw, stride, padding):
+    """dout, idx (N, C, OH, OW) -> dx (N, C, H, W): d max/dx = 1 at the maximum, added up over windows."""
+    xp, (kh, kw), (sh, sw), p = _xp(dout), kernel_hw, stride, padding
+    n, c, oh, ow = dout.shape
+    h, w = input_hw
+    dx = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dout.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            dx[:, :, u:u + sh * (oh - 1) + 1:sh, v:v + sw * (ow - 1) + 1:sw] += xp.where(idx == u * kw + v, dout, 0)
+    return dx[:, :, p:p + h, p:p + w]
+
+
+def max_pool2d_forward(x, kernel_hw, stride, padding):
+    kernel = _compiled("max_pool2d_forward", x)
+    if kernel is not None:
+        return kernel(*_contiguous(x), tuple(kernel_hw), tuple(stride), padding)
+    return max_pool2d_forward_ref(x, kernel_hw, stride, padding)
+
+
+def max_pool2d_backward(dout, idx, input_hw, kernel_hw, stride, padding):
+    kernel = _compiled("max_pool2d_backward", dout)
+    if kernel is not None:
+        dout, idx = _contiguous(dout, idx)
+        return kernel(dout, idx, tuple(input_hw), tuple(kernel_hw), tuple(stride), padding)
+    return max_pool2d_backward_ref(dout, idx, input_hw, kernel_hw, stride, padding)
