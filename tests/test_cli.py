@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tinydiff import cli, checkpoint, runs
+from tinydiff.samplers import DEFAULT_SAMPLING
 from tinydiff import train as training
 
 TINY = ["--n-feat", "8", "--batch-size", "8", "--timesteps", "10", "--sample-steps", "2",
@@ -171,14 +172,15 @@ def test_unet_trains_and_samples(tmp_path):
     with np.load(out / "samples" / "samples.npz") as z:
         images, labels = z["images"], z["labels"]
     assert images.shape == (4, 1, 16, 16) and labels.tolist() == [0, 0, 7, 7]
-    # the images are DDIM-2 (the default eta 1, seed 0) of the run's EMA weights, class indices as the UNet's
+    # the images are DDIM-2 (the default eta, seed 0) of the run's EMA weights, class indices as the UNet's
     # context, guidance 3; the same samples without guidance differ, so the check sees guidance
     cfg, weights = runs.find_weights(str(out))
     assert cfg["model"] == "unet" and weights.endswith("ema.safetensors")
     model = checkpoint.load_weights(runs.model_from_config(cfg), weights).eval()
     schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     with no_grad():
-        x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=1.0, generator=np.random.default_rng(0),
+        x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=DEFAULT_SAMPLING["eta"],
+                            generator=np.random.default_rng(0),
                             objective=cfg["objective"], guidance_scale=s) for s in (3.0, 1.0)}
     np.testing.assert_allclose(images, np.clip((x[3.0] + 1) / 2, 0, 1), atol=1e-6)
     assert np.abs(np.clip((x[1.0] + 1) / 2, 0, 1) - images).max() > 1e-3
