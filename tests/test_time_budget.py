@@ -80,3 +80,24 @@ def test_a_planned_run_resumes_bit_for_bit(tmp_path, monkeypatch):
             wa, _ = checkpoint.read_safetensors(pa)
             wb, _ = checkpoint.read_safetensors(pb)
             assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_a_run_stopped_before_its_plan_plans_when_resumed(tmp_path, monkeypatch):
+    """Ctrl-C at step 10, before the plan (at step 25): the resumed run times its own first steps."""
+    monkeypatch.setattr(train, "time", FakeClock(0.01))
+    out = str(tmp_path / "run")
+    real_save = train.save_run
+
+    def save_then_stop(cfg, model, opt, ema, step, *rest):
+        real_save(cfg, model, opt, ema, step, *rest)
+        if step == 7:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_run", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dict(TINY, out=out, time_budget=0.02), progress=False)
+    assert "planned_steps" not in run_cfg(out)                   # stopped before its plan
+    monkeypatch.setattr(train, "save_run", real_save)
+    train.train(dict(out=out), resume=True, progress=False)
+    planned = run_cfg(out)["planned_steps"]
+    assert planned > 7 + train.PLAN_FROM + train.PLAN_STEPS
+    assert checkpoint.load_checkpoint(out)["step"] == planned

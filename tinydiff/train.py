@@ -133,6 +133,7 @@ def _train(cfg, resume, progress):
 
     stop = StopFlag()
     start = time.time()
+    plan_from = step + PLAN_FROM              # a run stopped before its plan plans on resuming
     seen = 0
     bar = _progress_bar(total, step, progress)
     try:
@@ -161,9 +162,9 @@ def _train(cfg, resume, progress):
                     ema.decay = min(cfg["ema"], (1 + step) / (10 + step))
                     ema.update()
                 step += 1
-                if total is None and step == PLAN_FROM:
+                if total is None and step == plan_from:
                     plan_start = time.time()
-                if total is None and step == PLAN_FROM + PLAN_STEPS:   # the plan: steps that fit the budget
+                if total is None and step == plan_from + PLAN_STEPS:   # the plan: steps that fit the budget
                     per_step = (time.time() - plan_start) / PLAN_STEPS
                     left = 60 * cfg["time_budget"] * (1 - PLAN_RESERVE) - (time.time() - start)
                     total = cfg["planned_steps"] = cfg["total_steps"] = plan_steps(step, per_step, left)
