@@ -50,7 +50,8 @@ class TrainingDiverged(RuntimeError):
 
 
 # A time budget with no --steps or --epochs plans the run's length once, from its own speed: the
-# steps PLAN_FROM .. PLAN_FROM + PLAN_STEPS are timed (the first ones pay for allocations), and
+# steps PLAN_FROM .. PLAN_FROM + PLAN_STEPS after the start are timed (the first ones pay for
+# allocations; a run resumed before its plan counts from where it resumed), and
 # the steps that fit in what is left of the budget become the run's total, saved in config.json
 # as "planned_steps". The learning rate then anneals to that count, and --resume continues it bit
 # for bit; a faster machine plans more steps. Until the plan, the rate is the schedule's peak (or
