@@ -107,8 +107,8 @@ inline int64_t gemm_kc(int64_t K) {
 
 // The tile height MR for M rows: GEMM_MR, or GEMM_MR_ALT where that computes at least 1/16 fewer
 // rows, padding included (AVX2, M = 32: 8 tiles of 4 rows, not 6 of 6 = 36). A 4-row tile costs
-// about 7% more a row than a 6-row one (fewer accumulators to hide the FMA latency), so M = 64
-// stays with 6 x 11 = 66 rows. body(std::integral_constant<int, MR>{}).
+// more a row than a 6-row one (8 accumulators barely hide the FMA latency), so M = 64 stays with
+// 6 x 11 = 66 rows. body(std::integral_constant<int, MR>{}).
 template <typename Body>
 inline void with_tile_rows(int64_t M, Body body) {
     const int64_t rows = ceil_div(M, GEMM_MR) * GEMM_MR, rows_alt = ceil_div(M, GEMM_MR_ALT) * GEMM_MR_ALT;
