@@ -15,8 +15,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from gaussian_oracle import convergence_order, ode_endpoint_error  # noqa: E402
 

@@ -92,34 +92,34 @@ void batch_norm_backward(T* dx, T* dw, T* db, const T* dout, const T* xhat, cons
     const double M = double(N) * double(S);
 #pragma omp parallel if (N * C * S >= PARALLEL_MIN_ELEMENTS)
     {
-    std::vector<T> dy(GELU ? N * S : 0);                          // GELU: this channel's dout gelu'(y)
+        std::vector<T> dy(GELU ? N * S : 0);                          // GELU: this channel's dout gelu'(y)
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-        const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
-        double sum_d = 0, sum_dh = 0;                             // pass 1: db_c and dw_c
-        for (int64_t n = 0; n < N; ++n) {
-            const T* hc = xhat + (n * C + c) * S;
-            const T* dc = dout + (n * C + c) * S;
-            if (GELU) {                                           // (stays in this core's cache for pass 2)
-                gelu_affine_backward(dy.data() + n * S, dc, hc, wc, bc, S);
-                dc = dy.data() + n * S;
-            }
+        for (int64_t c = 0; c < C; ++c) {
+            const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
+            double sum_d = 0, sum_dh = 0;                             // pass 1: db_c and dw_c
+            for (int64_t n = 0; n < N; ++n) {
+                const T* hc = xhat + (n * C + c) * S;
+                const T* dc = dout + (n * C + c) * S;
+                if (GELU) {                                           // (stays in this core's cache for pass 2)
+                    gelu_affine_backward(dy.data() + n * S, dc, hc, wc, bc, S);
+                    dc = dy.data() + n * S;
+                }
 #pragma omp simd reduction(+ : sum_d, sum_dh)
-            for (int64_t s = 0; s < S; ++s) {
-                sum_d += double(dc[s]);
-                sum_dh += double(dc[s] * hc[s]);
+                for (int64_t s = 0; s < S; ++s) {
+                    sum_d += double(dc[s]);
+                    sum_dh += double(dc[s] * hc[s]);
+                }
+            }
+            db[c] = T(sum_d), dw[c] = T(sum_dh);
+            const T k = inv_std[c] * wc, mean_d = T(sum_d / M), mean_dh = T(sum_dh / M);
+            for (int64_t n = 0; n < N; ++n) {                         // pass 2: dx
+                const T* dc = GELU ? dy.data() + n * S : dout + (n * C + c) * S;
+                const T* hc = xhat + (n * C + c) * S;
+                T* gc = dx + (n * C + c) * S;
+#pragma omp simd
+                for (int64_t s = 0; s < S; ++s) gc[s] = k * (dc[s] - mean_d - hc[s] * mean_dh);
             }
         }
-        db[c] = T(sum_d), dw[c] = T(sum_dh);
-        const T k = inv_std[c] * wc, mean_d = T(sum_d / M), mean_dh = T(sum_dh / M);
-        for (int64_t n = 0; n < N; ++n) {                         // pass 2: dx
-            const T* dc = GELU ? dy.data() + n * S : dout + (n * C + c) * S;
-            const T* hc = xhat + (n * C + c) * S;
-            T* gc = dx + (n * C + c) * S;
-#pragma omp simd
-            for (int64_t s = 0; s < S; ++s) gc[s] = k * (dc[s] - mean_d - hc[s] * mean_dh);
-        }
-    }
     }
 }
 

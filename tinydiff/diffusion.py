@@ -33,8 +33,6 @@ API
     loss = training_loss(model, schedule, x0, context, objective="eps")   # a scalar Tensor
     model_eps(model_output, schedule, xt, t, objective)     # any objective's output -> eps
 """
-import math
-
 import numpy as np
 
 from tinydiff import backend, kernels

@@ -6,8 +6,6 @@ Heavy ops (convolutions, normalisations, pooling) are a pair of functions on raw
 to the graph by `_from_pair`. Layouts are PyTorch's: NCHW images, conv weight
 (out, in, kh, kw), transposed-conv weight (in, out, kh, kw), linear weight (out, in).
 """
-import numpy as np
-
 from tinydiff import backend, kernels
 from tinydiff.tensor import Tensor, cat, is_grad_enabled, stack, where  # noqa: F401  (re-exported for F.cat etc.)
 

@@ -89,7 +89,7 @@ class Tensor:
     def numel(self): return self.data.size
 
     def __repr__(self):
-        grad = f", requires_grad=True" if self.requires_grad else ""
+        grad = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor({self.numpy()!r}, device='{self.device}'{grad})"
 
     def numpy(self):
