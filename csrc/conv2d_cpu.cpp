@@ -8,6 +8,8 @@
 // Specification: conv2d_*_ref in tinydiff/kernels.py (im2col + one matrix product, in NumPy).
 //
 // Versions (the table td::CONV2D_VERSIONS in kernels_cpu.h; the first is the default):
+//   "winograd" 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3), 16 multiplies per 2x2 outputs
+//             instead of 36, the rest as "gemm": conv2d_winograd_cpu.cpp.
 //   "gemm"    im2col + our cache-blocked, register-blocked GEMM (gemm_cpu.h), without ever building
 //             the im2col matrix: conv2d_gemm_cpu.cpp.
 //   "direct"  the definitions above as plain loops, OpenMP over independent outputs; slow, readable.

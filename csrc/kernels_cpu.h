@@ -35,6 +35,10 @@ struct Conv2dVersion {
 template <typename T> void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
 template <typename T> void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s);
 template <typename T> void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s);
+// Version "winograd": conv2d_winograd_cpu.cpp (3x3 stride 1; other shapes run "gemm")
+template <typename T> void conv2d_forward_winograd(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const ConvShape& s);
+template <typename T> void conv2d_backward_weight_winograd(T* dw, const T* dout, const T* x, const ConvShape& s);
 // Version "direct": conv2d_cpu.cpp
 template <typename T> void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
 template <typename T> void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s);
@@ -44,6 +48,7 @@ template <typename T> void conv2d_backward_weight_direct(T* dw, const T* dout, c
 // bindings (conv2d_versions()), the tests and the benchmarks all read it.
 template <typename T>
 inline constexpr Conv2dVersion<T> CONV2D_VERSIONS[] = {
+    {"winograd", conv2d_forward_winograd<T>, conv2d_backward_input_winograd<T>, conv2d_backward_weight_winograd<T>},
     {"gemm", conv2d_forward_gemm<T>, conv2d_backward_input_gemm<T>, conv2d_backward_weight_gemm<T>},
     {"direct", conv2d_forward_direct<T>, conv2d_backward_input_direct<T>, conv2d_backward_weight_direct<T>},
 };

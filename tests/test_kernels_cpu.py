@@ -71,6 +71,14 @@ FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
     (1, 48, 5, 5, 4, 3, 2, 1, 1),       # 48 channels: a vector's taps start mid-panel
     (2, 8, 7, 7, 5, 3, 3, 2, 1),        # 8 channels: whole float64 vectors
     (2, 3, 8, 8, 4, 3, 3, 1, 1),        # 8-wide rows: whole float64 vectors, half float32 ones
+    # 3x3 stride 1, Winograd's shapes: 2x2 output tiles, cut at odd edges; blocks of tiles across rows and samples
+    (1, 3, 5, 7, 4, 3, 3, 1, 0),        # no padding, odd, non-square: tiles cut at the bottom and right
+    (2, 5, 9, 6, 7, 3, 3, 1, 2),        # padding 2 (backward input: padding 0)
+    (1, 2, 4, 3, 3, 3, 3, 1, 3),        # padding 3: backward input falls back to "gemm"
+    (3, 17, 11, 13, 11, 3, 3, 1, 1),    # 3 x 6 x 7 tiles: a partial last block
+    (2, 3, 16, 16, 33, 3, 3, 1, 1),     # 33 outputs: a partial row panel
+    (1, 300, 4, 4, 2, 3, 3, 1, 1),      # 300 channels: past one float64 K block, so Winograd falls back
+    (1, 1, 1, 1, 1, 3, 3, 1, 1),        # one pixel
 ]
 
 
@@ -113,6 +121,17 @@ def test_conv2d_every_pass_on_random_shapes(version, dtype):
                      kernels.conv2d_backward_input_ref(*f64(dout, wt), (h, w), s, p), dtype, f"{where} dx")
         assert_close(_C.conv2d_backward_weight(dout, x, (kh, kw), s, p, version=version),
                      kernels.conv2d_backward_weight_ref(*f64(dout, x), (kh, kw), s, p), dtype, f"{where} dw")
+
+
+@pytest.mark.parametrize("config", [(2, 3, 7, 5, 4, 1), (1, 2, 4, 4, 3, 0), (1, 1, 1, 1, 2, 1), (2, 3, 6, 5, 2, 2),
+                                    (3, 4, 9, 8, 5, 1)])
+def test_winograd_reference_is_the_convolution(config):
+    """The NumPy transcription of Winograd's F(2x2, 3x3) is the direct convolution, in float64."""
+    n, c, h, w, o, p = config
+    rng = np.random.default_rng(sum(config))
+    x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((o, c, 3, 3)), rng.standard_normal(o)
+    assert_close(kernels.winograd_conv3x3_ref(x, wt, b, p), kernels.conv2d_forward_ref(x, wt, b, 1, p),
+                 np.float64, f"winograd reference {config}", tol=(1e-12, 1e-12))
 
 
 # The transposed convolution (functional.py): forward = backward input with the output size given,
@@ -160,7 +179,7 @@ def test_versions_agree_on_contextunet_shapes(config):
 
 
 def test_conv2d_versions_lists_the_default_first():
-    assert VERSIONS[0] == "gemm" and "direct" in VERSIONS and len(set(VERSIONS)) == len(VERSIONS)
+    assert VERSIONS[0] == "winograd" and {"gemm", "direct"} <= set(VERSIONS) and len(set(VERSIONS)) == len(VERSIONS)
     x, w, b, _ = conv_inputs((1, 2, 5, 5, 3, 3, 3, 1, 1), np.float64, seed=0)
     assert np.array_equal(_C.conv2d_forward(x, w, b, 1, 1), _C.conv2d_forward(x, w, b, 1, 1, version=VERSIONS[0]))
 

@@ -92,6 +92,32 @@ def conv2d_backward_input_ref(dout, w, input_hw, stride, padding):
     return xp.ascontiguousarray(dx[:, :, padding:padding + h, padding:padding + wid])
 
 
+# Winograd's F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308, eq. 8), the algorithm of the "winograd"
+# version (csrc/conv2d_winograd_cpu.cpp): the same stride-1 3x3 convolution with 16 multiplies per
+# 2x2 outputs instead of 36. d: a 4x4 input patch, g: a 3x3 kernel.
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)   # B^T d B
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])                      # G g G^T
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)                               # A^T M A
+
+
+def winograd_conv3x3_ref(x, w, b, padding):
+    """conv2d_forward_ref(x, w, b, 1, padding) for 3x3 kernels, computed as
+    Y = A^T [ sum_c (G g G^T) * (B^T d B) ] A for every 2x2 block of outputs (d: its 4x4 patch)."""
+    n, c, h, wd = x.shape
+    oh, ow = h + 2 * padding - 2, wd + 2 * padding - 2
+    th, tw = -(-oh // 2), -(-ow // 2)                             # tiles of 2x2 outputs, the last ones cut
+    xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2))
+    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    rows, cols = 2 * np.arange(th)[:, None] + np.arange(4), 2 * np.arange(tw)[:, None] + np.arange(4)
+    d = xp[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # (N, C, th, tw, 4, 4) patches
+    V = WINOGRAD_BT @ d @ WINOGRAD_BT.T                           # the data transform
+    U = WINOGRAD_G @ w @ WINOGRAD_G.T                             # (O, C, 4, 4), the filter transform
+    M = np.einsum("ocij,nctsij->notsij", U, V)                    # 16 products per channel pair, summed over c
+    Y = WINOGRAD_AT @ M @ WINOGRAD_AT.T                           # (N, O, th, tw, 2, 2)
+    out = Y.transpose(0, 1, 2, 4, 3, 5).reshape(n, -1, 2 * th, 2 * tw)[:, :, :oh, :ow]
+    return out + (0 if b is None else b.reshape(-1, 1, 1))
+
+
 def conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding):
     """dout (N, O, OH, OW), x (N, C, H, W) -> dw (O, C, kh, kw)."""
     kh, kw = kernel_hw
