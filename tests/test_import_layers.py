@@ -23,7 +23,7 @@ LAYERS = [
     ("tensor",),                     # Tensor, backward, no_grad, elementwise/reduce/matmul
     ("arrays",),                     # the one way to put a value on a device
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
-    ("nn",),                         # the layers as Modules
+    ("nn", "tokenizer"),             # the layers as Modules; prompts -> token ids
     ("context_unet", "unet"),        # the models
     ("models",),                     # the models by name
     ("optim", "checkpoint", "torch_import"),  # optimizers, weights on disk, PyTorch files
