@@ -24,7 +24,7 @@ LAYERS = [
     ("arrays",),                     # the one way to put a value on a device
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
     ("nn", "tokenizer"),             # the layers as Modules; prompts -> token ids
-    ("context_unet", "unet"),        # the models
+    ("context_unet", "unet", "text_encoder"),   # the models; the text encoder
     ("models",),                     # the models by name
     ("optim", "checkpoint", "torch_import"),  # optimizers, weights on disk, PyTorch files
     ("data",),                       # the digits data set
