@@ -25,6 +25,7 @@ LAYERS = [
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
     ("nn", "tokenizer"),             # the layers as Modules; prompts -> token ids
     ("context_unet", "unet", "text_encoder"),   # the models; the text encoder
+    ("text_unet",),                  # the UNet conditioned on prompts (unet + text encoder)
     ("models",),                     # the models by name
     ("optim", "checkpoint", "torch_import"),  # optimizers, weights on disk, PyTorch files
     ("data",),                       # the digits data set

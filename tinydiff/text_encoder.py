@@ -21,7 +21,6 @@ prompt, as in BERT. The U-Net reads two things from it (tinydiff/unet.py):
 The outputs at PAD positions are computed but never read: every later attention masks them.
 """
 from tinydiff import nn
-from tinydiff import functional as F
 from tinydiff.arrays import as_array
 from tinydiff.tokenizer import PAD
 

@@ -338,11 +338,13 @@ class UNet(nn.Module):
                 raise ValueError("UNet: this model has no cross-attention (context_dim=None), so text must be None")
             return
         b, d = x.shape[0], self.context_dim
-        shapes = tuple(getattr(part, "shape", None) for part in text) if isinstance(text, tuple) and len(text) == 3 else None
-        if shapes is None or len(shapes[0] or ()) != 3 or shapes[0][0::2] != (b, d) \
-                or shapes[1] != shapes[0][:2] or shapes[2] != (b, d):
+        triple = isinstance(text, tuple) and len(text) == 3
+        tokens, mask, pooled = (getattr(part, "shape", None) for part in text) if triple else (None, None, None)
+        if tokens is None or len(tokens) != 3 or (tokens[0], tokens[2]) != (b, d) or mask != tokens[:2] \
+                or pooled != (b, d):
+            got = (tokens, mask, pooled) if triple else type(text).__name__
             raise ValueError(f"UNet: text must be the text encoder's (tokens ({b}, L, {d}), key_padding_mask "
-                             f"({b}, L), pooled ({b}, {d})), got {shapes if shapes else type(text).__name__}")
+                             f"({b}, L), pooled ({b}, {d})), got {got}")
 
     def _check_inputs(self, x, t, c):
         """Refuse misshapen input with a message naming the shapes; t and c become raw index arrays."""
