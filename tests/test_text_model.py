@@ -360,3 +360,12 @@ def test_gpu_path_beside_the_cpu_path():
     g_cpu = dict(cpu.named_parameters())["encoder.token_emb.weight"].grad
     g_gpu = cp.asnumpy(dict(gpu.named_parameters())["encoder.token_emb.weight"].grad)
     np.testing.assert_allclose(g_gpu, g_cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_unet_without_context_dim_keeps_its_layout():
+    """context_dim=None: no cross-attention modules, no text projection, the config of before (the
+    diffusers bridge's layout; tests/test_diffusers_bridge.py moves its weights both ways)."""
+    unet = UNet(channels=(8, 16, 16), height=8, num_classes=3, head_dim=8)
+    assert not [k for k in unet.state_dict() if "cross" in k or "text_proj" in k]
+    assert "context_dim" not in unet.config and "cross_attention_levels" not in unet.config
+    assert UNet(**unet.config).config == unet.config
