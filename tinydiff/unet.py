@@ -10,6 +10,9 @@ Nichol & Dhariwal 2021, arXiv:2102.09672):
     null class, the "no label" input of classifier-free guidance (arXiv:2207.12598).
   - Self-attention (at the levels in `attention_levels`, and in the middle) lets every position
     see every other.
+  - With `context_dim`, cross-attention to the tokens of a prompt (Rombach et al. 2022,
+    arXiv:2112.10752, Sec. 3.3) follows at the lower levels and in the middle, and the pooled
+    prompt joins the time embedding (text_unet.py); without it the layout below is untouched.
 
 The layout is the one diffusers' UNet2DModel builds (DownBlock2D / AttnDownBlock2D, UNetMidBlock2D,
 UpBlock2D / AttnUpBlock2D), so that tinydiff/diffusers_bridge.py can move weights both ways:
