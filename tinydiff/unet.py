@@ -100,7 +100,7 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """The feature map attends to the text: queries from its H*W positions, keys and values from the
     text encoder's tokens, PAD tokens masked out; plus a residual (Rombach et al. 2022,
-    arXiv:2112.10752, Sec. 3.3 and eq. 3):
+    arXiv:2112.10752, Sec. 3.3, "Conditioning Mechanisms"):
         Q = GN(x) W_q,  K = tokens W_k,  V = tokens W_v;   x + proj(softmax(Q K^T / sqrt(d)) V)
     `text` is the TextEncoder's (tokens (B, L, context_dim), key_padding_mask (B, L), pooled)."""
 
