@@ -370,7 +370,8 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
     template void conv2d_forward_gemm<T>(T*, const T*, const T*, const T*, const ConvShape&);         \
     template void conv2d_backward_input_gemm<T>(T*, const T*, const T*, const ConvShape&);            \
     template void conv2d_backward_weight_gemm<T>(T*, const T*, const T*, const ConvShape&);          \
-    template void pad_images<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+    template void pad_images<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t); \
+    template void to_channels_last<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 TD_INSTANTIATE(float)
 TD_INSTANTIATE(double)
 

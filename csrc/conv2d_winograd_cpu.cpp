@@ -19,20 +19,33 @@
 //   forward          3x3, stride 1: Winograd on x; otherwise version "gemm"
 //   backward input   3x3, stride 1, padding <= 2: Winograd on dout padded by 2-p, with the kernel
 //                    flipped and its channels swapped (as in "gemm"); otherwise "gemm"
-//   backward weight  version "gemm"
+//   backward weight  3x3, stride 1, at least 32 channels in and 64 out: the transpose of the same
+//                    algorithm, a GEMM over tiles; otherwise "gemm"
 // Reference: winograd_conv3x3_ref in tinydiff/kernels.py (the same algorithm in NumPy); test and
 // benchmark: see conv2d_cpu.cpp.
 #include <algorithm>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else                                    // a build without OpenMP (setup.py): one thread, the pragmas ignored
+static int omp_get_max_threads() { return 1; }
+static int omp_get_thread_num() { return 0; }
+static int omp_get_num_threads() { return 1; }
+#endif
 
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 
 namespace td {
 
+// conv2d_gemm_cpu.cpp's layout helpers
 template <typename T>
 void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t Hp, int64_t Wp,
-                int64_t ph, int64_t pw);   // conv2d_gemm_cpu.cpp
+                int64_t ph, int64_t pw);
+template <typename T>
+void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Hp,
+                      int64_t Wp, int64_t ph, int64_t pw);
 
 // U[xi][o][c] = (G g G^T)[xi] with g[u][v] = w(o, c, u, v), packed per xi as the A of the GEMM
 // (panels of MR rows, k = c). w(o, c, u, v) = wt[o * so + c * sc + u * su + v * sv] (any flip/swap).
@@ -111,7 +124,10 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
     const int64_t blocks = ceil_div(tiles, NR);
 #pragma omp parallel if (tiles * O * C * 16 >= 32 * PARALLEL_MIN_WORK)
     {
-        AlignedBuffer<T> v(16 * C * NR), m(16 * m_pad * NR);              // V[xi][c][tile], M[xi][o][tile]
+        // V[xi][c][tile], M[xi][o][tile]; the xi planes one panel row apart more than their size, so
+        // that the 16 planes of one (c, tile) do not fall into one set of the L1 cache (sizes of 2^k)
+        const int64_t vs = C * NR + NR, ms = m_pad * NR + NR;
+        AlignedBuffer<T> v(16 * vs), m(16 * ms);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t t0 = blk * NR, nt = std::min<int64_t>(NR, tiles - t0);
@@ -155,20 +171,20 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
                         e[3][s][l] = d[1][s][l] - d[3][s][l];
                     }
                 for (int r = 0; r < 4; ++r) {                              // (B^T d) B
-                    T* dst = v.data + (r * 4 * C + c) * NR;                // V[r*4 + s][c][l]
+                    T* dst = v.data + r * 4 * vs + c * NR;                 // V[r*4 + s][c][l]
                     for (int l = 0; l < NR; ++l) {
-                        dst[0 * C * NR + l] = e[r][0][l] - e[r][2][l];
-                        dst[1 * C * NR + l] = e[r][1][l] + e[r][2][l];
-                        dst[2 * C * NR + l] = e[r][2][l] - e[r][1][l];
-                        dst[3 * C * NR + l] = e[r][1][l] - e[r][3][l];
+                        dst[0 * vs + l] = e[r][0][l] - e[r][2][l];
+                        dst[1 * vs + l] = e[r][1][l] + e[r][2][l];
+                        dst[2 * vs + l] = e[r][2][l] - e[r][1][l];
+                        dst[3 * vs + l] = e[r][1][l] - e[r][3][l];
                     }
                 }
             }
             // M[xi] = U[xi] V[xi]: 16 products of (O x C) by (C x NR), MR rows of O at a time
             for (int xi = 0; xi < 16; ++xi)
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip)
-                    gemm_micro_kernel<T, MR>(C, u_packed + xi * m_pad * C + ip * C * MR, PackedB<T>{v.data + xi * C * NR},
-                                             m.data + (xi * m_pad + ip * MR) * NR);
+                    gemm_micro_kernel<T, MR>(C, u_packed + xi * m_pad * C + ip * C * MR, PackedB<T>{v.data + xi * vs},
+                                             m.data + xi * ms + ip * MR * NR);
             // Y = A^T M A + b; each tile's 2x2 block into out, a run of tiles at a time (two output rows,
             // columns interleaved; cut at the bottom and right edges)
             for (int64_t o = 0; o < O; ++o) {
@@ -176,8 +192,8 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
                 const T* mo = m.data + o * NR;
                 for (int s = 0; s < 4; ++s)
                     for (int l = 0; l < NR; ++l) {
-                        const T m0 = mo[(0 + s) * m_pad * NR + l], m1 = mo[(4 + s) * m_pad * NR + l];
-                        const T m2 = mo[(8 + s) * m_pad * NR + l], m3 = mo[(12 + s) * m_pad * NR + l];
+                        const T m0 = mo[(0 + s) * ms + l], m1 = mo[(4 + s) * ms + l];
+                        const T m2 = mo[(8 + s) * ms + l], m3 = mo[(12 + s) * ms + l];
                         f[0][s][l] = m0 + m1 + m2;
                         f[1][s][l] = m1 - m2 - m3;
                     }
@@ -230,9 +246,129 @@ void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const Conv
     });
 }
 
+// dw by the transpose of the forward's algorithm (the gradient of eq. 8 with respect to g):
+//   dM_t = A dY_t A^T   (4x4, from the 2x2 block dY_t of dout; zeros past the edges)
+//   dU[xi] = sum over tiles t of dM_t[xi] V_t[xi]^T      (O x C: a GEMM whose K is the N TH TW tiles)
+//   dg = G^T dU G       (3x3)
+// Both transforms run along channels, on channels-last copies of x and dout (contiguous vectors);
+// each thread takes a range of tiles, KC at a time, and sums into its own dU.
+template <typename T, int MR>
+static void winograd_backward_weight(T* dw, const T* dout, const T* x, const ConvShape& s) {
+    constexpr int NR = gemm_nr<T>();
+    const int64_t C = s.C, O = s.O, TH = ceil_div(s.OH, 2), TW = ceil_div(s.OW, 2), tiles = s.N * TH * TW;
+    const int64_t Hp = 2 * TH + 2, Wp = 2 * TW + 2, m_pad = ceil_div(O, MR) * MR, c_pad = ceil_div(C, NR) * NR;
+    const int64_t KC = std::max<int64_t>(8, std::min<int64_t>(gemm_kc_max<T>(), 4096 / (m_pad + c_pad)));
+    const int nthreads = tiles * O * C * 16 >= 32 * PARALLEL_MIN_WORK ? omp_get_max_threads() : 1;
+    AlignedBuffer<T> xt(s.N * Hp * Wp * C), dt(s.N * 2 * TH * 2 * TW * O), partial(int64_t(nthreads) * 16 * m_pad * c_pad);
+    to_channels_last(xt.data, x, s.N, C, s.H, s.W, Hp, Wp, s.pad, s.pad);      // xt[n][i][j][c] = x_pad
+    to_channels_last(dt.data, dout, s.N, O, s.OH, s.OW, 2 * TH, 2 * TW, 0, 0);   // dt[n][i][j][o], even sizes
+    std::fill_n(partial.data, int64_t(nthreads) * 16 * m_pad * c_pad, T(0));
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        T* du = partial.data + me * 16 * m_pad * c_pad;                           // dU[xi][o][c], this thread's
+        // B: V[xi][c panel][k][NR], A: dM[xi][o panel][k][MR], the xi planes apart by one panel row
+        // more than their size (as in the forward: no 2^k strides between them)
+        const int64_t vs = c_pad * KC + NR, as = m_pad * KC + NR;
+        AlignedBuffer<T> vb(16 * vs), ab(16 * as);
+        std::fill_n(vb.data, 16 * vs, T(0));
+        std::fill_n(ab.data, 16 * as, T(0));
+        alignas(64) T tile[MR * NR];
+        const int64_t t_begin = tiles * me / team, t_end = tiles * (me + 1) / team;
+        for (int64_t k0 = t_begin; k0 < t_end; k0 += KC) {
+            const int64_t kc = std::min(KC, t_end - k0);
+            for (int64_t kk = 0; kk < kc; ++kk) {
+                const int64_t t = k0 + kk, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
+                const T* p = xt.data + ((n * Hp + 2 * ty) * Wp + 2 * tx) * C;          // the patch, channels last
+                // V = B^T d B along c, a panel of NR channels at a time (the last one cut)
+                for (int64_t c0 = 0; c0 < C; c0 += NR) {
+                    const int64_t nc = std::min<int64_t>(NR, C - c0);
+                    T* dst = vb.data + c0 * KC + kk * NR;                                // V[xi][c0 panel][kk][.]
+                    auto transform = [&](auto width) {
+                        for (int64_t cl = 0; cl < width; ++cl) {
+                            const T* pc = p + c0 + cl;
+                            T e[4][4];
+                            for (int q = 0; q < 4; ++q) {
+                                const T d0 = pc[q * C], d1 = pc[(Wp + q) * C], d2 = pc[(2 * Wp + q) * C], d3 = pc[(3 * Wp + q) * C];
+                                e[0][q] = d0 - d2, e[1][q] = d1 + d2, e[2][q] = d2 - d1, e[3][q] = d1 - d3;
+                            }
+                            for (int r = 0; r < 4; ++r) {
+                                dst[(r * 4 + 0) * vs + cl] = e[r][0] - e[r][2];
+                                dst[(r * 4 + 1) * vs + cl] = e[r][1] + e[r][2];
+                                dst[(r * 4 + 2) * vs + cl] = e[r][2] - e[r][1];
+                                dst[(r * 4 + 3) * vs + cl] = e[r][1] - e[r][3];
+                            }
+                        }
+                    };
+                    if (nc == NR) transform(std::integral_constant<int64_t, NR>{});
+                    else transform(nc);
+                }
+                // dM = A dY A^T along o, a panel of MR outputs at a time
+                const T* q = dt.data + ((n * 2 * TH + 2 * ty) * 2 * TW + 2 * tx) * O;    // dY, channels last
+                for (int64_t o0 = 0; o0 < O; o0 += MR) {
+                    const int64_t no = std::min<int64_t>(MR, O - o0);
+                    T* dst = ab.data + o0 * KC + kk * MR;                                // dM[xi][o0 panel][kk][.]
+                    auto transform = [&](auto width) {
+                        for (int64_t ol = 0; ol < width; ++ol) {
+                            const T* qo = q + o0 + ol;
+                            const T y00 = qo[0], y01 = qo[O], y10 = qo[2 * TW * O], y11 = qo[(2 * TW + 1) * O];
+                            const T g[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
+                            for (int r = 0; r < 4; ++r) {
+                                dst[(r * 4 + 0) * as + ol] = g[r][0];
+                                dst[(r * 4 + 1) * as + ol] = g[r][0] + g[r][1];
+                                dst[(r * 4 + 2) * as + ol] = g[r][0] - g[r][1];
+                                dst[(r * 4 + 3) * as + ol] = -g[r][1];
+                            }
+                        }
+                    };
+                    if (no == MR) transform(std::integral_constant<int64_t, MR>{});
+                    else transform(no);
+                }
+            }
+            for (int xi = 0; xi < 16; ++xi)                                               // dU[xi] += dM[xi] V[xi]^T
+                for (int64_t ip = 0; ip < m_pad / MR; ++ip)
+                    for (int64_t jp = 0; jp < c_pad / NR; ++jp) {
+                        gemm_micro_kernel<T, MR>(kc, ab.data + xi * as + ip * MR * KC,
+                                                 PackedB<T>{vb.data + xi * vs + jp * NR * KC}, tile);
+                        for (int i = 0; i < MR; ++i) {
+                            T* __restrict acc = du + (xi * m_pad + ip * MR + i) * c_pad + jp * NR;
+                            for (int j = 0; j < NR; ++j) acc[j] += tile[i * NR + j];
+                        }
+                    }
+        }
+    }
+    // dw[o, c] = G^T (sum over threads of dU) G
+#pragma omp parallel for collapse(2) schedule(static) if (O * C * 16 * nthreads >= PARALLEL_MIN_WORK)
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < C; ++c) {
+            T u[4][4], h[3][4];
+            for (int xi = 0; xi < 16; ++xi) {
+                T sum = 0;
+                for (int t = 0; t < nthreads; ++t) sum += partial.data[((int64_t(t) * 16 + xi) * m_pad + o) * c_pad + c];
+                u[xi / 4][xi % 4] = sum;
+            }
+            for (int b = 0; b < 4; ++b) {                                                // G^T dU
+                h[0][b] = u[0][b] + T(0.5) * (u[1][b] + u[2][b]);
+                h[1][b] = T(0.5) * (u[1][b] - u[2][b]);
+                h[2][b] = T(0.5) * (u[1][b] + u[2][b]) + u[3][b];
+            }
+            T* dst = dw + (o * C + c) * 9;
+            for (int a = 0; a < 3; ++a) {                                                // (G^T dU) G
+                dst[a * 3 + 0] = h[a][0] + T(0.5) * (h[a][1] + h[a][2]);
+                dst[a * 3 + 1] = T(0.5) * (h[a][1] - h[a][2]);
+                dst[a * 3 + 2] = T(0.5) * (h[a][1] + h[a][2]) + h[a][3];
+            }
+        }
+}
+
 template <typename T>
 void conv2d_backward_weight_winograd(T* dw, const T* dout, const T* x, const ConvShape& s) {
-    conv2d_backward_weight_gemm<T>(dw, dout, x, s);
+    // Its transforms cost as much as the multiplies it saves until both sides are wide: on a Zen 4
+    // (AVX2 build, one thread) it took 0.84-0.96x "gemm"'s time from 32 -> 64 channels up, but 0.98x
+    // at 32 -> 32 and 1.05x at 64 -> 32 (and far more with 1 channel in or out): "gemm" below that.
+    if (s.kh != 3 || s.kw != 3 || s.stride != 1 || s.N * s.OH * s.OW == 0 || s.C < 32 || s.O < 64)
+        return conv2d_backward_weight_gemm<T>(dw, dout, x, s);
+    with_tile_rows(s.O, [&](auto mr) { winograd_backward_weight<T, mr()>(dw, dout, x, s); });
 }
 
 #define TD_INSTANTIATE(T)                                                                              \
