@@ -16,14 +16,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#else                                    // a build without OpenMP (setup.py): one thread, the pragmas ignored
-static int omp_get_max_threads() { return 1; }
-static int omp_get_thread_num() { return 0; }
-static int omp_get_num_threads() { return 1; }
-#endif
-
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 

@@ -26,14 +26,6 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#else                                    // a build without OpenMP (setup.py): one thread, the pragmas ignored
-static int omp_get_max_threads() { return 1; }
-static int omp_get_thread_num() { return 0; }
-static int omp_get_num_threads() { return 1; }
-#endif
-
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
 
@@ -246,6 +238,15 @@ void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const Conv
     });
 }
 
+// body(start, width) for the panels [start, start + P) of 0..count, the last one cut; a whole
+// panel's width is the constant P, so that its loop is unrolled and vectorised.
+template <int64_t P, typename Body>
+inline void for_panels(int64_t count, Body body) {
+    int64_t start = 0;
+    for (; start + P <= count; start += P) body(start, std::integral_constant<int64_t, P>{});
+    if (start < count) body(start, count - start);
+}
+
 // dw by the transpose of the forward's algorithm (the gradient of eq. 8 with respect to g):
 //   dM_t = A dY_t A^T   (4x4, from the 2x2 block dY_t of dout; zeros past the edges)
 //   dU[xi] = sum over tiles t of dM_t[xi] V_t[xi]^T      (O x C: a GEMM whose K is the N TH TW tiles)
@@ -281,49 +282,39 @@ static void winograd_backward_weight(T* dw, const T* dout, const T* x, const Con
                 const int64_t t = k0 + kk, n = t / (TH * TW), ty = t / TW % TH, tx = t % TW;
                 const T* p = xt.data + ((n * Hp + 2 * ty) * Wp + 2 * tx) * C;          // the patch, channels last
                 // V = B^T d B along c, a panel of NR channels at a time (the last one cut)
-                for (int64_t c0 = 0; c0 < C; c0 += NR) {
-                    const int64_t nc = std::min<int64_t>(NR, C - c0);
+                for_panels<NR>(C, [&](int64_t c0, auto width) {
                     T* dst = vb.data + c0 * KC + kk * NR;                                // V[xi][c0 panel][kk][.]
-                    auto transform = [&](auto width) {
-                        for (int64_t cl = 0; cl < width; ++cl) {
-                            const T* pc = p + c0 + cl;
-                            T e[4][4];
-                            for (int q = 0; q < 4; ++q) {
-                                const T d0 = pc[q * C], d1 = pc[(Wp + q) * C], d2 = pc[(2 * Wp + q) * C], d3 = pc[(3 * Wp + q) * C];
-                                e[0][q] = d0 - d2, e[1][q] = d1 + d2, e[2][q] = d2 - d1, e[3][q] = d1 - d3;
-                            }
-                            for (int r = 0; r < 4; ++r) {
-                                dst[(r * 4 + 0) * vs + cl] = e[r][0] - e[r][2];
-                                dst[(r * 4 + 1) * vs + cl] = e[r][1] + e[r][2];
-                                dst[(r * 4 + 2) * vs + cl] = e[r][2] - e[r][1];
-                                dst[(r * 4 + 3) * vs + cl] = e[r][1] - e[r][3];
-                            }
+                    for (int64_t cl = 0; cl < width; ++cl) {
+                        const T* pc = p + c0 + cl;
+                        T e[4][4];
+                        for (int q = 0; q < 4; ++q) {
+                            const T d0 = pc[q * C], d1 = pc[(Wp + q) * C], d2 = pc[(2 * Wp + q) * C], d3 = pc[(3 * Wp + q) * C];
+                            e[0][q] = d0 - d2, e[1][q] = d1 + d2, e[2][q] = d2 - d1, e[3][q] = d1 - d3;
                         }
-                    };
-                    if (nc == NR) transform(std::integral_constant<int64_t, NR>{});
-                    else transform(nc);
-                }
+                        for (int r = 0; r < 4; ++r) {
+                            dst[(r * 4 + 0) * vs + cl] = e[r][0] - e[r][2];
+                            dst[(r * 4 + 1) * vs + cl] = e[r][1] + e[r][2];
+                            dst[(r * 4 + 2) * vs + cl] = e[r][2] - e[r][1];
+                            dst[(r * 4 + 3) * vs + cl] = e[r][1] - e[r][3];
+                        }
+                    }
+                });
                 // dM = A dY A^T along o, a panel of MR outputs at a time
                 const T* q = dt.data + ((n * 2 * TH + 2 * ty) * 2 * TW + 2 * tx) * O;    // dY, channels last
-                for (int64_t o0 = 0; o0 < O; o0 += MR) {
-                    const int64_t no = std::min<int64_t>(MR, O - o0);
+                for_panels<MR>(O, [&](int64_t o0, auto width) {
                     T* dst = ab.data + o0 * KC + kk * MR;                                // dM[xi][o0 panel][kk][.]
-                    auto transform = [&](auto width) {
-                        for (int64_t ol = 0; ol < width; ++ol) {
-                            const T* qo = q + o0 + ol;
-                            const T y00 = qo[0], y01 = qo[O], y10 = qo[2 * TW * O], y11 = qo[(2 * TW + 1) * O];
-                            const T g[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
-                            for (int r = 0; r < 4; ++r) {
-                                dst[(r * 4 + 0) * as + ol] = g[r][0];
-                                dst[(r * 4 + 1) * as + ol] = g[r][0] + g[r][1];
-                                dst[(r * 4 + 2) * as + ol] = g[r][0] - g[r][1];
-                                dst[(r * 4 + 3) * as + ol] = -g[r][1];
-                            }
+                    for (int64_t ol = 0; ol < width; ++ol) {
+                        const T* qo = q + o0 + ol;
+                        const T y00 = qo[0], y01 = qo[O], y10 = qo[2 * TW * O], y11 = qo[(2 * TW + 1) * O];
+                        const T g[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
+                        for (int r = 0; r < 4; ++r) {
+                            dst[(r * 4 + 0) * as + ol] = g[r][0];
+                            dst[(r * 4 + 1) * as + ol] = g[r][0] + g[r][1];
+                            dst[(r * 4 + 2) * as + ol] = g[r][0] - g[r][1];
+                            dst[(r * 4 + 3) * as + ol] = -g[r][1];
                         }
-                    };
-                    if (no == MR) transform(std::integral_constant<int64_t, MR>{});
-                    else transform(no);
-                }
+                    }
+                });
             }
             for (int xi = 0; xi < 16; ++xi)                                               // dU[xi] += dM[xi] V[xi]^T
                 for (int64_t ip = 0; ip < m_pad / MR; ++ip)

@@ -26,6 +26,14 @@
 #include <type_traits>
 #include <utility>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else                                    // a build without OpenMP (setup.py): one thread, the pragmas ignored
+inline int omp_get_max_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
+inline int omp_get_num_threads() { return 1; }
+#endif
+
 namespace td {
 
 #if defined(__AVX512F__)
