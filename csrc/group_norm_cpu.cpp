@@ -15,7 +15,9 @@
 // neither xhat nor y is stored, the backward recomputes both. Forward: x is read three times (the
 // mean, the variance, out; a group is a few KB, so the second and third reads come from cache)
 // and out written once. Backward: pass 1 reads dout and x and writes dy into a buffer of one
-// group (this thread's, in cache) with the group's sums; pass 2 reads x and dy and writes dx.
+// group (this thread's, in cache), channel after channel, so that the long latency of the SiLU
+// of one channel overlaps the next; then it sums dy and dy xhat per channel from that buffer;
+// pass 2 reads x and dy and writes dx.
 // PyTorch's eager GroupNorm then SiLU adds a write and a read of y forward, and of dy backward.
 //
 // SiLU in float32: sigmoid from one exponential, e = exp(-|y|) (exp_neg of gelu_math.h), and
@@ -33,6 +35,7 @@
 // Test:      python -m pytest tests/test_kernels_cpu.py -q -k group_norm
 // Benchmark: python benchmarks/bench_steps.py     (rows "group_norm + silu")
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "gelu_math.h"
@@ -69,7 +72,7 @@ inline void norm_act_forward(float* out, const float* x, float m, float inv, flo
     });
 }
 
-// dy[s] = dout[s] silu'(y), y as above
+// dy[s] = dout[s] silu'(y), y as above, s < S
 inline void norm_silu_backward(float* dy, const float* dout, const float* x, float m, float inv, float w, float b,
                                int64_t S) {
     for_each_vector(0, S, [&](int64_t i, int count) {
@@ -78,6 +81,44 @@ inline void norm_silu_backward(float* dy, const float* dout, const float* x, flo
         sigmoid_pair(y, s, sc);
         store_vec(dy + i, load_vec(dout + i, count) * (s * (y * sc + 1.0f)), count);   // s (1 + y (1 - s))
     });
+}
+
+// sum_d = sum_s dy[s] and sum_dh = sum_s dy[s] xhat[s], xhat = (x - m) inv, added up in double
+// vectors (each float vector's two halves converted), their lanes then added pairwise
+using VecD = Vec<double>;
+using HalfVecF = HalfVecOf<float>::type;
+constexpr int LANES_D = VEC_BYTES / int(sizeof(double));
+
+template <size_t... I>                                             // I = 0 .. LANES_D - 1
+inline VecD halves_as_double(VecF v, std::index_sequence<I...>) {
+#if TD_SHUFFLEVECTOR
+    const HalfVecF lo = __builtin_shufflevector(v, v, I...), hi = __builtin_shufflevector(v, v, (I + LANES_D)...);
+#else
+    HalfVecF lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof(lo));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+#endif
+    return __builtin_convertvector(lo, VecD) + __builtin_convertvector(hi, VecD);
+}
+
+inline VecD halves_as_double(VecF v) { return halves_as_double(v, std::make_index_sequence<LANES_D>()); }
+
+inline double sum_lanes(VecD v) {
+    double t[LANES_D];
+    __builtin_memcpy(t, &v, sizeof(t));
+    for (int width = LANES_D / 2; width >= 1; width /= 2)            // a tree: log2(LANES_D) dependent adds
+        for (int j = 0; j < width; ++j) t[j] += t[j + width];
+    return t[0];
+}
+
+inline void channel_sums(double& sum_d, double& sum_dh, const float* dy, const float* x, float m, float inv,
+                         int64_t S) {
+    VecD acc_d = {}, acc_dh = {};
+    for_each_vector(0, S, [&](int64_t i, int count) {          // lanes past count: dy 0
+        const VecF h = (load_vec(x + i, count) - m) * inv, d = load_vec(dy + i, count);
+        acc_d += halves_as_double(d), acc_dh += halves_as_double(d * h);
+    });
+    sum_d = sum_lanes(acc_d), sum_dh = sum_lanes(acc_dh);
 }
 
 template <bool SILU>
@@ -97,6 +138,13 @@ inline void norm_silu_backward(double* dy, const double* dout, const double* x, 
         const double s = sigmoid_pair(y, sc);
         dy[i] = dout[i] * (s * (y * sc + 1));
     }
+}
+
+inline void channel_sums(double& sum_d, double& sum_dh, const double* dy, const double* x, double m, double inv,
+                         int64_t S) {
+    sum_d = 0, sum_dh = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dh)
+    for (int64_t i = 0; i < S; ++i) sum_d += dy[i], sum_dh += dy[i] * ((x[i] - m) * inv);
 }
 
 template <bool SILU, typename T>
@@ -138,20 +186,17 @@ void group_norm_backward(T* dx, T* dw, T* db, const T* dout, const T* x, const T
             const T m = mean[ng], inv = inv_std[ng];
             const T* xg = x + ng * M;
             const T* dy = SILU ? dy_group.data() : dout + ng * M;
-            double sum_dxhat = 0, sum_dxhat_xhat = 0;             // pass 1: the channel and group sums
+            for (int64_t k = 0; SILU && k < K; ++k) {            // pass 1: dy, then the channel and group sums
+                const int64_t c = ng % G * K + k;                 // (channels apart: their latencies overlap)
+                norm_silu_backward(dy_group.data() + k * S, dout + ng * M + k * S, xg + k * S, m, inv,
+                                   w ? w[c] : T(1), b ? b[c] : T(0), S);
+            }
+            double sum_dxhat = 0, sum_dxhat_xhat = 0;
             for (int64_t k = 0; k < K; ++k) {
                 const int64_t c = ng % G * K + k;
                 const T wc = w ? w[c] : T(1);
-                const T* xc = xg + k * S;
-                const T* dc = dy + k * S;
-                if (SILU) norm_silu_backward(dy_group.data() + k * S, dout + ng * M + k * S, xc, m, inv, wc,
-                                             b ? b[c] : T(0), S);
-                double sum_d = 0, sum_dh = 0;
-#pragma omp simd reduction(+ : sum_d, sum_dh)
-                for (int64_t s = 0; s < S; ++s) {
-                    sum_d += double(dc[s]);
-                    sum_dh += double(dc[s] * ((xc[s] - m) * inv));
-                }
+                double sum_d, sum_dh;
+                channel_sums(sum_d, sum_dh, dy + k * S, xg + k * S, m, inv, S);
                 part_db[ng / G * C + c] = sum_d, part_dw[ng / G * C + c] = sum_dh;
                 sum_dxhat += double(wc) * sum_d, sum_dxhat_xhat += double(wc) * sum_dh;
             }
