@@ -1,6 +1,6 @@
 // group_norm_cpu.cpp: group norm (Wu & He 2018, arXiv:1803.08494, eq. 1-3) followed by SiLU
 // (Elfwing et al. 2018, arXiv:1702.03118), the UNet's GroupNorm -> SiLU, forward and backward each
-// in one call; silu = false gives group norm alone (the UNet's attention and output norms).
+// in one call; silu = false gives group norm alone (the UNet's attention norms).
 // x is (N, C, S...) viewed as (N, G, K, S), K = C / G channels a group, S the product of the
 // trailing axes: each sample n's group g is normalised over its M = K * S values.
 //
@@ -13,17 +13,18 @@
 //             (batch norm's backward, Ioffe & Szegedy 2015 Alg. 1, within each group)
 // What is kept for the backward is x (which the graph holds anyway), mean and inv_std (N, G):
 // neither xhat nor y is stored, the backward recomputes both. Forward: x is read three times (the
-// mean, the variance, out; a group is a few KB, so the second and third reads come from cache)
-// and out written once. Backward: pass 1 reads dout and x and writes dy into a buffer of one
-// group (this thread's, in cache), channel after channel, so that the long latency of the SiLU
-// of one channel overlaps the next; then it sums dy and dy xhat per channel from that buffer;
-// pass 2 reads x and dy and writes dx.
+// mean, the variance, out; a group is K S values, a few KB at the UNet's sizes, so the second
+// and third reads come from cache) and out written once. Backward: pass 1 reads dout and x and
+// writes dy into a buffer of one group (this thread's, in cache), channel after channel, so that
+// the long latency of the SiLU of one channel overlaps the next; then it sums dy and dy xhat per
+// channel from that buffer (dw, db and the group's sums); pass 2 reads x and dy and writes dx.
 // PyTorch's eager GroupNorm then SiLU adds a write and a read of y forward, and of dy backward.
 //
 // SiLU in float32: sigmoid from one exponential, e = exp(-|y|) (exp_neg of gelu_math.h), and
 //   p = 1 / (1 + e), q = e p:   s = p, 1 - s = q for y >= 0;  s = q, 1 - s = p for y < 0,
 // so neither s nor 1 - s comes from a subtraction that cancels. Within 1e-6 |ref| + 1e-7 of the
-// float64 functions for every float y (tests/test_kernels_cpu.py -k silu_float32). float64: std::exp.
+// float64 functions, silu and silu', on a dense grid of y over [-100, 100] with 0, -0 and the cut-off
+// (tests/test_kernels_cpu.py -k silu_float32). float64: std::exp.
 //
 // One (n, g) pair per OpenMP work item (static schedule). dw and db: each pair writes its channels'
 // partial sums into an (N, C) buffer, summed over n in order at the end, so the result does not
