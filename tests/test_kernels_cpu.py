@@ -8,7 +8,8 @@
    batch norm, forward and backward, on 120 random shapes (batch 1, C = 1, 1x1, odd and
    non-square images, (N, C, L) and (N, C) inputs).
    Group norm alone and with SiLU, forward and backward, on 100 random shapes (batch 1, groups 1
-   and C, odd channels per group, odd and non-square images), and the float32 SiLU over its range.
+   and C, odd channels per group, odd and non-square images), the same bits on 1, 2 and 3 threads,
+   and the float32 SiLU over its range.
 3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.gelu, F.batch_norm, F.group_norm and
    F.group_norm_silu through the native path; the fused F.group_norm_silu against the two ops in a row.
 4. Bad arguments for every binding, and hypothesis property tests: random shapes, dtypes,
@@ -18,6 +19,8 @@
 Run:  python -m pytest tests/test_kernels_cpu.py -q       (-s prints the largest differences)
 """
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -385,6 +388,32 @@ def test_group_norm_silu_is_deterministic_and_normalises():
     assert np.abs(dx).max() < 1e-4 and np.allclose(db, 64 * 8 * 8)     # a constant dout moves nothing
     again = _C.group_norm_silu_backward(dout, x, first[1], first[2], 8, None, None, False)
     assert all(np.array_equal(a, b) for a, b in zip((dx, dw, db), again))
+
+
+GROUP_NORM_THREADS_SCRIPT = """
+import sys
+import numpy as np
+from tinydiff import _C
+rng = np.random.default_rng(19)
+x, dout = (rng.standard_normal((64, 32, 8, 8)).astype(np.float32) * 3 + 1 for _ in range(2))
+w, b = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+out, mean, inv_std = _C.group_norm_silu_forward(x, 8, w, b, 1e-5, True)
+dx, dw, db = _C.group_norm_silu_backward(dout, x, mean, inv_std, 8, w, b, True)
+np.savez(sys.argv[1], out=out, mean=mean, inv_std=inv_std, dx=dx, dw=dw, db=db)
+"""
+
+
+def test_group_norm_silu_does_not_depend_on_the_thread_count(tmp_path):
+    """The same numbers, bit for bit, on 1, 2 and 3 OpenMP threads (dw and db summed over n in order)."""
+    results = []
+    for threads in (1, 2, 3):
+        path = tmp_path / f"threads{threads}.npz"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TINYDIFF_REBUILD="0")
+        subprocess.run([sys.executable, "-c", GROUP_NORM_THREADS_SCRIPT, str(path)], env=env, check=True)
+        results.append(np.load(path))
+    for name in results[0].files:
+        for other in results[1:]:
+            assert np.array_equal(results[0][name], other[name]), f"{name} differs between thread counts"
 
 
 def test_silu_float32_over_its_whole_range():
