@@ -404,6 +404,7 @@ def batch_norm_gelu_forward_eval(x, scale, shift):
         return kernel(*_contiguous(x, scale, shift))
     return batch_norm_gelu_forward_eval_ref(x, scale, shift)
 
+
 # ---------------------------------------------------------------------------------------------
 # Group norm (Wu & He 2018, arXiv:1803.08494), then SiLU (the UNet's GroupNorm -> SiLU), in one
 # kernel on the CPU (csrc/group_norm_cpu.cpp); silu=False is group norm alone. Per sample n and
