@@ -1,5 +1,5 @@
-"""Fused diffusion steps, GELU, batch norm (alone and with GELU) and Adam: the C++ kernels (tinydiff._C)
-vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU, batch norm (alone and with GELU), group norm with SiLU and Adam:
+the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -32,6 +32,7 @@ def cases(shape, dtype):
     c = [rng.uniform(0.1, 1.0, b).astype(dtype) for _ in range(5)]
     w, bias_, inv_std = (rng.uniform(0.5, 2.0, shape[1]).astype(dtype) for _ in range(3))   # per channel
     pool_d, pool_idx = _C.max_pool2d_forward(xt, (2, 2), (2, 2), 0)   # a dout and its window offsets
+    _, gn_mean, gn_inv_std = _C.group_norm_silu_forward(xt, 2, w, bias_, 1e-5, True)   # (B, 2) each
     out = {
         "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
                          "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
@@ -66,6 +67,13 @@ def cases(shape, dtype):
             "numpy": lambda: kernels.max_pool2d_backward_ref(pool_d, pool_idx, shape[2:], (2, 2), (2, 2), 0)}),
         "batch_norm + gelu eval": (2, {"C++": lambda: _C.batch_norm_gelu_forward_eval(xt, w, bias_),
                                        "numpy": lambda: kernels.batch_norm_gelu_forward_eval_ref(xt, w, bias_)}),
+        # silu(group norm), 2 groups, in one kernel: reads x, writes out; reads dout and x, writes dx
+        "group_norm + silu forward": (2, {
+            "C++": lambda: _C.group_norm_silu_forward(xt, 2, w, bias_, 1e-5, True),
+            "numpy": lambda: kernels.group_norm_silu_forward_ref(xt, 2, w, bias_, 1e-5, True)}),
+        "group_norm + silu backward": (3, {
+            "C++": lambda: _C.group_norm_silu_backward(eps, xt, gn_mean, gn_inv_std, 2, w, bias_, True),
+            "numpy": lambda: kernels.group_norm_silu_backward_ref(eps, xt, gn_mean, gn_inv_std, 2, w, bias_, True)}),
     }
     torch = load_torch(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     if torch is not None:
@@ -96,6 +104,13 @@ def cases(shape, dtype):
         out["batch_norm + gelu backward"][1]["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
             torch.ops.aten.gelu_backward(t_eps, t_y), t_xt, t_w, None, None, t_mean, t_rstd, True, 1e-5,
             [True, True, True])
+        out["group_norm + silu forward"][1]["torch"] = lambda: torch.nn.functional.silu(   # eager: two kernels
+            torch.ops.aten.native_group_norm(t_xt, t_w, t_b, b, shape[1], t_xt[0, 0].numel(), 2, 1e-5)[0])
+        t_gn_y, t_gn_mean, t_gn_rstd = torch.ops.aten.native_group_norm(t_xt, t_w, t_b, b, shape[1],
+                                                                         t_xt[0, 0].numel(), 2, 1e-5)
+        out["group_norm + silu backward"][1]["torch"] = lambda: torch.ops.aten.native_group_norm_backward(
+            torch.ops.aten.silu_backward(t_eps, t_gn_y), t_xt, t_gn_mean, t_gn_rstd, t_w, b, shape[1],
+            t_xt[0, 0].numel(), 2, [True, True, True])
         out["batch_norm + gelu eval"][1]["torch"] = lambda: torch.nn.functional.gelu(
             t_xt * t_w.view(1, -1, *([1] * (len(shape) - 2))) + t_b.view(1, -1, *([1] * (len(shape) - 2))))
     return out, torch

@@ -1,6 +1,7 @@
 // bind_cpu.cpp: the Python module tinydiff._C (pybind11). Bindings only check and unpack
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
 // conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp, batch_norm_cpu.cpp (batch norm, alone or with GELU),
+// group_norm_cpu.cpp (group norm, alone or with SiLU),
 // max_pool_cpu.cpp and adam_cpu.cpp.
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
@@ -394,6 +395,13 @@ static py::array nchw_arg(const py::object& obj, const char* fn, const char* nam
     return a;
 }
 
+static double eps_arg(const py::object& obj, const char* fn) {
+    const double eps = float_arg(obj, fn, "eps");
+    if (!(eps >= 0) || !std::isfinite(eps))
+        throw py::value_error(std::string(fn) + ": eps must be finite and >= 0, got " + std::to_string(eps));
+    return eps;
+}
+
 // gelu: the fused gelu(batch norm) kernels, whose out is always written (and whose backward takes b)
 template <typename T>
 static py::tuple batch_norm_forward_train_t(const py::array& x, const py::array* w, const py::array* b, double eps,
@@ -420,9 +428,7 @@ static py::tuple batch_norm_forward_train(const py::object& x_, const py::object
     py::array x = nchw_arg(x_, fn, "x"), w, b;
     if (!w_.is_none()) w = channel_arg(w_, x, fn, "w", "x");
     if (!b_.is_none()) b = channel_arg(b_, x, fn, "b", "x");
-    const double eps = float_arg(eps_, fn, "eps");
-    if (!(eps >= 0) || !std::isfinite(eps))
-        throw py::value_error(std::string(fn) + ": eps must be finite and >= 0, got " + std::to_string(eps));
+    const double eps = eps_arg(eps_, fn);
     const py::array* wp = w_.is_none() ? nullptr : &w;
     const py::array* bp = b_.is_none() ? nullptr : &b;
     return is_f32(x) ? batch_norm_forward_train_t<float>(x, wp, bp, eps, gelu)
@@ -481,6 +487,94 @@ static py::array batch_norm_gelu_forward_eval(const py::object& x_, const py::ob
     py::array scale = channel_arg(scale_, x, fn, "scale", "x"), shift = channel_arg(shift_, x, fn, "shift", "x");
     return is_f32(x) ? batch_norm_gelu_forward_eval_t<float>(x, scale, shift)
                      : batch_norm_gelu_forward_eval_t<double>(x, scale, shift);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group norm, alone or followed by SiLU: x-like arrays are (N, C, ...), w and b (C,), mean and
+// inv_std (N, G), with G = num_groups dividing C
+
+static int64_t groups_arg(const py::object& obj, const py::array& first, const char* fn, const char* first_name) {
+    const int64_t G = int_arg(obj, fn, "num_groups", 1);
+    if (first.shape(1) % G)
+        throw py::value_error(std::string(fn) + ": num_groups " + std::to_string(G) + " does not divide the " +
+                              std::to_string(first.shape(1)) + " channels of " + first_name);
+    return G;
+}
+
+static py::array group_stat_arg(const py::object& obj, const py::array& first, int64_t G, const char* fn,
+                                const char* name, const char* first_name) {
+    py::array a = array_arg(obj, fn, name, 2);
+    same_dtype(a, first, fn, name, first_name);
+    if (a.shape(0) != first.shape(0) || a.shape(1) != G)
+        throw py::value_error(std::string(fn) + ": " + name + " has shape " + std::string(py::str(obj.attr("shape"))) +
+                              " but should be (N, num_groups) = (" + std::to_string(first.shape(0)) + ", " +
+                              std::to_string(G) + ")");
+    return a;
+}
+
+template <typename T>
+static py::tuple group_norm_silu_forward_t(const py::array& x, int64_t G, const py::array* w, const py::array* b,
+                                           double eps, bool silu) {
+    const int64_t N = x.shape(0), C = x.shape(1), S = x.size() / (N * C);
+    py::array_t<T> out(x.request().shape), mean(std::vector<py::ssize_t>{N, G}), inv_std(std::vector<py::ssize_t>{N, G});
+    T *o = out.mutable_data(), *m = mean.mutable_data(), *is = inv_std.mutable_data();
+    const T* wp = w ? ptr<T>(*w) : nullptr;
+    const T* bp = b ? ptr<T>(*b) : nullptr;
+    {
+        py::gil_scoped_release release;
+        td::group_norm_silu_forward_cpu<T>(o, m, is, ptr<T>(x), wp, bp, eps, silu, N, C, S, G);
+    }
+    return py::make_tuple(out, mean, inv_std);
+}
+
+static py::tuple group_norm_silu_forward(const py::object& x_, const py::object& num_groups, const py::object& w_,
+                                         const py::object& b_, const py::object& eps_, const py::object& silu_) {
+    const char* fn = "group_norm_silu_forward";
+    py::array x = nchw_arg(x_, fn, "x"), w, b;
+    const int64_t G = groups_arg(num_groups, x, fn, "x");
+    if (!w_.is_none()) w = channel_arg(w_, x, fn, "w", "x");
+    if (!b_.is_none()) b = channel_arg(b_, x, fn, "b", "x");
+    const double eps = eps_arg(eps_, fn);
+    const bool silu = bool_arg(silu_, fn, "silu");
+    const py::array* wp = w_.is_none() ? nullptr : &w;
+    const py::array* bp = b_.is_none() ? nullptr : &b;
+    return is_f32(x) ? group_norm_silu_forward_t<float>(x, G, wp, bp, eps, silu)
+                     : group_norm_silu_forward_t<double>(x, G, wp, bp, eps, silu);
+}
+
+template <typename T>
+static py::tuple group_norm_silu_backward_t(const py::array& dout, const py::array& x, const py::array& mean,
+                                            const py::array& inv_std, const py::array* w, const py::array* b,
+                                            int64_t G, bool silu) {
+    const int64_t N = dout.shape(0), C = dout.shape(1), S = dout.size() / (N * C);
+    py::array_t<T> dx(dout.request().shape), dw(C), db(C);
+    T *d = dx.mutable_data(), *dwp = dw.mutable_data(), *dbp = db.mutable_data();
+    const T* wp = w ? ptr<T>(*w) : nullptr;
+    const T* bp = b ? ptr<T>(*b) : nullptr;
+    {
+        py::gil_scoped_release release;
+        td::group_norm_silu_backward_cpu<T>(d, dwp, dbp, ptr<T>(dout), ptr<T>(x), ptr<T>(mean), ptr<T>(inv_std), wp, bp,
+                                            silu, N, C, S, G);
+    }
+    return py::make_tuple(dx, dw, db);
+}
+
+static py::tuple group_norm_silu_backward(const py::object& dout_, const py::object& x_, const py::object& mean_,
+                                          const py::object& inv_std_, const py::object& num_groups,
+                                          const py::object& w_, const py::object& b_, const py::object& silu_) {
+    const char* fn = "group_norm_silu_backward";
+    py::array dout = nchw_arg(dout_, fn, "dout");
+    py::array x = like_arg(x_, dout, fn, "x", "dout");
+    const int64_t G = groups_arg(num_groups, dout, fn, "dout");
+    py::array mean = group_stat_arg(mean_, dout, G, fn, "mean", "dout");
+    py::array inv_std = group_stat_arg(inv_std_, dout, G, fn, "inv_std", "dout"), w, b;
+    if (!w_.is_none()) w = channel_arg(w_, dout, fn, "w", "dout");
+    if (!b_.is_none()) b = channel_arg(b_, dout, fn, "b", "dout");
+    const bool silu = bool_arg(silu_, fn, "silu");
+    const py::array* wp = w_.is_none() ? nullptr : &w;
+    const py::array* bp = b_.is_none() ? nullptr : &b;
+    return is_f32(dout) ? group_norm_silu_backward_t<float>(dout, x, mean, inv_std, wp, bp, G, silu)
+                        : group_norm_silu_backward_t<double>(dout, x, mean, inv_std, wp, bp, G, silu);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,7 +788,7 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm, Adam";
+    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm, group norm, Adam";
     m.def("build_info", &build_info, "The build: {'isa', 'vector_bytes', 'openmp', 'compiler'}.");
     m.def("conv2d_versions", [] {
         py::list names;
@@ -738,6 +832,13 @@ PYBIND11_MODULE(_C, m) {
           "dout (of gelu's output), xhat (N,C,...), inv_std, w, b (C,) -> (dx, dw, db)");
     m.def("batch_norm_gelu_forward_eval", &batch_norm_gelu_forward_eval, py::arg("x"), py::arg("scale"), py::arg("shift"),
           "eval mode: x (N,C,...), scale, shift (C,) -> gelu(x scale_c + shift_c)");
+    m.def("group_norm_silu_forward", &group_norm_silu_forward, py::arg("x"), py::arg("num_groups"), py::arg("w") = py::none(),
+          py::arg("b") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = true,
+          "x (N,C,...), w, b (C,) or None -> (out, mean, inv_std), mean and inv_std (N,G); "
+          "out = silu(group norm) (silu=False: group norm)");
+    m.def("group_norm_silu_backward", &group_norm_silu_backward, py::arg("dout"), py::arg("x"), py::arg("mean"),
+          py::arg("inv_std"), py::arg("num_groups"), py::arg("w") = py::none(), py::arg("b") = py::none(),
+          py::arg("silu") = true, "dout (of out), x (N,C,...), mean, inv_std (N,G), w, b (C,) -> (dx, dw, db)");
     m.def("max_pool2d_forward", &max_pool2d_forward, py::arg("x"), py::arg("kernel_hw"), py::arg("stride"),
           py::arg("padding"), "x (N,C,H,W) -> (out, idx) (N,C,OH,OW): the maxima and their window offsets u*kw+v");
     m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dout"), py::arg("idx"), py::arg("input_hw"),

@@ -121,6 +121,20 @@ void batch_norm_gelu_forward_eval_cpu(T* out, const T* x, const T* scale, const 
                                       int64_t S);
 
 // ---------------------------------------------------------------------------------------------
+// group_norm_cpu.cpp: group norm of x (N, C, S), statistics per sample and group of K = C / G
+// channels, then SiLU (silu = false: group norm alone)
+//   xhat = (x - mean_ng) inv_std_ng, y = xhat w_c + b_c, out = silu(y) = y sigmoid(y)
+
+// out (N, C, S), mean, inv_std (N, G) <- x (N, C, S), w, b (C,) or nullptr; G divides C
+template <typename T>
+void group_norm_silu_forward_cpu(T* out, T* mean, T* inv_std, const T* x, const T* w, const T* b, double eps,
+                                 bool silu, int64_t N, int64_t C, int64_t S, int64_t G);
+// dx (N, C, S), dw, db (C,) <- dout (the gradient of out), x (N, C, S), mean, inv_std (N, G), w, b (C,) or nullptr
+template <typename T>
+void group_norm_silu_backward_cpu(T* dx, T* dw, T* db, const T* dout, const T* x, const T* mean, const T* inv_std,
+                                  const T* w, const T* b, bool silu, int64_t N, int64_t C, int64_t S, int64_t G);
+
+// ---------------------------------------------------------------------------------------------
 // adam_cpu.cpp: one Adam / AdamW step over a list of parameters, in place (Kingma & Ba Alg. 1,
 // Loshchilov & Hutter Alg. 2), per element:
 //   g += wd p (Adam) or p *= 1 - lr wd (AdamW);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2

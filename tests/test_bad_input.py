@@ -38,6 +38,7 @@ MISMATCHES = [
      (1, 3, 4, 4), (2, 3, 2, 2)),
     ("conv2d bias", lambda: F.conv2d(t(1, 2, 5, 5), t(4, 2, 3, 3), t(3)), (3,), (4,)),
     ("group_norm weight", lambda: F.group_norm(t(2, 4, 3, 3), 2, t(5), t(4)), (5,), (2, 4, 3, 3)),
+    ("group_norm_silu bias", lambda: F.group_norm_silu(t(2, 4, 3, 3), 2, t(4), t(3)), (3,), (2, 4, 3, 3)),
     ("batch_norm running_mean", lambda: F.batch_norm(t(2, 3, 2, 2), t(4), t(4), training=False),
      (4,), (2, 3, 2, 2)),
     ("batch_norm bias", lambda: F.batch_norm(t(2, 3), None, None, t(3), t(2), training=True), (2,), (2, 3)),
@@ -70,6 +71,9 @@ DEGENERATE = [
     ("pool kernel larger than the input", lambda: F.avg_pool2d(t(1, 1, 2, 2), 3), ValueError),
     ("pool padding over half the kernel", lambda: F.max_pool2d(t(1, 1, 4, 4), 2, 1, 2), ValueError),
     ("group_norm groups do not divide channels", lambda: F.group_norm(t(2, 6, 2, 2), 4), ValueError),
+    ("group_norm_silu groups do not divide channels", lambda: F.group_norm_silu(t(2, 6, 2, 2), 4), ValueError),
+    ("group_norm_silu zero groups", lambda: F.group_norm_silu(t(2, 6, 2, 2), 0), ValueError),
+    ("group_norm_silu of a 1-D input", lambda: F.group_norm_silu(t(6), 2), ValueError),
     ("mean of an empty tensor", lambda: t(0, 3).mean(), ZeroDivisionError),          # torch: NaN
     ("cross_entropy of an empty batch", lambda: F.cross_entropy(t(0, 3), np.zeros(0, dtype=int)),
      ZeroDivisionError),                                                                # torch: NaN

@@ -773,6 +773,7 @@ GPU_OPS = {
     "conv_transpose2d 3x3 s2 p1": (lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1), [(1, 2, 3, 3), (2, 3, 3, 3)]),
     "gelu": (F.gelu, [(3, 7)]),
     "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), [(2, 4, 3, 3), (4,), (4,)]),
+    "group_norm_silu": (lambda x, w, b: F.group_norm_silu(x, 2, w, b), [(2, 4, 3, 3), (4,), (4,)]),   # GPU: 2 ops
     "max_pool2d": (lambda x: F.max_pool2d(x, 2), [(2, 2, 4, 5)]),
     "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), [(2, 2, 4, 4)]),
     "upsample_nearest2d": (F.upsample_nearest2d, [(1, 2, 2, 3)]),

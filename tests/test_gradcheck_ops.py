@@ -229,6 +229,13 @@ CASES = {
                      ("batch 1, odd, no affine", unary(lambda x: F.group_norm(x, 3), (1, 6, 3, 5))),
                      ("weight only, 3-D", lambda rng: ((lambda x, w: F.group_norm(x, 1, w)),
                                                        [rand(rng, 2, 3, 5), rand(rng, 3)]))],
+    "F.group_norm_silu": [("affine", lambda rng: ((lambda x, w, b: F.group_norm_silu(x, 2, w, b)),
+                                                  [rand(rng, 2, 4, 3, 3), rand(rng, 4), rand(rng, 4)])),
+                          ("batch 1, odd, no affine", unary(lambda x: F.group_norm_silu(x * 2, 3), (1, 6, 3, 5))),
+                          ("groups = C, 3-D, weight only", lambda rng: ((lambda x, w: F.group_norm_silu(x, 3, w)),
+                                                                        [rand(rng, 2, 3, 5), rand(rng, 3)])),
+                          ("one group, non-square, bias only", lambda rng: (
+                              (lambda x, b: F.group_norm_silu(x, 1, None, b)), [rand(rng, 1, 3, 2, 5), rand(rng, 3)]))],
     "F.batch_norm": [("train, running stats", batch_norm_case((3, 2, 3, 2), training=True)),
                      ("train batch 1, no stats, no affine", batch_norm_case((1, 3, 2, 3), True, affine=False,
                                                                             stats=False)),
@@ -267,7 +274,7 @@ def rng_mask(*shape):
 
 # The heavy ops that go through kernels.py, where the compiled kernels can take over
 KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.batch_norm_gelu", "F.group_norm",
-              "F.max_pool2d"}
+              "F.group_norm_silu", "F.max_pool2d"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ XT, EPS, Z = (RNG.standard_normal((3, 2, 4)) for _ in range(3))     # a batch of
 COEF = [RNG.uniform(0.1, 0.9, 3) for _ in range(5)]                 # one value per sample
 BN_X, BN_W, BN_B = RNG.standard_normal((3, 4, 5)), RNG.standard_normal(4), RNG.standard_normal(4)
 BN_XHAT, BN_INV_STD = RNG.standard_normal((3, 4, 5)), RNG.uniform(0.5, 2.0, 4)
+GN_X, GN_DOUT, GN_W, GN_B = RNG.standard_normal((2, 6, 5)), RNG.standard_normal((2, 6, 5)), RNG.standard_normal(6), \
+    RNG.standard_normal(6)
+GN_MEAN, GN_INV_STD = RNG.standard_normal((2, 3)), RNG.uniform(0.5, 2.0, (2, 3))   # 3 groups of 2 channels
 POOL_DOUT, POOL_IDX = RNG.standard_normal((2, 3, 3, 2)), RNG.integers(0, 4, (2, 3, 3, 2))   # 2x2 pool of X
 ADAM = [[RNG.standard_normal(shape) for shape in [(3, 2), (5,)]] for _ in range(3)] + \
        [[RNG.uniform(0.1, 1.0, shape) for shape in [(3, 2), (5,)]]]     # params, grads, exp_avgs, exp_avg_sqs
@@ -52,6 +55,9 @@ KERNELS = {
     "batch_norm_gelu_backward_train": ("batch_norm_gelu_backward_train_ref", "bench_steps.py",
                                        (BN_X, BN_XHAT, BN_INV_STD, BN_W, BN_B)),
     "batch_norm_gelu_forward_eval": ("batch_norm_gelu_forward_eval_ref", "bench_steps.py", (BN_X, BN_W, BN_B)),
+    "group_norm_silu_forward": ("group_norm_silu_forward_ref", "bench_steps.py", (GN_X, 3, GN_W, GN_B, 1e-5, True)),
+    "group_norm_silu_backward": ("group_norm_silu_backward_ref", "bench_steps.py",
+                                 (GN_DOUT, GN_X, GN_MEAN, GN_INV_STD, 3, GN_W, GN_B, True)),
     "max_pool2d_forward": ("max_pool2d_forward_ref", "bench_steps.py", (X, (2, 2), (2, 2), 0)),
     "max_pool2d_backward": ("max_pool2d_backward_ref", "bench_steps.py",
                             (POOL_DOUT, POOL_IDX, (6, 5), (2, 2), (2, 2), 0)),

@@ -7,8 +7,11 @@
 2. The fused diffusion steps and GELU, with and without guidance and clipping; training-mode
    batch norm, forward and backward, on 120 random shapes (batch 1, C = 1, 1x1, odd and
    non-square images, (N, C, L) and (N, C) inputs).
-3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.gelu and F.batch_norm through the
-   native path (and F.group_norm, which runs on the batch-norm kernels, against the reference).
+   Group norm alone and with SiLU, forward and backward, on 100 random shapes (batch 1, groups 1
+   and C, odd channels per group, odd and non-square images), the same bits on 1, 2 and 3 threads,
+   and the float32 SiLU over its range.
+3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.gelu, F.batch_norm, F.group_norm and
+   F.group_norm_silu through the native path; the fused F.group_norm_silu against the two ops in a row.
 4. Bad arguments for every binding, and hypothesis property tests: random shapes, dtypes,
    strides and layouts give either the reference's result or a TypeError/ValueError.
 5. The stale-build warning of tinydiff.backend.
@@ -16,6 +19,8 @@
 Run:  python -m pytest tests/test_kernels_cpu.py -q       (-s prints the largest differences)
 """
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -43,6 +48,13 @@ def assert_close(got, want, dtype, what, tol=None):
         worst = np.unravel_index(np.argmax(np.where(bad, err, -1)), err.shape)
         raise AssertionError(f"{what}: at {worst} got {got[worst]!r}, expected {want[worst]!r} "
                              f"(|diff| {err[worst]:.3g}, rtol {rtol}, atol {atol})")
+
+
+def assert_all_close(got, want, names, dtype, what):
+    """assert_close on each pair of outputs, named; returns the largest |difference| of them."""
+    for g, r, name in zip(got, want, names):
+        assert_close(g, r, dtype, f"{what} {name}")
+    return max(float(np.abs(g - r).max()) for g, r in zip(got, want))
 
 
 def f64(*arrays):
@@ -272,18 +284,15 @@ def test_batch_norm_train_on_random_shapes(dtype):
         affine = [(w, b), (None, None), (w, None), (None, b)][i % 4]
         got = _C.batch_norm_forward_train(x, *affine, 1e-5)
         want = kernels.batch_norm_forward_train_ref(*f64(x, *affine), 1e-5)
-        for g, r, name in zip(got, want, ("out", "xhat", "mean", "var", "inv_std")):
-            assert_close(g, r, dtype, f"batch_norm_forward_train {shape} {name}")
-            worst = max(worst, float(np.abs(g - r).max()))
+        worst = max(worst, assert_all_close(got, want, ("out", "xhat", "mean", "var", "inv_std"), dtype,
+                                            f"batch_norm_forward_train {shape}"))
         if affine[0] is None and affine[1] is None:
             assert got[0] is got[1]                                 # no affine: out is xhat
         dout = rng.standard_normal(shape).astype(dtype)
         xhat, inv_std = got[1], got[4]
         got = _C.batch_norm_backward_train(dout, xhat, inv_std, affine[0])
         want = kernels.batch_norm_backward_train_ref(*f64(dout, xhat, inv_std, affine[0]))
-        for g, r, name in zip(got, want, ("dx", "dw", "db")):
-            assert_close(g, r, dtype, f"batch_norm_backward_train {shape} {name}")
-            worst = max(worst, float(np.abs(g - r).max()))
+        worst = max(worst, assert_all_close(got, want, ("dx", "dw", "db"), dtype, f"batch_norm_backward_train {shape}"))
     print(f"batch norm, {dtype.__name__}, 120 shapes: largest |difference| {worst:.3g}")
 
 
@@ -310,16 +319,14 @@ def test_batch_norm_gelu_train_on_random_shapes(dtype):
         affine = [(w, b), (None, None), (w, None), (None, b)][i % 4]
         got = _C.batch_norm_gelu_forward_train(x, *affine, 1e-5)
         want = kernels.batch_norm_gelu_forward_train_ref(*f64(x, *affine), 1e-5)
-        for g, r, name in zip(got, want, ("out", "xhat", "mean", "var", "inv_std")):
-            assert_close(g, r, dtype, f"batch_norm_gelu_forward_train {shape} {name}")
-            worst = max(worst, float(np.abs(g - r).max()))
+        worst = max(worst, assert_all_close(got, want, ("out", "xhat", "mean", "var", "inv_std"), dtype,
+                                            f"batch_norm_gelu_forward_train {shape}"))
         dout = rng.standard_normal(shape).astype(dtype)
         xhat, inv_std = got[1], got[4]
         got = _C.batch_norm_gelu_backward_train(dout, xhat, inv_std, *affine)
         want = kernels.batch_norm_gelu_backward_train_ref(*f64(dout, xhat, inv_std, *affine))
-        for g, r, name in zip(got, want, ("dx", "dw", "db")):
-            assert_close(g, r, dtype, f"batch_norm_gelu_backward_train {shape} {name}")
-            worst = max(worst, float(np.abs(g - r).max()))
+        worst = max(worst, assert_all_close(got, want, ("dx", "dw", "db"), dtype,
+                                            f"batch_norm_gelu_backward_train {shape}"))
     print(f"batch norm + GELU, {dtype.__name__}, 120 shapes: largest |difference| {worst:.3g}")
 
 
@@ -347,6 +354,102 @@ def test_batch_norm_gelu_eval_is_batch_norm_then_gelu():
         apart = F.gelu(norm(x))
     assert fused._op == "batch_norm_gelu"
     assert_close(fused.numpy(), apart.numpy().astype(np.float64), np.float32, "eval fused vs apart")
+
+
+# (shape, num_groups): batch 1, odd channels per group, groups 1 and C, odd and non-square H*W,
+# 3-D and (N, C) inputs, groups of one value; the UNet's sizes (several threads) last
+GROUP_NORM_CASES = [((1, 1, 1, 1), 1), ((1, 3, 7, 5), 1), ((1, 3, 7, 5), 3), ((2, 9, 3, 5), 3), ((3, 6, 5, 2), 2),
+                    ((2, 5, 1, 1), 5), ((1, 4, 11), 2), ((4, 6), 3), ((2, 10, 3, 3, 2), 5),
+                    ((64, 32, 16, 16), 8), ((64, 128, 4, 4), 8), ((3, 64, 9, 7), 16)]
+
+
+def group_norm_cases(count=100, seed=14):
+    rng = np.random.default_rng(seed)
+    cases = list(GROUP_NORM_CASES)
+    while len(cases) < count:
+        g, k = int(rng.integers(1, 6)), int(rng.integers(1, 6))             # groups, channels per group
+        spatial = tuple(int(s) for s in rng.integers(1, 10, size=rng.integers(0, 3)))
+        cases.append(((int(rng.integers(1, 5)), g * k) + spatial, g))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_silu_on_random_shapes(dtype):
+    """The group norm (+ SiLU) kernel against its reference, forward and backward, with and without
+    SiLU and each of the affine parameters."""
+    rng = np.random.default_rng(15)
+    worst = 0.0
+    for i, (shape, g) in enumerate(group_norm_cases()):
+        c = shape[1]
+        x = (rng.uniform(-5, 5) + rng.uniform(0.1, 3) * rng.standard_normal(shape)).astype(dtype)   # off-centre
+        w, b = (2 * rng.standard_normal(c)).astype(dtype), rng.standard_normal(c).astype(dtype)
+        affine = [(w, b), (None, None), (w, None), (None, b)][i % 4]
+        silu = i % 3 != 2
+        got = _C.group_norm_silu_forward(x, g, *affine, 1e-5, silu)
+        want = kernels.group_norm_silu_forward_ref(f64(x)[0], g, *f64(*affine), 1e-5, silu)
+        worst = max(worst, assert_all_close(got, want, ("out", "mean", "inv_std"), dtype,
+                                            f"group_norm_silu_forward {shape} groups {g} silu {silu}"))
+        dout = rng.standard_normal(shape).astype(dtype)
+        mean, inv_std = got[1], got[2]
+        got = _C.group_norm_silu_backward(dout, x, mean, inv_std, g, *affine, silu)
+        want = kernels.group_norm_silu_backward_ref(*f64(dout, x, mean, inv_std), g, *f64(*affine), silu)
+        worst = max(worst, assert_all_close(got, want, ("dx", "dw", "db"), dtype,
+                                            f"group_norm_silu_backward {shape} groups {g} silu {silu}"))
+    print(f"group norm (+ SiLU), {dtype.__name__}, {len(group_norm_cases())} shapes: largest |difference| {worst:.3g}")
+
+
+def test_group_norm_silu_is_deterministic_and_normalises():
+    x = np.random.default_rng(16).standard_normal((64, 64, 8, 8)).astype(np.float32) * 4 + 7
+    first, second = (_C.group_norm_silu_forward(x, 8, None, None, 1e-5, False) for _ in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    xhat = first[0].astype(np.float64).reshape(64, 8, -1)
+    assert np.abs(xhat.mean(axis=2)).max() < 1e-5 and np.abs(xhat.var(axis=2) - 1).max() < 1e-3
+    dout = np.ones_like(x)
+    dx, dw, db = _C.group_norm_silu_backward(dout, x, first[1], first[2], 8, None, None, False)
+    assert np.abs(dx).max() < 1e-4 and np.allclose(db, 64 * 8 * 8)     # a constant dout moves nothing
+    again = _C.group_norm_silu_backward(dout, x, first[1], first[2], 8, None, None, False)
+    assert all(np.array_equal(a, b) for a, b in zip((dx, dw, db), again))
+
+
+GROUP_NORM_THREADS_SCRIPT = """
+import sys
+import numpy as np
+from tinydiff import _C
+rng = np.random.default_rng(19)
+x, dout = (rng.standard_normal((64, 32, 8, 8)).astype(np.float32) * 3 + 1 for _ in range(2))
+w, b = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+out, mean, inv_std = _C.group_norm_silu_forward(x, 8, w, b, 1e-5, True)
+dx, dw, db = _C.group_norm_silu_backward(dout, x, mean, inv_std, 8, w, b, True)
+np.savez(sys.argv[1], out=out, mean=mean, inv_std=inv_std, dx=dx, dw=dw, db=db)
+"""
+
+
+def test_group_norm_silu_does_not_depend_on_the_thread_count(tmp_path):
+    """The same numbers, bit for bit, on 1, 2 and 3 OpenMP threads (dw and db summed over n in order)."""
+    results = []
+    for threads in (1, 2, 3):
+        path = tmp_path / f"threads{threads}.npz"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TINYDIFF_REBUILD="0")
+        subprocess.run([sys.executable, "-c", GROUP_NORM_THREADS_SCRIPT, str(path)], env=env, check=True)
+        results.append(np.load(path))
+    for name in results[0].files:
+        for other in results[1:]:
+            assert np.array_equal(results[0][name], other[name]), f"{name} differs between thread counts"
+
+
+def test_silu_float32_over_its_whole_range():
+    """The float32 SiLU of group_norm_cpu.cpp for every y, against float64: a group of one value
+    has xhat = 0, so y = b_c, out = silu(b_c) and db_c = dout silu'(b_c). Stated accuracy:
+    1e-6 |ref| + 1e-7, forward and derivative (0 and -0, |y| past 86.5, where exp(-|y|) is 0)."""
+    y = np.concatenate([np.linspace(-100, 100, 400001), [0.0, -0.0, 86.5, -86.5, 88.0, -88.0, 1e-30, -1e-30]])
+    y = y.astype(np.float32)
+    x = np.zeros((1, y.size), np.float32)
+    out, mean, inv_std = _C.group_norm_silu_forward(x, y.size, None, y, 1e-5, True)
+    y64 = y.astype(np.float64)
+    s = kernels.sigmoid_ref(y64)
+    assert_close(out[0], y64 * s, np.float32, "silu float32 grid", (1e-6, 1e-7))
+    _, _, db = _C.group_norm_silu_backward(np.ones_like(x), x, mean, inv_std, y.size, None, y, True)
+    assert_close(db, s * (1 + y64 * (1 - s)), np.float32, "silu' float32 grid", (1e-6, 1e-7))
 
 
 def max_pool_cases(count=60, seed=12):
@@ -471,6 +574,34 @@ def test_group_norm_native_matches_the_reference(native_kernels):
         assert_close(got, want, np.float32, f"group_norm {what}")
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 4, 3, 3), 2), ((1, 6, 5, 3), 3), ((2, 3, 7), 1), ((3, 4), 4)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_gradcheck_group_norm_silu_native(native_kernels, shape, groups, silu):
+    rng = np.random.default_rng(17)
+    x = Tensor(rng.standard_normal(shape), requires_grad=True)
+    wb = [Tensor(rng.standard_normal(shape[1]), requires_grad=True) for _ in range(2)]
+    assert kernels._compiled("group_norm_silu_forward", x.data) is not None
+    op = F.group_norm_silu if silu else F.group_norm
+    assert gradcheck(lambda x, w, b: op(x, groups, w, b), [x] + wb)
+
+
+def test_group_norm_silu_native_is_the_two_ops_in_a_row(native_kernels):
+    """F.group_norm_silu, one op, gives what silu(group_norm(...)) gives, values and gradients."""
+    rng = np.random.default_rng(18)
+    x, dout = (rng.standard_normal((3, 8, 5, 3)).astype(np.float32) for _ in range(2))
+    w, b = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    results = {}
+    for name, fn in (("fused", F.group_norm_silu), ("apart", lambda *a: F.silu(F.group_norm(*a)))):
+        xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        out = fn(xt, 4, wt, bt)
+        (out * Tensor(dout)).sum().backward()
+        results[name] = [out, xt.grad, wt.grad, bt.grad]
+    assert results["fused"][0]._op == "group_norm_silu" and results["apart"][0]._op == "silu"
+    results["fused"][0], results["apart"][0] = results["fused"][0].data, results["apart"][0].data
+    for got, want, what in zip(results["fused"], f64(*results["apart"]), ("out", "dx", "dw", "db")):
+        assert_close(got, want, np.float32, f"group_norm_silu fused vs apart {what}")
+
+
 def test_dispatch_falls_back_to_the_reference(native_kernels):
     x16 = np.ones((2, 3), np.float16)
     assert kernels._compiled("gelu_forward", x16) is None
@@ -580,6 +711,7 @@ def test_step_and_gelu_bindings_refuse_bad_arguments(call, error, words):
 C2 = np.ones(2, np.float32)                                     # per channel of XT (3, 2, 4)
 X4, D4 = np.ones((1, 2, 4, 4), np.float32), np.ones((1, 2, 2, 2), np.float32)   # max pool 2x2: x, dout
 I4 = np.zeros((1, 2, 2, 2), np.int64)                            # its window offsets
+G3 = np.ones((3, 1), np.float32)                                 # mean, inv_std of XT in one group
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -626,6 +758,29 @@ I4 = np.zeros((1, 2, 2, 2), np.int64)                            # its window of
      "batch_norm_gelu_forward_eval: shift has 3 values but x has 2 channels"),
     (lambda: _C.batch_norm_gelu_forward_eval(XT, C2.astype(np.float64), C2), TypeError, "scale has dtype"),
     (lambda: _C.batch_norm_gelu_forward_eval(XT[..., ::2], C2, C2), ValueError, "x must be C-contiguous"),
+    (lambda: _C.group_norm_silu_forward(XT, 3), ValueError, "group_norm_silu_forward: num_groups 3 does not divide "
+     "the 2 channels of x"),
+    (lambda: _C.group_norm_silu_forward(XT, 0), ValueError, "num_groups must be in [1, 2**30], got 0"),
+    (lambda: _C.group_norm_silu_forward(XT, 2.0), TypeError, "num_groups must be an int"),
+    (lambda: _C.group_norm_silu_forward(CO, 1), ValueError, "x must have a channel axis"),
+    (lambda: _C.group_norm_silu_forward(XT[:0], 1), ValueError, "x is empty"),
+    (lambda: _C.group_norm_silu_forward(XT[..., ::2], 1), ValueError, "x must be C-contiguous"),
+    (lambda: _C.group_norm_silu_forward(XT.astype(np.float16), 1), TypeError, "x must be a float32"),
+    (lambda: _C.group_norm_silu_forward(XT, 2, C2, CO), ValueError, "b has 3 values but x has 2 channels"),
+    (lambda: _C.group_norm_silu_forward(XT, 2, C2.astype(np.float64)), TypeError, "w has dtype"),
+    (lambda: _C.group_norm_silu_forward(XT, 2, None, None, -1.0), ValueError, "eps must be"),
+    (lambda: _C.group_norm_silu_forward(XT, 2, None, None, 1e-5, 1), TypeError, "silu must be a bool"),
+    (lambda: _C.group_norm_silu_backward(XT, XT[:2].copy(), G3, G3, 1), ValueError, "x has shape"),
+    (lambda: _C.group_norm_silu_backward(XT, XT.astype(np.float64), G3, G3, 1), TypeError, "x has dtype"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3, G3, 2), ValueError,
+     "mean has shape (3, 1) but should be (N, num_groups) = (3, 2)"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3, G3[:2].copy(), 1), ValueError, "inv_std has shape (2, 1)"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3.ravel(), G3, 1), ValueError, "mean must have 2 dimensions"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3, G3.astype(np.float64), 1), TypeError, "inv_std has dtype"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3, G3, 3), ValueError, "num_groups 3 does not divide"),
+    (lambda: _C.group_norm_silu_backward(XT, XT, G3, G3, 1, None, CO), ValueError, "b has 3 values"),
+    (lambda: _C.group_norm_silu_backward(XT, XT[..., ::2], G3, G3, 1), ValueError, "x must be C-contiguous"),
+    (lambda: _C.group_norm_silu_backward(XT[:0], XT[:0], G3, G3, 1), ValueError, "dout is empty"),
 ])
 def test_batch_norm_bindings_refuse_bad_arguments(call, error, words):
     with pytest.raises(error) as info:

@@ -170,6 +170,13 @@ ORACLE = {
                       lambda x, w: TF.group_norm(x, 4, w)),
                      ("bias only", normal((2, 4, 2, 2), (4,)), lambda x, b: F.group_norm(x, 1, None, b),
                       lambda x, b: TF.group_norm(x, 1) + b.view(1, -1, 1, 1))],   # torch's CPU kernel refuses bias only
+    "F.group_norm_silu": [("affine", normal((2, 6, 3, 5), (6,), (6,)), lambda x, w, b: F.group_norm_silu(x, 3, w, b),
+                           lambda x, w, b: TF.silu(TF.group_norm(x, 3, w, b))),
+                          ("batch 1, groups = C, odd", normal((1, 5, 3, 7), (5,), (5,)),
+                           lambda x, w, b: F.group_norm_silu(x, 5, w, b),
+                           lambda x, w, b: TF.silu(TF.group_norm(x, 5, w, b))),
+                          ("no affine, one group, 3-D", normal((3, 4, 5)), lambda x: F.group_norm_silu(x, 1),
+                           lambda x: TF.silu(TF.group_norm(x, 1)))],
     # batch_norm, with its running statistics, has its own test below
     "F.batch_norm": [("train, no running stats", normal((3, 2, 3, 2), (2,), (2,)),
                       lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
@@ -232,8 +239,9 @@ def test_matches_torch_float64(op, make, td_fn, th_fn):
 
 
 # float32, the dtype of training: the same code must stay accurate at single precision
-FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm", "F.layer_norm", "F.softmax",
-           "F.scaled_dot_product_attention", "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
+FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm", "F.group_norm_silu",
+           "F.layer_norm", "F.softmax", "F.scaled_dot_product_attention",
+           "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
 
 
 @pytest.mark.parametrize("op, make, td_fn, th_fn", [c for c in CASES if c.values[0] in FLOAT32])

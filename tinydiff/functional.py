@@ -322,9 +322,25 @@ def pad(input, pad, mode="constant", value=0.0):
 # Normalisation
 
 
-# Group norm (Wu & He 2018) normalises each sample's group of C/G channels: it is the training-mode
-# batch norm of the (1, N*G, C/G * H * W) view, whose "channels" are the (sample, group) pairs, and
-# runs on the same kernels; only its affine is per channel of x, so that is applied here.
+# Group norm (Wu & He 2018) normalises each sample's group of C/G channels. On the CPU it is one
+# kernel, alone or fused with the SiLU that follows it in the UNet (kernels.group_norm_silu_*: the
+# C++ kernel where built, else its NumPy reference); its cache is x itself with mean and inv_std
+# (N, G), from which the backward recomputes xhat and y.
+
+def group_norm_silu_forward(x, num_groups, w, b, eps, silu):
+    out, mean, inv_std = kernels.group_norm_silu_forward(x, num_groups, w, b, eps, silu)
+    return out, (x, mean, inv_std, num_groups, w, b, silu)
+
+
+def group_norm_silu_backward(dout, cache, needs):
+    x, mean, inv_std, num_groups, w, b, silu = cache          # dy = dout silu'(y), then group norm's backward
+    dx, dw, db = kernels.group_norm_silu_backward(dout, x, mean, inv_std, num_groups, w, b, silu)
+    return dx, dw if needs[1] else None, db if needs[2] else None
+
+
+# On the GPU (CuPy), group norm is the training-mode batch norm of the (1, N*G, C/G * H * W) view,
+# whose "channels" are the (sample, group) pairs, on the CUDA batch-norm kernels; only its affine
+# is per channel of x, so that is applied here. SiLU there stays a separate op (no CUDA kernel fuses them).
 
 def group_norm_forward(x, num_groups, w, b, eps):
     n, c = x.shape[:2]
@@ -349,14 +365,29 @@ def group_norm_backward(dout, cache, needs):
     return dx.reshape(xhat.shape), dw, db
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+def _group_norm(name, input, num_groups, weight, bias, eps, then_silu):
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
     if input.ndim < 2 or input.shape[1] % num_groups:
-        raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of shape {input.shape}")
-    _check_float("group_norm", input=input, weight=weight, bias=bias)
-    _check_channels("group_norm", input, weight=weight, bias=bias)
-    out, cache = group_norm_forward(input.data, num_groups, None if weight is None else weight.data,
-                                    None if bias is None else bias.data, eps)
-    return _from_pair("group_norm", (input, weight, bias), out, cache, group_norm_backward)
+        raise ValueError(f"{name}: {num_groups} groups do not divide the channels of shape {input.shape}")
+    _check_float(name, input=input, weight=weight, bias=bias)
+    _check_channels(name, input, weight=weight, bias=bias)
+    w, b = (None if t is None else t.data for t in (weight, bias))
+    if backend.is_cupy_array(input.data):
+        out, cache = group_norm_forward(input.data, num_groups, w, b, eps)
+        out = _from_pair("group_norm", (input, weight, bias), out, cache, group_norm_backward)
+        return silu(out) if then_silu else out
+    out, cache = group_norm_silu_forward(input.data, num_groups, w, b, eps, then_silu)
+    return _from_pair(name, (input, weight, bias), out, cache, group_norm_silu_backward)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return _group_norm("group_norm", input, num_groups, weight, bias, eps, then_silu=False)
+
+
+def group_norm_silu(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """silu(group_norm(input, ...)) as one op (the UNet's GroupNorm -> SiLU), with group_norm's arguments."""
+    return _group_norm("group_norm_silu", input, num_groups, weight, bias, eps, then_silu=True)
 
 
 def _batch_statistics(x, running_mean, running_var, w, b, momentum, eps, forward_train):

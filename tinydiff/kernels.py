@@ -27,6 +27,10 @@ statistics per channel c over the M = N * H * W ... values of that channel:
     out = xhat w_c + b_c
     backward: db_c = sum dout, dw_c = sum dout xhat, dx = inv_std_c w_c (dout - db_c/M - xhat dw_c/M)
 
+Group norm (Wu & He 2018, arXiv:1803.08494), then SiLU, x (N, C, ...), statistics per sample n and
+group g of C/G channels: xhat = (x - mean_ng) / sqrt(var_ng + eps), y = xhat w_c + b_c,
+    out = silu(y) = y sigmoid(y);  backward: dy = dout silu'(y), then batch norm's within the group
+
 Adam / AdamW, one step t over all parameters (Kingma & Ba 2015, Alg. 1; Loshchilov & Hutter 2019,
 Alg. 2), per element:
     g = g + wd p (Adam)  or  p = p (1 - lr wd) (AdamW);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
@@ -331,6 +335,12 @@ def _channel(a, x):
     return a.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+def _affine(xhat, w, b):
+    """xhat w_c + b_c, either of w and b None."""
+    y = xhat * _channel(w, xhat) if w is not None else xhat
+    return y + _channel(b, xhat) if b is not None else y
+
+
 def batch_norm_forward_train_ref(x, w, b, eps):
     """x (N, C, ...), w, b (C,) or None -> (out, xhat, mean, var, inv_std), the last three (C,);
     var is the biased variance (divided by M), and out is xhat itself when w and b are None."""
@@ -390,9 +400,7 @@ def batch_norm_gelu_forward_train_ref(x, w, b, eps):
 
 def batch_norm_gelu_backward_train_ref(dout, xhat, inv_std, w, b):
     """dout: the gradient of gelu(y), y = xhat w + b -> (dx, dw, db) of the batch norm."""
-    y = xhat * _channel(w, xhat) if w is not None else xhat
-    y = y + _channel(b, xhat) if b is not None else y
-    return batch_norm_backward_train_ref(gelu_backward_ref(dout, y), xhat, inv_std, w)
+    return batch_norm_backward_train_ref(gelu_backward_ref(dout, _affine(xhat, w, b)), xhat, inv_std, w)
 
 
 def batch_norm_gelu_forward_train(x, w, b, eps):
@@ -421,6 +429,82 @@ def batch_norm_gelu_forward_eval(x, scale, shift):
     if kernel is not None and x.ndim >= 2:
         return kernel(*_contiguous(x, scale, shift))
     return batch_norm_gelu_forward_eval_ref(x, scale, shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group norm (Wu & He 2018, arXiv:1803.08494), then SiLU (the UNet's GroupNorm -> SiLU), in one
+# kernel on the CPU (csrc/group_norm_cpu.cpp); silu=False is group norm alone. Per sample n and
+# group g of K = C / G channels, over its M = K * H * W ... values; sums in float64, per-element
+# work in x's dtype with the per-group constants rounded to it (as the C++ kernel). The cache is
+# x itself with mean and inv_std (N, G): the backward recomputes xhat and y.
+
+
+def _groups(a, num_groups):
+    """(N, C, ...) -> the (N, G, K * S) view whose rows are the groups."""
+    return a.reshape(a.shape[0], num_groups, -1)
+
+
+def _xhat(x, mean, inv_std, num_groups):
+    """xhat = (x - mean_ng) inv_std_ng, back in x's shape."""
+    return ((_groups(x, num_groups) - mean[..., None]) * inv_std[..., None]).reshape(x.shape)
+
+
+def sigmoid_ref(y):
+    """sigmoid(y) = 1 / (1 + exp(-y)), written (1 + tanh(y/2)) / 2, which overflows for no y."""
+    return 0.5 * (_xp(y).tanh(0.5 * y) + 1)
+
+
+def group_norm_silu_forward_ref(x, num_groups, w, b, eps, silu=True):
+    """x (N, C, ...), w, b (C,) or None -> (out, mean, inv_std), the last two (N, G):
+    mean, var (biased) over each group, xhat = (x - mean) inv_std, inv_std = 1 / sqrt(var + eps),
+    y = xhat w_c + b_c (Wu & He eq. 1-3), out = silu(y) = y sigmoid(y), or y itself if not silu."""
+    xp, dtype = _xp(x), x.dtype
+    xg = _groups(x, num_groups)                                          # (N, G, K * S)
+    mean = xg.mean(axis=2, dtype=np.float64)
+    inv_std = (1 / xp.sqrt(xg.var(axis=2, dtype=np.float64) + eps)).astype(dtype)   # two-pass variance
+    mean = mean.astype(dtype)
+    y = _affine(_xhat(x, mean, inv_std, num_groups), w, b)
+    return (y * sigmoid_ref(y) if silu else y), mean, inv_std
+
+
+def group_norm_silu_backward_ref(dout, x, mean, inv_std, num_groups, w, b, silu=True):
+    """dout: the gradient of out -> (dx, dw, db). With dy = dout silu'(y), silu'(y) = s (1 + y (1 - s)),
+    and dxhat = dy w_c, batch norm's backward within each group (Ioffe & Szegedy Alg. 1):
+    dx = inv_std (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), the means over the group."""
+    dtype = dout.dtype
+    axes = (0,) + tuple(range(2, dout.ndim))
+    xhat = _xhat(x, mean, inv_std, num_groups)
+    dy = dout
+    if silu:
+        y = _affine(xhat, w, b)
+        s = sigmoid_ref(y)
+        dy = dout * (s * (1 + y * (1 - s)))
+    db = dy.sum(axis=axes, dtype=np.float64)
+    dw = (dy * xhat).sum(axis=axes, dtype=np.float64)
+    dxhat = dy * _channel(w, dy) if w is not None else dy
+    mean_d = _groups(dxhat, num_groups).mean(axis=2, dtype=np.float64).astype(dtype)[..., None]   # (N, G, 1)
+    mean_dh = _groups(dxhat * xhat, num_groups).mean(axis=2, dtype=np.float64).astype(dtype)[..., None]
+    dx = inv_std[..., None] * (_groups(dxhat, num_groups) - mean_d - _groups(xhat, num_groups) * mean_dh)
+    return dx.reshape(dout.shape), dw.astype(dtype), db.astype(dtype)
+
+
+def group_norm_silu_forward(x, num_groups, w, b, eps, silu=True):
+    """-> (out, mean, inv_std); see group_norm_silu_forward_ref."""
+    kernel = _compiled("group_norm_silu_forward", x, w, b)
+    if kernel is not None and x.ndim >= 2:
+        x, w, b = _contiguous(x, w, b)
+        return kernel(x, num_groups, w, b, float(eps), bool(silu))
+    return group_norm_silu_forward_ref(x, num_groups, w, b, eps, silu)
+
+
+def group_norm_silu_backward(dout, x, mean, inv_std, num_groups, w, b, silu=True):
+    """-> (dx, dw, db); see group_norm_silu_backward_ref."""
+    kernel = _compiled("group_norm_silu_backward", dout, x, mean, inv_std, w, b)
+    if kernel is not None and dout.ndim >= 2:
+        dout, x, mean, inv_std, w, b = _contiguous(dout, x, mean, inv_std, w, b)
+        return kernel(dout, x, mean, inv_std, num_groups, w, b, bool(silu))
+    return group_norm_silu_backward_ref(dout, x, mean, inv_std, num_groups, w, b, silu)
+
 
 # ---------------------------------------------------------------------------------------------
 # Adam / AdamW over a list of parameters (Kingma & Ba 2015, Alg. 1; Loshchilov & Hutter 2019,

@@ -126,10 +126,12 @@ class GroupNorm(Module):
         self.weight = Parameter(np.ones(num_channels, np.float32)) if affine else None
         self.bias = Parameter(np.zeros(num_channels, np.float32)) if affine else None
 
-    def forward(self, x):                                        # (B, C, ...) -> (B, C, ...)
+    def forward(self, x, then_silu=False):                       # (B, C, ...) -> (B, C, ...)
+        """then_silu=True: silu(group norm of x) as one fused op (F.group_norm_silu)."""
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm({self.num_groups}, {self.num_channels}): got input shape {x.shape}")
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        norm = F.group_norm_silu if then_silu else F.group_norm
+        return norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"

@@ -68,10 +68,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):                                   # (B, in, H, W), (B, E)
-        h = self.conv1(F.silu(self.norm1(x)))                    # (B, out, H, W)
+        h = self.conv1(self.norm1(x, then_silu=True))            # (B, out, H, W); SiLU(GN(x)) is one op
         e = self.emb_proj(F.silu(emb))                           # (B, out)
         h = h + e.view(e.shape[0], e.shape[1], 1, 1)             # (B, out, H, W): time/class shift per channel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))      # (B, out, H, W)
+        h = self.conv2(self.dropout(self.norm2(h, then_silu=True)))   # (B, out, H, W)
         return self.skip(x) + h                                  # (B, out, H, W)
 
 
@@ -331,7 +331,8 @@ class UNet(nn.Module):
         h = self.mid2(h, emb)
         for level in self.ups:
             h = level(h, emb, skips, text)                       # (B, c_i, 2., 2.), skips popped
-        return self.out(h)                                       # (B, C, H, W)
+        norm, _, conv = self.out                                 # self.out(h), with GroupNorm and SiLU as one op
+        return conv(norm(h, then_silu=True))                     # (B, C, H, W)
 
     def _check_text(self, x, text):
         """text is the TextEncoder's (tokens (B, L, context_dim), mask (B, L), pooled (B, context_dim))
