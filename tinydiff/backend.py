@@ -85,7 +85,8 @@ def scatter_add(target, index, values):
 
 
 # ---------------------------------------------------------------------------------------------
-# Random numbers: one seeded generator per device, so the same seed gives the same run.
+# Random numbers: one seeded generator per device, so the same seed gives the same run. NumPy's
+# draws the initial weights; the noise of training and sampling comes from tinydiff.philox.
 
 _generators = {}
 _seed = None          # the last manual_seed, for a GPU generator made after it
@@ -107,6 +108,14 @@ def generator(device="cpu"):
         _generators[device] = (np.random.default_rng(_seed) if device == "cpu"
                                else cupy_module().random.default_rng(_seed))
     return _generators[device]
+
+
+def seeded_generator(name, make):
+    """The generator `name`, kept beside the per-device ones: make(seed) builds it on first use
+    after manual_seed (seed None before any). tinydiff.philox keeps the noise generator here."""
+    if name not in _generators:
+        _generators[name] = make(_seed)
+    return _generators[name]
 
 
 def get_rng_state():
