@@ -286,3 +286,138 @@ def test_the_default_generator_follows_manual_seed():
     tinydiff.manual_seed(5)
     assert np.array_equal(philox.default_generator().normal(4), a)
     assert np.array_equal(Philox(5).normal(4), a)
+
+
+# --- on the GPU: the same noise as on the CPU, and exact resume --------------------------------
+
+def test_gpu_draws_equal_cpu_draws(cp):
+    for kind in ("uint32", "random", "integers", "normal32", "normal64"):
+        out = []
+        for xp in (np, cp):
+            rng = Philox(2**33 + 1)
+            rng.load_state_dict({"key": rng.key, "counter": [2**32 - 5, 0, 0, 0]})   # across a carry
+            draw = {"uint32": lambda: rng.uint32(1001, xp), "random": lambda: rng.random((3, 333), np.float32, xp),
+                    "integers": lambda: rng.integers(3, 1000, (7, 11), xp),
+                    "normal32": lambda: rng.normal((5, 201), np.float32, xp),
+                    "normal64": lambda: rng.normal((5, 201), np.float64, xp)}[kind]
+            out.append(backend.to_device(draw(), "cpu"))
+        if kind.startswith("normal"):
+            off = ulps(out[1], out[0])
+            print(f"{kind}: {int((off > 0).sum())} of {off.size} differ from the CPU's, largest {off.max():.1f} ulps")
+            assert off.max() <= (1 if kind == "normal32" else 4), kind
+        else:
+            assert out[0].dtype == out[1].dtype and np.array_equal(out[0], out[1]), kind
+
+
+class RecordingModel(tinydiff.nn.Module):
+    """Returns zeros and keeps, on the host, the x_t, time and context that training_loss gives it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def time_input(self, t, T):
+        return tinydiff.Tensor(t.astype(np.float64))
+
+    def null_context(self, batch):
+        return np.zeros((batch, 3))
+
+    def forward(self, x, t, c=None):
+        self.seen.append([backend.to_device(a.data, "cpu") for a in (x, t, c)])
+        return x * 0.0
+
+
+def test_gpu_training_noise_equals_cpu(cp):
+    """The same seed: the same t, eps (through x_t and the loss) and context dropout on both devices."""
+    from tinydiff.diffusion import NoiseSchedule, training_loss
+    s = NoiseSchedule(timesteps=100, dtype=np.float64)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (16, 2, 5, 5))
+    context = np.ones((16, 3))
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, rng = RecordingModel(), Philox(21)
+        put = lambda a: backend.to_device(a, device)     # noqa: E731
+        losses = [training_loss(model, s, put(x0), put(context), generator=rng, context_drop=0.3).item()
+                  for _ in range(3)]
+        runs.append((model.seen, losses, rng.state_dict()))
+    (seen_cpu, loss_cpu, state_cpu), (seen_gpu, loss_gpu, state_gpu) = runs
+    assert state_cpu == state_gpu
+    for (xt_c, t_c, c_c), (xt_g, t_g, c_g) in zip(seen_cpu, seen_gpu):
+        assert np.array_equal(t_c, t_g) and np.array_equal(c_c, c_g)                 # t and the dropout: exact
+        np.testing.assert_allclose(xt_g, xt_c, rtol=1e-12, atol=1e-12)              # eps: to a few float64 ulps
+    np.testing.assert_allclose(loss_gpu, loss_cpu, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, (1e-9, 1e-10)), (np.float32, (1e-4, 1e-4))])
+def test_gpu_sampler_images_equal_cpu(cp, dtype, tol):
+    """The same weights and seed: DDPM (noise every step) and DDIM with eta = 1 give the same images
+    on CPU and GPU, x_T and every z drawn by Philox on each device."""
+    from test_cuda import assert_close, context_unet_pair
+    from tinydiff.samplers import ddim_sample, ddpm_sample
+    model_cpu, model_gpu, schedule = context_unet_pair()
+    model_cpu, model_gpu = model_cpu.to(dtype).eval(), model_gpu.to(dtype).eval()
+    context = np.eye(5)[[2, 0, 4]].astype(dtype)
+    for name, sample in (("ddpm", lambda m, c, d: ddpm_sample(m, schedule, (3, 3, 8, 8), c, seed=4, device=d, dtype=dtype)),
+                         ("ddim", lambda m, c, d: ddim_sample(m, schedule, (3, 3, 8, 8), c, steps=10, eta=1.0, seed=4,
+                                                              device=d, dtype=dtype))):
+        images = [backend.to_device(sample(m, backend.to_device(context, d), d), "cpu")
+                  for m, d in ((model_cpu, "cpu"), (model_gpu, "cuda"))]
+        assert_close(images[1], images[0], dtype, f"{name} images, GPU against CPU", tol)
+
+
+def test_gpu_training_stopped_and_resumed_equals_uninterrupted(cp, tmp_path):
+    """tinydiff train --device cuda: 4 steps, then --resume to 8, ends bit for bit where 8 steps in one go do."""
+    from test_cli import TINY, assert_same_run, run
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ["--device", "cuda", "--lr-schedule", "constant", *TINY]
+    assert run("train", "--out", full, "--steps", 8, *flags) == 0
+    assert run("train", "--out", part, "--steps", 4, *flags) == 0
+    assert run("train", "--out", part, "--steps", 8, "--resume", "--quiet") == 0
+    assert_same_run(full, part)
+
+
+# --- the Embedding's backward without atomic adds ----------------------------------------------
+
+SCATTER_CASES = [((7, 5), lambda rng: (rng.integers(0, 7, 300),)),                    # an embedding's rows
+                 ((7, 5), lambda rng: rng.integers(0, 7, (4, 6))),                     # a 2-D index
+                 ((1, 3), lambda rng: np.zeros(9, np.int64)),                          # one row, nine times
+                 ((6, 4, 3), lambda rng: (rng.integers(0, 6, 10), slice(None), rng.integers(0, 3, 10))),
+                 ((5,), lambda rng: rng.integers(0, 5, 0)),                            # nothing to add
+                 ((8, 3), lambda rng: (np.arange(8)[::-1],))]                          # no repeats
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(SCATTER_CASES)))
+def test_scatter_add_in_order_is_np_add_at(case, dtype):
+    """The GPU's scatter, run here on NumPy arrays, against its reference np.add.at: bit for bit
+    (values of mixed magnitudes, so that another order of the additions would round otherwise)."""
+    shape, make_index = SCATTER_CASES[case]
+    rng = np.random.default_rng(case)
+    index = make_index(rng)
+    target = rng.standard_normal(shape).astype(dtype)
+    values = (rng.standard_normal(target[index].shape) * 10.0 ** rng.integers(-3, 4, target[index].shape)).astype(dtype)
+    want, got = target.copy(), target.copy()
+    np.add.at(want, index, values)
+    backend.scatter_add_in_order(got, index, values)
+    assert np.array_equal(got, want)
+
+
+def test_scatter_add_in_order_refuses_a_strided_target():
+    with pytest.raises(ValueError, match="C-contiguous"):
+        backend.scatter_add_in_order(np.zeros((4, 4))[:, ::2], (np.array([0, 0]),), np.ones((2, 2)))
+
+
+def test_gpu_embedding_backward_is_deterministic(cp):
+    """The gradient of F.embedding on the GPU: twice the same bits, and the CPU's (np.add.at's) bits."""
+    from tinydiff import F
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 10, 4096)                              # ~400 repeats of each row
+    dout = (rng.standard_normal((4096, 32)) * 10.0 ** rng.integers(-3, 4, (4096, 32))).astype(np.float32)
+    grads = []
+    for device in ("cuda", "cuda", "cpu"):
+        weight = tinydiff.Tensor(backend.to_device(np.zeros((10, 32), np.float32), device), requires_grad=True)
+        out = F.embedding(backend.to_device(idx, device), weight)
+        (out * tinydiff.Tensor(backend.to_device(dout, device))).sum().backward()
+        grads.append(backend.to_device(weight.grad, "cpu"))
+    assert np.array_equal(grads[0], grads[1]), "two GPU runs differ"
+    assert np.array_equal(grads[0], grads[2]), "the GPU's gradient differs from the CPU's"
