@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinydiff
 from tinydiff import backend, kernels
@@ -189,6 +191,17 @@ def test_cuda_bindings_refuse_bad_arguments_before_any_cuda_call():
         mod.philox_normal(KEY, words(0)[:2], 3, np.float32)
     with pytest.raises(TypeError, match="philox_normal: dtype must be float32 or float64"):
         mod.philox_normal(KEY, words(0), 3, np.int32)
+
+
+@given(key=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=2), start=st.integers(0, 2**128 - 2**16),
+       n=st.integers(0, 70), dtype=st.sampled_from([np.float32, np.float64]))
+@settings(max_examples=150, deadline=None)
+def test_cpu_kernels_property(key, start, n, dtype):
+    """Any key, any position, any count: the C++ kernel gives the reference's words and normals."""
+    key, counter = np.array(key, np.uint32), words(start)
+    assert np.array_equal(backend.native.philox_uint32(key, counter, n), kernels.philox_uint32_ref(key, counter, n))
+    got, want = backend.native.philox_normal(key, counter, n, dtype), kernels.philox_normal_ref(key, counter, n, dtype)
+    assert got.dtype == want.dtype and (n == 0 or ulps(got, want).max() <= (1 if dtype == np.float32 else 4))
 
 
 def test_zero_words():

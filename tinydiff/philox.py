@@ -32,6 +32,10 @@ _WORD = 2**32
 _POSITIONS = 2**128          # the stream's length in words
 
 
+def _shape(shape):
+    return tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+
+
 def _words(value, count):
     """A non-negative int as `count` uint32 words, low first."""
     return [(value >> (32 * i)) & (_WORD - 1) for i in range(count)]
@@ -77,13 +81,13 @@ class Philox:
 
     def normal(self, shape, dtype=np.float32, xp=np):
         """Standard normals of `shape` in dtype (float32 or float64), Box-Muller (kernels.py)."""
-        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+        shape = _shape(shape)
         n = int(np.prod(shape))
         return kernels.philox_normal(*self._take(n), n, dtype, xp).reshape(shape)
 
     def random(self, shape, dtype=np.float64, xp=np):
         """Uniforms in [0, 1): float64 x 2^-32, float32 (x >> 8) 2^-24, both exact."""
-        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+        shape = _shape(shape)
         x = self.uint32(int(np.prod(shape)), xp).reshape(shape)
         if np.dtype(dtype) == np.float32:
             return (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
@@ -97,7 +101,7 @@ class Philox:
         span = int(high) - int(low)
         if not 1 <= span <= _WORD:
             raise ValueError(f"Philox.integers: need 1 <= high - low <= 2**32, got [{low}, {high})")
-        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+        shape = _shape(shape)
         x = self.uint32(int(np.prod(shape)), xp).reshape(shape).astype(np.uint64)
         return ((x * np.uint64(span)) >> np.uint64(32)).astype(np.int64) + int(low)
 
