@@ -1,7 +1,7 @@
 """GPU benchmarks: each CUDA kernel version next to cuDNN and CuPy, a training step, DDIM sampling.
 
     python benchmarks/bench_gpu.py                        # everything, batch 256
-    python benchmarks/bench_gpu.py --only conv,steps      # conv | steps | gelu | train | sample
+    python benchmarks/bench_gpu.py --only conv,steps      # conv | steps | gelu | philox | train | sample
     python benchmarks/bench_gpu.py --quick --json out.json
 
 Needs CuPy and a GPU (pip install -e ".[gpu]"), and tinydiff._C_cuda (TINYDIFF_CUDA=1 pip install -e .).
@@ -16,6 +16,7 @@ include the binding's checks, CuPy's allocation of the output and the launch):
           next to the same expression in CuPy (kernels.*_ref) and a device copy's GB/s:
           target 80% of the copy's bandwidth on the large arrays.
   gelu    forward and backward, GB/s, next to CuPy's erf expression.
+  philox  philox_uint32 and philox_normal (tinydiff.philox's noise), GB/s written, next to CuPy's generator.
   train   one ContextUnet training step (loss, backward, Adam) at batch 256, images per second.
   sample  DDIM with 25 steps for 1000 16x16 images: images per second (target: 1000 in < 1 s on an H100).
 """
@@ -34,7 +35,7 @@ from common import markdown_table  # noqa: E402
 import tinydiff  # noqa: E402
 from tinydiff import backend, kernels  # noqa: E402
 
-PARTS = ("conv", "steps", "gelu", "train", "sample")
+PARTS = ("conv", "steps", "gelu", "philox", "train", "sample")
 
 # The ContextUnet's convolutions (n_feat 64, 3 channels, 16x16), as (name, C, H, O, k, stride, padding,
 # transposed); H is the input size. Transposed convs run as conv2d_backward_input (see functional.py).
@@ -215,6 +216,25 @@ def bench_gelu(cp, cuda, shapes, repeat):
     return records
 
 
+def bench_philox(cp, cuda, shapes, repeat):
+    key, counter = np.array([1, 2], np.uint32), np.array([5, 0, 0, 0], np.uint32)
+    rows, records = [], []
+    for shape in shapes:
+        n = int(np.prod(shape))
+        rng = cp.random.default_rng(0)
+        cases = {"philox_uint32": (lambda: cuda.philox_uint32(key, counter, n), None),
+                 "philox_normal": (lambda: cuda.philox_normal(key, counter, n, np.float32),
+                                   lambda: rng.standard_normal(n, dtype=cp.float32))}
+        for name, (ours, cupy_gen) in cases.items():
+            t = device_time(cp, ours, repeat)
+            t_cupy = device_time(cp, cupy_gen, repeat) if cupy_gen else None
+            rows.append([name, n, t * 1e6, 4 * n / t / 1e9, 4 * n / t_cupy / 1e9 if t_cupy else "n/a"])
+            records.append(dict(op=name, n=n, seconds=t, cupy_seconds=t_cupy, bytes=4 * n))
+    print("\n## Philox noise, float32 / uint32\n")
+    print(markdown_table(["op", "n", "us", "GB/s", "CuPy generator GB/s"], rows))
+    return records
+
+
 def course_model():
     """The course's ContextUnet on the GPU, its schedule, or (None, why not)."""
     try:
@@ -294,7 +314,7 @@ def main():
           f"driver {cp.cuda.runtime.driverGetVersion()}, CuPy {cp.__version__}")
     repeat = 5 if args.quick else 20
     results = {"gpu": gpu, "cupy": cp.__version__}
-    if cuda is None and {"conv", "steps", "gelu"} & set(parts):
+    if cuda is None and {"conv", "steps", "gelu", "philox"} & set(parts):
         print(f"\ntinydiff._C_cuda is not built ({backend._cuda_ext_error}): no kernel benchmarks")
         parts = [p for p in parts if p in ("train", "sample")]
     step_shapes = [(args.batch, 3, 16, 16)] + ([] if args.quick else [(1024, 3, 128, 128)])
@@ -304,6 +324,8 @@ def main():
         results["steps"] = bench_steps(cp, cuda, step_shapes, repeat)
     if "gelu" in parts:
         results["gelu"] = bench_gelu(cp, cuda, step_shapes, repeat)
+    if "philox" in parts:
+        results["philox"] = bench_philox(cp, cuda, step_shapes, repeat)
     if "train" in parts:
         results["train"] = bench_train(cp, args.batch, repeat)
     if "sample" in parts:

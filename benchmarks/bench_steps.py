@@ -1,5 +1,5 @@
-"""Fused diffusion steps, GELU, batch norm (alone and with GELU), group norm with SiLU and Adam:
-the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU, batch norm (alone and with GELU), group norm with SiLU, Adam and the
+Philox noise: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -33,6 +33,7 @@ def cases(shape, dtype):
     w, bias_, inv_std = (rng.uniform(0.5, 2.0, shape[1]).astype(dtype) for _ in range(3))   # per channel
     pool_d, pool_idx = _C.max_pool2d_forward(xt, (2, 2), (2, 2), 0)   # a dout and its window offsets
     _, gn_mean, gn_inv_std = _C.group_norm_silu_forward(xt, 2, w, bias_, 1e-5, True)   # (B, 2) each
+    key, counter = np.array([1, 2], np.uint32), np.array([5, 0, 0, 0], np.uint32)   # a Philox state
     out = {
         "q_sample": (3, {"C++": lambda: _C.q_sample(x0, eps, c[0], c[1]),
                          "numpy": lambda: kernels.q_sample_ref(x0, eps, c[0], c[1])}),
@@ -74,6 +75,12 @@ def cases(shape, dtype):
         "group_norm + silu backward": (3, {
             "C++": lambda: _C.group_norm_silu_backward(eps, xt, gn_mean, gn_inv_std, 2, w, bias_, True),
             "numpy": lambda: kernels.group_norm_silu_backward_ref(eps, xt, gn_mean, gn_inv_std, 2, w, bias_, True)}),
+        # the noise (tinydiff.philox): xt.size words (4 bytes each), or as many normals, written once
+        "philox_uint32": (4 / np.dtype(dtype).itemsize, {
+            "C++": lambda: _C.philox_uint32(key, counter, xt.size),
+            "numpy": lambda: kernels.philox_uint32_ref(key, counter, xt.size)}),
+        "philox_normal": (1, {"C++": lambda: _C.philox_normal(key, counter, xt.size, dtype),
+                              "numpy": lambda: kernels.philox_normal_ref(key, counter, xt.size, dtype)}),
     }
     torch = load_torch(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     if torch is not None:
@@ -86,6 +93,7 @@ def cases(shape, dtype):
         out["ddpm_step + CFG"][1]["torch"] = lambda: tc[0] * (t_xt - tc[1] * cfg()) + tc[2] * t_z
         out["ddim_step (clip)"][1]["torch"] = lambda: tc[2] * ddim(t_eps, True) + tc[3] * t_eps + tc[4] * t_z
         out["ddim_step + CFG"][1]["torch"] = lambda: (lambda e: tc[2] * ddim(e, False) + tc[3] * e + tc[4] * t_z)(cfg())
+        out["philox_normal"][1]["torch"] = lambda: torch.randn(shape, dtype=t_xt.dtype)    # PyTorch's Mersenne Twister
         out["gelu forward"][1]["torch"] = lambda: torch.nn.functional.gelu(t_xt)
         out["gelu backward"][1]["torch"] = lambda: torch.ops.aten.gelu_backward(t_eps, t_xt)
         t_w, t_b = torch.from_numpy(w), torch.from_numpy(bias_)

@@ -2,11 +2,12 @@
 // arguments, allocate the outputs and call a kernel with the GIL released; the math is in
 // conv2d_cpu.cpp, diffusion_steps_cpu.cpp, gelu_cpu.cpp, batch_norm_cpu.cpp (batch norm, alone or with GELU),
 // group_norm_cpu.cpp (group norm, alone or with SiLU),
-// max_pool_cpu.cpp and adam_cpu.cpp.
+// max_pool_cpu.cpp, adam_cpu.cpp and philox_cpu.cpp.
 //
 // Every array must be a NumPy float32 or float64 array, C-contiguous, aligned, in native byte
-// order, with the dtype of the first array argument. Anything else raises TypeError or
-// ValueError naming the argument: nothing is cast or copied behind the caller's back.
+// order, with the dtype of the first array argument (max pooling's idx: int64; Philox's key and
+// counter: uint32). Anything else raises TypeError or ValueError naming the argument: nothing is
+// cast or copied behind the caller's back.
 // tinydiff._C_cuda (bind_cuda.cpp) has the same functions with the same arguments.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -19,6 +20,7 @@
 
 #include "gemm_cpu.h"
 #include "kernels_cpu.h"
+#include "philox_args.h"
 
 namespace py = pybind11;
 using td::ConvShape;
@@ -754,6 +756,40 @@ static py::array max_pool2d_backward(const py::object& dout_, const py::object& 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Philox random numbers: key (2,) and counter (4,) uint32 arrays, the generator's whole state
+
+static py::array philox_uint32(const py::object& key_, const py::object& counter_, const py::object& n_) {
+    const char* fn = "philox_uint32";
+    const std::vector<uint32_t> key = philox_args::words(key_, fn, "key", 2);
+    const std::vector<uint32_t> counter = philox_args::words(counter_, fn, "counter", 4);
+    const int64_t n = int_arg(n_, fn, "n", 0);
+    py::array_t<uint32_t> out(n);
+    uint32_t* o = out.mutable_data();
+    py::gil_scoped_release release;
+    td::philox_uint32_cpu(o, key.data(), counter.data(), n);
+    return out;
+}
+
+template <typename T>
+static py::array philox_normal_t(const uint32_t* key, const uint32_t* counter, int64_t n) {
+    py::array_t<T> out(n);
+    T* o = out.mutable_data();
+    py::gil_scoped_release release;
+    td::philox_normal_cpu<T>(o, key, counter, n);
+    return out;
+}
+
+static py::array philox_normal(const py::object& key_, const py::object& counter_, const py::object& n_,
+                               const py::object& dtype) {
+    const char* fn = "philox_normal";
+    const std::vector<uint32_t> key = philox_args::words(key_, fn, "key", 2);
+    const std::vector<uint32_t> counter = philox_args::words(counter_, fn, "counter", 4);
+    const int64_t n = int_arg(n_, fn, "n", 0);
+    return philox_args::is_float32(dtype, fn) ? philox_normal_t<float>(key.data(), counter.data(), n)
+                                              : philox_normal_t<double>(key.data(), counter.data(), n);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 // What this build is: the instruction set it was compiled for, OpenMP or not, the compiler.
 static py::dict build_info() {
@@ -843,6 +879,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("padding"), "x (N,C,H,W) -> (out, idx) (N,C,OH,OW): the maxima and their window offsets u*kw+v");
     m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dout"), py::arg("idx"), py::arg("input_hw"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"), "dout, idx (N,C,OH,OW) -> dx (N,C,H,W)");
+    m.def("philox_uint32", &philox_uint32, py::arg("key"), py::arg("counter"), py::arg("n"),
+          "key (2,), counter (4,) uint32 -> (n,) uint32: the Philox-4x32-10 stream's words counter .. counter + n - 1");
+    m.def("philox_normal", &philox_normal, py::arg("key"), py::arg("counter"), py::arg("n"), py::arg("dtype"),
+          "key (2,), counter (4,) uint32 -> (n,) standard normals in dtype (float32 or float64), Box-Muller");
     m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
           py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
           py::arg("decoupled"), py::arg("step"),

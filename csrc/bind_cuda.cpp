@@ -11,6 +11,8 @@
 //   ddim_step(xt, eps, z, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, dir_coef,
 //             sigma, clip_x0=False, eps_uncond=None, guidance_scale=1.0) -> (x_prev, x0)
 //   gelu_forward(x) -> out,  gelu_backward(dout, x) -> dx
+//   philox_uint32(key, counter, n) -> (n,) uint32,  philox_normal(key, counter, n, dtype) -> (n,)
+//     key (2,) and counter (4,) are host NumPy uint32 arrays (the generator's state, read by value)
 //   device_count(reason=False) -> int, or (int, why_none) with reason=True; 0 without a GPU
 //
 // A binding only unpacks and checks, then calls a launcher (kernels_cuda.h). Before any launch it
@@ -32,6 +34,7 @@
 
 #include "cuda_check.h"
 #include "kernels_cuda.h"
+#include "philox_args.h"
 
 namespace py = pybind11;
 
@@ -502,6 +505,36 @@ py::object gelu_backward(py::object dout_obj, py::object x_obj) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Philox random numbers: the state (key, counter) is read on the host and passed by value
+
+py::object philox_uint32(py::object key_obj, py::object counter_obj, py::object n_obj) {
+    const char* fn = "philox_uint32";
+    std::vector<uint32_t> key = philox_args::words(key_obj, fn, "key", 2);
+    std::vector<uint32_t> counter = philox_args::words(counter_obj, fn, "counter", 4);
+    long long n = int_arg(fn, "n", n_obj, 0);
+    check_device(fn, {});
+    py::object out = cupy_module(fn).attr("empty")(py::make_tuple(n), "uint32");
+    philox_uint32_cuda(data_of<uint32_t>(out), key.data(), counter.data(), n, current_stream(fn));
+    return out;
+}
+
+py::object philox_normal(py::object key_obj, py::object counter_obj, py::object n_obj, py::object dtype_obj) {
+    const char* fn = "philox_normal";
+    std::vector<uint32_t> key = philox_args::words(key_obj, fn, "key", 2);
+    std::vector<uint32_t> counter = philox_args::words(counter_obj, fn, "counter", 4);
+    long long n = int_arg(fn, "n", n_obj, 0);
+    DType dtype = philox_args::is_float32(dtype_obj, fn) ? DType::float32 : DType::float64;
+    check_device(fn, {});
+    py::object out = new_array(fn, {n}, dtype);
+    cudaStream_t stream = current_stream(fn);
+    dispatch(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        philox_normal_cuda<T>(data_of<T>(out), key.data(), counter.data(), n, stream);
+    });
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // How many GPUs the CUDA runtime sees: 0 (and why) without a driver or a device; never raises.
 
 py::object device_count(bool reason) {
@@ -550,6 +583,10 @@ PYBIND11_MODULE(_C_cuda, m) {
     m.def("gelu_forward", &gelu_forward, "gelu(x) = 0.5 x (1 + erf(x / sqrt 2))", py::arg("x"));
     m.def("gelu_backward", &gelu_backward, "dx = dout (Phi(x) + x phi(x))", py::arg("dout"), py::arg("x"));
 
+    m.def("philox_uint32", &philox_uint32, "key (2,), counter (4,) host uint32 -> (n,) uint32 on the GPU: the Philox-4x32-10 stream",
+          py::arg("key"), py::arg("counter"), py::arg("n"));
+    m.def("philox_normal", &philox_normal, "key (2,), counter (4,) host uint32 -> (n,) standard normals on the GPU, Box-Muller",
+          py::arg("key"), py::arg("counter"), py::arg("n"), py::arg("dtype"));
     m.def("device_count", &device_count,
           "GPUs the CUDA runtime sees (0 without a driver or device); with reason=True, (count, why_none)",
           py::arg("reason") = false);

@@ -169,4 +169,14 @@ void max_pool2d_forward_cpu(T* out, int64_t* idx, const T* x, const PoolShape& s
 template <typename T>
 void max_pool2d_backward_cpu(T* dx, const T* dout, const int64_t* idx, const PoolShape& s);
 
+// ---------------------------------------------------------------------------------------------
+// philox_cpu.cpp: n consecutive words of the Philox-4x32-10 stream of key (2,), from the 128-bit
+// word position counter (4,), low word first (philox_math.h)
+
+// out (n,) <- the words themselves
+void philox_uint32_cpu(uint32_t* out, const uint32_t key[2], const uint32_t counter[4], int64_t n);
+// out (n,) <- standard normals, Box-Muller on the word pairs (2i, 2i + 1), computed in double
+template <typename T>
+void philox_normal_cpu(T* out, const uint32_t key[2], const uint32_t counter[4], int64_t n);
+
 }  // namespace td

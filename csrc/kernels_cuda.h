@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include <vector>
 #include <string>
 
@@ -74,3 +76,14 @@ void gelu_forward_cuda(T* out, const T* x, long long n, cudaStream_t stream);
 
 template <typename T>
 void gelu_backward_cuda(T* dx, const T* dout, const T* x, long long n, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// philox.cu: n consecutive words of the Philox-4x32-10 stream of key (2,), from the 128-bit word
+// position counter (4,), low word first (philox_math.h); key and counter are host memory.
+
+// out (n,) <- the words themselves
+void philox_uint32_cuda(uint32_t* out, const uint32_t key[2], const uint32_t counter[4], long long n, cudaStream_t stream);
+
+// out (n,) <- standard normals, Box-Muller on the word pairs (2i, 2i + 1), computed in double
+template <typename T>
+void philox_normal_cuda(T* out, const uint32_t key[2], const uint32_t counter[4], long long n, cudaStream_t stream);

@@ -3,7 +3,8 @@
 # commands; about 5 minutes on 2 cores).
 #
 #   scripts/sanitize.sh                 # the kernel tests, the bad-input tests, the hypothesis
-#                                       # binding tests, and the CUDA emulator, all sanitized
+#                                       # binding tests, the CUDA emulator and the Philox kernels,
+#                                       # all sanitized
 #   scripts/sanitize.sh -k gelu         # extra arguments go to pytest
 #
 # How: the tree (tracked and untracked, not ignored files) is copied to a temporary folder, and
@@ -71,6 +72,9 @@ else
     # the CUDA kernels on the emulator (the GPU tests skip here, and _C_cuda is not built); the
     # 70000-sample grids (65535 blocks, 10 s each without sanitizers) are left to the plain suite
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "(emulated or split_k) and not 70000" || status=$?
+    # the Philox kernels, C++ and emulated CUDA (not the million-draw statistics, nor _C_cuda's bindings)
+    python -m pytest -q -p no:cacheprovider tests/test_philox.py -k "not statistics and not million and not cuda_bindings" \
+        || status=$?
 fi
 # a report is a line "ERROR: AddressSanitizer: ..." or "...: runtime error: ..." (UBSan);
 # ASan's warning that it does not fully support swapcontext is not one (see emulator.h)

@@ -19,7 +19,7 @@ def small_net(channels=3):
 
 
 def train(model, opt, ema, start, n, total=12):
-    """Denoising steps whose data, noise and dropout masks all come from backend.generator."""
+    """Denoising steps: data and noise from backend.generator, dropout masks from tinydiff.philox (both saved)."""
     for step in range(start, start + n):
         rng = backend.generator("cpu")
         opt.lr = cosine_with_warmup(step, total, 1e-2, warmup=2)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tinydiff import cli, checkpoint, runs
+from tinydiff.philox import Philox
 from tinydiff.samplers import DEFAULT_SAMPLING
 from tinydiff import train as training
 
@@ -158,7 +159,7 @@ def test_sample_with_an_ode_solver(tmp_path, reference, capsys, sampler, nfe):
     sample = {"heun": samplers.heun_sample, "dpm++2m": samplers.dpm_solver_sample, "euler": samplers.euler_sample}[sampler]
     with no_grad():
         x = sample(model, schedule, images.shape, model.context(np.array([2, 5])), steps=3, guidance_scale=2.0,
-                   generator=np.random.default_rng(0), objective=cfg["objective"])
+                   generator=Philox(0), objective=cfg["objective"])
     np.testing.assert_allclose(images, np.clip((x + 1) / 2, 0, 1), atol=1e-6)
 
 
@@ -180,7 +181,7 @@ def test_unet_trains_and_samples(tmp_path):
     schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     with no_grad():
         x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=DEFAULT_SAMPLING["eta"],
-                            generator=np.random.default_rng(0),
+                            generator=Philox(0),
                             objective=cfg["objective"], guidance_scale=s) for s in (3.0, 1.0)}
     np.testing.assert_allclose(images, np.clip((x[3.0] + 1) / 2, 0, 1), atol=1e-6)
     assert np.abs(np.clip((x[1.0] + 1) / 2, 0, 1) - images).max() > 1e-3

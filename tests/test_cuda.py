@@ -36,7 +36,8 @@ EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda_emulator")
 
 # The kernel functions of tinydiff._C, which tinydiff._C_cuda must have too (kernels.py calls them by name)
 KERNEL_API = ("conv2d_versions", "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
-              "q_sample", "ddpm_step", "ddim_step", "gelu_forward", "gelu_backward")
+              "q_sample", "ddpm_step", "ddim_step", "gelu_forward", "gelu_backward", "philox_uint32",
+              "philox_normal")
 
 DTYPES = (np.float32, np.float64)
 TOL = {np.float32: (1e-4, 1e-4), np.float64: (1e-11, 1e-11)}   # (rtol, atol) against float64 math
@@ -407,6 +408,24 @@ class EmulatedKernels:
         ins, dx = [self._in(dout), self._in(x)], self._out(x.shape, x.dtype)
         self.lib.emu_gelu_backward(self._f(x), self._ptr(dx), *map(self._ptr, ins), ctypes.c_longlong(x.size))
         return self._result(dx, x.shape)
+
+    @staticmethod
+    def _words(a, size):
+        a = np.ascontiguousarray(a, dtype=np.uint32)
+        assert a.shape == (size,), a.shape
+        return a, a.ctypes.data_as(ctypes.c_void_p)
+
+    def philox_uint32(self, key, counter, n):
+        (key, kp), (counter, cp_) = self._words(key, 2), self._words(counter, 4)
+        out = self._out((n,), np.float32)            # a float32 buffer (NaN fill, sentinels) seen as uint32
+        self.lib.emu_philox_uint32(self._ptr(out), kp, cp_, ctypes.c_longlong(n))
+        return self._result(out, (n,)).view(np.uint32)
+
+    def philox_normal(self, key, counter, n, dtype):
+        (key, kp), (counter, cp_) = self._words(key, 2), self._words(counter, 4)
+        out = self._out((n,), dtype)
+        self.lib.emu_philox_normal(self._f(out), self._ptr(out), kp, cp_, ctypes.c_longlong(n))
+        return self._result(out, (n,))
 
 
 def build_emulator(folder):

@@ -20,7 +20,7 @@ LAYERS = [
     ("_C", "_C_cuda"),               # the compiled kernels (csrc/, built by setup.py)
     ("backend",),                    # NumPy or CuPy, which kernels
     ("shape_ops", "kernels"),        # shape/index ops of the autograd; NumPy references of csrc/
-    ("tensor",),                     # Tensor, backward, no_grad, elementwise/reduce/matmul
+    ("tensor", "philox"),            # Tensor, backward, no_grad, elementwise/reduce/matmul; the noise generator
     ("arrays",),                     # the one way to put a value on a device
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
     ("nn", "tokenizer"),             # the layers as Modules; prompts -> token ids

@@ -36,6 +36,9 @@ POOL_DOUT, POOL_IDX = RNG.standard_normal((2, 3, 3, 2)), RNG.integers(0, 4, (2, 
 ADAM = [[RNG.standard_normal(shape) for shape in [(3, 2), (5,)]] for _ in range(3)] + \
        [[RNG.uniform(0.1, 1.0, shape) for shape in [(3, 2), (5,)]]]     # params, grads, exp_avgs, exp_avg_sqs
 
+PHILOX_KEY = np.array([0x243F6A88, 0x85A308D3], np.uint32)
+PHILOX_COUNTER = np.array([0xFFFFFFFD, 7, 0, 0], np.uint32)   # 2 words before the low word wraps
+
 # binding -> (its NumPy reference in tinydiff/kernels.py, its benchmark in benchmarks/,
 #             valid float64 arguments: the reference gets the same ones)
 KERNELS = {
@@ -62,6 +65,8 @@ KERNELS = {
     "max_pool2d_backward": ("max_pool2d_backward_ref", "bench_steps.py",
                             (POOL_DOUT, POOL_IDX, (6, 5), (2, 2), (2, 2), 0)),
     "adam_step": ("adam_step_ref", "bench_steps.py", (*ADAM, 1e-3, 0.9, 0.999, 1e-8, 0.01, False, 3)),
+    "philox_uint32": ("philox_uint32_ref", "bench_steps.py", (PHILOX_KEY, PHILOX_COUNTER, 7)),
+    "philox_normal": ("philox_normal_ref", "bench_steps.py", (PHILOX_KEY, PHILOX_COUNTER, 7, np.float64)),
 }
 # Kernels that update lists of arrays in place (and return None); the reference returns new lists
 IN_PLACE = {"adam_step": (0, 2, 3)}          # the positions of the lists they write

@@ -10,6 +10,7 @@ import pytest
 from tinydiff import backend
 from tinydiff.classifier import NoisyClassifier, accuracy, train_noisy_classifier
 from tinydiff.diffusion import NoiseSchedule
+from tinydiff.philox import Philox
 from tinydiff.samplers import SPACINGS, classifier_grad, ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
 from tinydiff.tensor import Tensor
 
@@ -170,12 +171,12 @@ def test_ddpm_matches_algorithm_2_written_out(variance):
     s = NoiseSchedule("linear", timesteps=30)
     shape = (5, 1, 3, 3)
     got = ddpm_sample(GaussianOracle(s), s, shape, seed=7, variance=variance)
-    rng = np.random.default_rng(7)                                   # the same draws, in the same order
-    x = rng.standard_normal(shape, dtype=np.float32).astype(np.float64)
+    rng = Philox(7)                                                  # the same draws, in the same order
+    x = rng.normal(shape, np.float32).astype(np.float64)
     b, a, ab = s.f64["beta"], s.f64["alpha"], s.f64["alpha_bar"]
     for t in range(29, -1, -1):
         eps = np.sqrt(1 - ab[t]) * x
-        z = rng.standard_normal(shape, dtype=np.float32) if t > 0 else 0.0
+        z = rng.normal(shape, np.float32) if t > 0 else 0.0
         var = b[t] * (1 - (ab[t - 1] if t else 1.0)) / (1 - ab[t]) if variance == "small" else b[t]
         x = (x - b[t] / np.sqrt(1 - ab[t]) * eps) / np.sqrt(a[t]) + np.sqrt(var) * z
     assert np.abs(got - x).max() < 1e-4
@@ -188,15 +189,15 @@ def test_ddim_matches_eq_12_written_out_with_trailing_steps():
     got = ddim_sample(model, s, shape, steps=6, eta=eta, spacing="trailing", seed=3)
     pairs = [(19, 16), (16, 12), (12, 9), (9, 6), (6, 2), (2, -1)]   # round(20 - 20k/6) - 1, by hand
     assert [int(c[0]) for c in model.calls] == [p[0] for p in pairs]
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(np.float64)
+    rng = Philox(3)
+    x = rng.normal(shape, np.float32).astype(np.float64)
     ab_all = s.f64["alpha_bar"]
     for t, p in pairs:
         ab, ab_prev = ab_all[t], (ab_all[p] if p >= 0 else 1.0)
         eps = np.sqrt(1 - ab) * x
         sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))      # DDIM eq. 16
         x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
-        z = rng.standard_normal(shape, dtype=np.float32) if sigma > 0 else 0.0
+        z = rng.normal(shape, np.float32) if sigma > 0 else 0.0
         x = np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * z   # DDIM eq. 12
     assert np.abs(got - x).max() < 1e-4
 
@@ -309,7 +310,7 @@ def test_trajectory_every_k_steps():
     assert len(traj) == 1 + 3 + 1 and traj[-1] is x             # x_T, after steps 6, 12, 18, and x_0
     x, traj = ddim_sample(GaussianOracle(s), s, (2, 1, 2, 2), steps=10, seed=0, return_trajectory_every=5)
     assert len(traj) == 3 and traj[-1] is x and traj[0].shape == x.shape
-    x_T = np.random.default_rng(0).standard_normal((2, 1, 2, 2), dtype=np.float32)
+    x_T = Philox(0).normal((2, 1, 2, 2), np.float32)                # seed=0: the first draw of Philox(0)
     assert np.array_equal(traj[0], x_T)
 
 
@@ -432,8 +433,8 @@ def test_classifier_guidance_step_by_hand(sampler):
     model, clf, y = MixtureOracle(s, points), BayesClassifier(s, points), np.array([1, 0])
     kw = dict(classifier=clf, classifier_scale=scale, classifier_labels=y, seed=8)
     got = ddpm_sample(model, s, shape, **kw) if sampler == "ddpm" else ddim_sample(model, s, shape, steps=4, eta=0.5, **kw)
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal(shape, dtype=np.float32)
+    rng = Philox(8)
+    x = rng.normal(shape, np.float32)
     b, a, ab_all, var_all = s.f64["beta"], s.f64["alpha"], s.f64["alpha_bar"], s.f64["posterior_variance"]
     for t in range(3, -1, -1):
         tt = np.full(2, t)
@@ -441,14 +442,14 @@ def test_classifier_guidance_step_by_hand(sampler):
         g = classifier_grad(clf, s, x, tt, y).astype(np.float64)
         if sampler == "ddpm":
             mean = (x - b[t] / np.sqrt(1 - ab_all[t]) * eps) / np.sqrt(a[t]) + scale * var_all[t] * g
-            z = rng.standard_normal(shape, dtype=np.float32) if t > 0 else 0.0
+            z = rng.normal(shape, np.float32) if t > 0 else 0.0
             x = (mean + np.sqrt(var_all[t]) * z).astype(np.float32)
         else:
             ab, ab_prev = ab_all[t], (ab_all[t - 1] if t else 1.0)
             eps = eps - np.sqrt(1 - ab) * scale * g
             sigma = 0.5 * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
             x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
-            z = rng.standard_normal(shape, dtype=np.float32) if sigma > 0 else 0.0
+            z = rng.normal(shape, np.float32) if sigma > 0 else 0.0
             x = (np.sqrt(ab_prev) * x0 + np.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * z).astype(np.float32)
     assert np.abs(got - x).max() < 1e-4
 

@@ -73,19 +73,46 @@ def to_device(array, device):
 
 
 def scatter_add(target, index, values):
-    """target[index] += values, adding repeated indices (np.add.at; cupy.add.at on the GPU)."""
+    """target[index] += values, adding repeated indices in the order they come: np.add.at on the
+    CPU, scatter_add_in_order on the GPU (cupy.add.at's atomic adds would sum them in any order)."""
     if is_cupy_array(target):
-        if hasattr(_cupy.add, "at"):          # CuPy >= 13; cupyx.scatter_add is deprecated there
-            _cupy.add.at(target, index, values)
-        else:
-            import cupyx
-            cupyx.scatter_add(target, index, values)
+        scatter_add_in_order(target, index, values)
     else:
         np.add.at(target, index, values)
 
 
+def scatter_add_in_order(target, index, values):
+    """np.add.at(target, index, values), bit for bit, on either array module, without atomics.
+
+    Each value's place in target (flat) is pos; a stable sort groups equal places, keeping their
+    order, and gives each value its rank r among those before it at its place. Round r adds the
+    values of rank r: their places are distinct, so `target[places] += values` sees no collision,
+    and every place sums its values first to last, as np.add.at does. Rounds: the largest count
+    of one place (for an embedding's gradient, the most frequent index).
+    """
+    xp = get_array_module(target)
+    if not target.flags.c_contiguous:
+        raise ValueError("scatter_add_in_order: target must be C-contiguous (it is written through a flat view)")
+    places = xp.arange(target.size, dtype=np.int64).reshape(target.shape)[index]    # each value's place
+    vals = xp.broadcast_to(xp.asarray(values, dtype=target.dtype), places.shape).reshape(-1)
+    pos, flat = places.reshape(-1), target.reshape(-1)
+    if pos.size == 0:
+        return
+    if target.size * pos.size >= 2**63:
+        raise ValueError(f"scatter_add_in_order: {pos.size} values into {target.size} places is too many to sort")
+    order = xp.argsort(pos * pos.size + xp.arange(pos.size, dtype=np.int64))   # unique keys: a stable order
+    pos, vals = pos[order], vals[order]
+    first = xp.concatenate([xp.ones(1, dtype=bool), pos[1:] != pos[:-1]])       # where each place's run starts
+    run_start = xp.flatnonzero(first)[xp.cumsum(first) - 1]                     # (n,) the start of my run
+    rank = xp.arange(pos.size) - run_start
+    for r in range(int(rank.max()) + 1):
+        pick = rank == r
+        flat[pos[pick]] += vals[pick]
+
+
 # ---------------------------------------------------------------------------------------------
-# Random numbers: one seeded generator per device, so the same seed gives the same run.
+# Random numbers: one seeded generator per device, so the same seed gives the same run. NumPy's
+# draws the initial weights; the noise of training and sampling comes from tinydiff.philox.
 
 _generators = {}
 _seed = None          # the last manual_seed, for a GPU generator made after it
@@ -107,6 +134,14 @@ def generator(device="cpu"):
         _generators[device] = (np.random.default_rng(_seed) if device == "cpu"
                                else cupy_module().random.default_rng(_seed))
     return _generators[device]
+
+
+def seeded_generator(name, make):
+    """The generator `name`, kept beside the per-device ones: make(seed) builds it on first use
+    after manual_seed (seed None before any). tinydiff.philox keeps the noise generator here."""
+    if name not in _generators:
+        _generators[name] = make(_seed)
+    return _generators[name]
 
 
 def get_rng_state():

@@ -21,8 +21,9 @@ Training state, a run folder:
         model.safetensors          model weights (as save_weights)
         ema.safetensors            EMA weights under the same keys (when an EMA is given)
         train_state.safetensors    the arrays of the training state (optimizer moments)
-        train_state.json           the rest: step, model config, the CPU generator state
-                                   (backend.get_rng_state), optimizer hyper-parameters and step
+        train_state.json           the rest: step, model config, the generators' states (NumPy's,
+                                   backend.get_rng_state, and the noise generator's key and counter,
+                                   philox.get_state), optimizer hyper-parameters and step
                                    counts, EMA decay, `extra` (epoch, scheduler step, data-loader
                                    position, ...); an array appears as {"__tensor__": key}
 
@@ -34,7 +35,8 @@ Training state, a run folder:
   a crash at any moment leaves the previous checkpoint complete and named by the manifest.
   Folders the manifest does not name (a crashed save, or older than `keep`) are removed by the
   next save. Loading recomputes each file's sha256 and refuses one that changed or is missing.
-  The CUDA generator's state is not saved: exact resumption is guaranteed on the CPU.
+  The noise of training (and dropout) comes from tinydiff.philox on every device, and its state
+  is saved, so resumption is exact on the GPU as on the CPU.
   A write that fails (a full disk, an I/O error) raises WriteError naming the file and the error;
   the half-written folder is removed and the previous checkpoint stays the current one.
 
@@ -59,7 +61,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from tinydiff import backend, module
+from tinydiff import backend, module, philox
 from tinydiff.arrays import as_array
 from tinydiff.tensor import Tensor
 
@@ -247,7 +249,7 @@ def save_checkpoint(run_dir, model, optimizer, step, ema=None, extra=None, confi
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     arrays = {}      # everything is serialised first: a value JSON cannot hold fails before any write
-    state = {"step": step, "config": config, "rng": backend.get_rng_state(),
+    state = {"step": step, "config": config, "rng": backend.get_rng_state(), "noise": philox.get_state(),
              "optimizer": _split(optimizer.state_dict(), "optimizer", arrays) if optimizer else None,
              "ema_decay": ema.decay if ema is not None else None,
              "extra": _split(extra, "extra", arrays)}
@@ -363,8 +365,8 @@ def _no_readers(run_dir):
 def load_checkpoint(run_dir, model=None, optimizer=None, ema=None, step=None, restore_rng=True):
     """Restore the newest checkpoint (or the kept one at `step`) into the given objects.
 
-    Returns {"step", "config", "extra", "dir"}. With a model, also restores the CPU generator
-    (unless restore_rng=False); without one, only reads (e.g. the config to build the model).
+    Returns {"step", "config", "extra", "dir"}. With a model, also restores the generators, NumPy's
+    and the noise generator (unless restore_rng=False); without one, only reads (e.g. the config).
     """
     with reading(run_dir):     # the folder stays while we read it, even if a trainer saves meanwhile
         return _load_checkpoint(run_dir, model, optimizer, ema, step, restore_rng)
@@ -418,4 +420,6 @@ def _load_checkpoint(run_dir, model, optimizer, ema, step, restore_rng):
         ema.decay = state["ema_decay"]
     if model is not None and restore_rng:
         backend.set_rng_state(state["rng"])
+        if "noise" in state:                # absent from checkpoints older than tinydiff.philox
+            philox.set_state(state["noise"])
     return {"step": state["step"], "config": state["config"], "extra": state["extra"], "dir": folder}

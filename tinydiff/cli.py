@@ -23,6 +23,7 @@ import numpy as np
 from tinydiff import backend, config, data, pictures, runs
 from tinydiff import train as training
 from tinydiff.checkpoint import CheckpointError, write_atomic
+from tinydiff.philox import Philox
 from tinydiff.samplers import DEFAULT_SAMPLING, SAMPLERS
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +207,7 @@ def sample_command(parser, args):
     eta = DEFAULT_SAMPLING["eta"] if args.eta is None else args.eta           # ddim's
     spacing = args.spacing or DEFAULT_SAMPLING["spacing"]
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
-    rng = (np.random.default_rng(args.seed) if args.device == "cpu"
-           else backend.cupy_module().random.default_rng(args.seed))
+    rng = Philox(args.seed)                     # one stream over the chunks; the same images on CPU and GPU
     print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}-{steps}"
           f"{f' eta {eta}' if args.sampler == 'ddim' else ''}, guidance {args.guidance}, "
           f"{nfe(args.sampler, steps, args.guidance != 1)} network evaluations (NFE) per image, from {args.checkpoint}")

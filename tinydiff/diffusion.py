@@ -35,7 +35,7 @@ API
 """
 import numpy as np
 
-from tinydiff import backend, kernels
+from tinydiff import backend, kernels, philox
 from tinydiff import functional as F
 from tinydiff.arrays import as_array
 from tinydiff.tensor import Tensor
@@ -254,7 +254,9 @@ def training_loss(model, schedule, x0, context=None, objective="eps", generator=
 
     x0 (B, C, H, W) array or Tensor of data in [-1, 1]; context: (B, ...) or None.
     objective: the model's target, "eps" (DDPM's and the course's), "x0", or "v" (Salimans & Ho).
-    t and eps are drawn from `generator` (default: backend.generator(device)) unless given.
+    t, eps and the context-dropout draws come from `generator`, a tinydiff.philox.Philox (default:
+    philox.default_generator(), seeded by manual_seed), on x0's device, unless given: the same
+    seed gives the same noise on the CPU and the GPU.
     context_drop: the probability of replacing a sample's context by model.null_context
     (classifier-free guidance training, Ho & Salimans Alg. 1; the course masks 10%).
     Returns a scalar Tensor; the gradient flows into the model's parameters only.
@@ -263,16 +265,16 @@ def training_loss(model, schedule, x0, context=None, objective="eps", generator=
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     x0 = x0.data if isinstance(x0, Tensor) else x0
     xp, b = backend.get_array_module(x0), x0.shape[0]
-    rng = generator if generator is not None else backend.generator(backend.device_of(x0))
+    rng = philox.check_generator(generator)
     if t is None:
-        t = rng.integers(0, schedule.T, size=b)                     # DDPM Alg. 1, line 3 (0-indexed)
+        t = rng.integers(0, schedule.T, (b,), xp)                   # DDPM Alg. 1, line 3 (0-indexed)
     t = schedule.timesteps_like(t, x0)
     if eps is None:
-        eps = rng.standard_normal(x0.shape, dtype=x0.dtype)         # DDPM Alg. 1, line 4
+        eps = rng.normal(x0.shape, x0.dtype, xp)                    # DDPM Alg. 1, line 4
     xt = schedule.q_sample(x0, t, eps)                              # DDPM eq. 4
     if context is not None and context_drop > 0:
         context = as_array(context, backend.device_of(x0))
-        drop = xp.asarray(rng.random(b) < context_drop).reshape((b,) + (1,) * (context.ndim - 1))
+        drop = (rng.random((b,), np.float64, xp) < context_drop).reshape((b,) + (1,) * (context.ndim - 1))
         context = xp.where(drop, null_context(model, b, x0), context)
     prediction = model(Tensor(xt), model_time(model, schedule, t, x0),
                        None if context is None else Tensor(as_array(context, backend.device_of(x0))))

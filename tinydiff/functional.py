@@ -8,7 +8,7 @@ to the graph by `_from_pair`. Layouts are PyTorch's: NCHW images, conv weight
 """
 import math
 
-from tinydiff import backend, kernels
+from tinydiff import backend, kernels, philox
 from tinydiff.tensor import Tensor, cat, is_grad_enabled, stack, where  # noqa: F401  (re-exported for F.cat etc.)
 
 
@@ -542,8 +542,8 @@ def dropout(input, p=0.5, training=True):
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return input
-    keep = backend.generator(input.device).random(input.shape) >= p
-    return input * Tensor(input.xp.asarray(keep, dtype=input.dtype) * input.dtype.type(1 / (1 - p)))
+    keep = philox.default_generator().random(input.shape, "float64", input.xp) >= p   # the same masks on CPU and GPU
+    return input * Tensor(keep.astype(input.dtype) * input.dtype.type(1 / (1 - p)))
 
 
 def embedding(input, weight):

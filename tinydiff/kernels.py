@@ -598,3 +598,96 @@ def max_pool2d_backward(dout, idx, input_hw, kernel_hw, stride, padding):
         dout, idx = _contiguous(dout, idx)
         return kernel(dout, idx, tuple(input_hw), tuple(kernel_hw), tuple(stride), padding)
     return max_pool2d_backward_ref(dout, idx, input_hw, kernel_hw, stride, padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox-4x32-10 random numbers (Salmon, Moraes, Dror & Shaw 2011, "Parallel random numbers: as
+# easy as 1, 2, 3", SC'11, Sec. 4.2; csrc/philox_math.h, philox_cpu.cpp, philox.cu). A 128-bit
+# counter c and a 64-bit key k give 128 random bits, ten rounds of
+#     (hi0, lo0) = M0 c0,  (hi1, lo1) = M1 c2   (32 x 32 -> 64-bit products)
+#     c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0),  the key bumped by (W0, W1) before rounds 2..10.
+# The stream of key k: word j (a 128-bit position) is lane j % 4 of block j // 4. A draw of n
+# words from position `counter` is words counter .. counter + n - 1, so drawing n then m words is
+# drawing n + m. Floats from words x (tinydiff.philox.Philox):
+#     uniform [0, 1):  float64 x 2^-32,  float32 (x >> 8) 2^-24                     (exact)
+#     normal (Box & Muller 1958), from the pair (x0, x1) at positions 2i, 2i + 1, in float64:
+#         u1 = (x0 + 1) 2^-32 in (0, 1],  u2 = x1 2^-32,  r = sqrt(-2 log u1),  theta = 2 pi u2
+#         z_2i = r cos theta,  z_2i+1 = r sin theta;  a float32 normal is the float64 one rounded
+# The integer and uniform maps are exact, so they agree bit for bit everywhere. log, cos and sin
+# are the platform's (NumPy's, libm's, CUDA's): float64 normals agree to a few ulps, and float32
+# normals, rounded from them, to one float32 ulp (in practice bit for bit; tests/test_philox.py).
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)    # the round multipliers
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)    # the Weyl key increments
+_LOW32 = 0xFFFFFFFF
+
+
+def philox_block_ref(counter, key, rounds=10):
+    """Philox-4x32-R of counters (N, 4) and key (2,), uint32 (any array module) -> (N, 4) uint32."""
+    xp = _xp(counter)
+    c = [counter[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = int(key[0]), int(key[1])
+    for r in range(rounds):
+        if r > 0:                                           # the key schedule, a Weyl sequence
+            k0, k1 = (k0 + PHILOX_W[0]) & _LOW32, (k1 + PHILOX_W[1]) & _LOW32
+        p0, p1 = c[0] * np.uint64(PHILOX_M[0]), c[2] * np.uint64(PHILOX_M[1])   # < 2^64: exact
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & np.uint64(_LOW32),
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & np.uint64(_LOW32)]
+    return xp.stack(c, axis=1).astype(np.uint32)
+
+
+def _position(counter):
+    """The four uint32 words of a stream position, low first, as a Python int."""
+    return sum(int(w) << (32 * i) for i, w in enumerate(counter))
+
+
+def _philox_blocks(key, counter, n, xp):
+    """The stream's words counter .. counter + n - 1, as the blocks that hold them: returns
+    (words (blocks * 4,) uint32, skip) with the draw at words[skip:skip + n]."""
+    start = _position(counter)
+    first, skip = start >> 2, start & 3
+    blocks = (skip + n + 3) // 4
+    j = xp.arange(blocks, dtype=np.uint64)
+    lo = xp.uint64(first & (2**64 - 1)) + j                  # block first + j, as 64-bit halves
+    hi = xp.uint64(first >> 64) + (lo < xp.uint64(first & (2**64 - 1))).astype(np.uint64)   # the carry
+    mask = np.uint64(_LOW32)
+    ctr = xp.stack([lo & mask, lo >> np.uint64(32), hi & mask, hi >> np.uint64(32)], axis=1).astype(np.uint32)
+    return philox_block_ref(ctr, np.asarray(key, dtype=np.uint32)).reshape(-1), skip
+
+
+def philox_uint32_ref(key, counter, n, xp=np):
+    """key (2,), counter (4,) uint32 -> (n,) uint32: the words counter .. counter + n - 1 of the stream."""
+    words, skip = _philox_blocks(key, counter, n, xp)
+    return words[skip:skip + n]
+
+
+def philox_normal_ref(key, counter, n, dtype, xp=np):
+    """key (2,), counter (4,) uint32 -> (n,) standard normals in dtype: Box-Muller on word pairs."""
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise TypeError(f"philox_normal: dtype must be float32 or float64, got {np.dtype(dtype)}")
+    words, skip = _philox_blocks(key, counter, n, xp)
+    x = words.reshape(-1, 2).astype(np.float64)              # (pairs, 2); pairs never straddle a block
+    u1 = (x[:, 0] + 1.0) * 2.0**-32                          # (0, 1]: log(u1) is finite
+    u2 = x[:, 1] * 2.0**-32                                  # [0, 1)
+    r, theta = xp.sqrt(-2.0 * xp.log(u1)), (2 * math.pi) * u2
+    z = xp.stack([r * xp.cos(theta), r * xp.sin(theta)], axis=1).reshape(-1)
+    return z[skip:skip + n].astype(dtype)
+
+
+def _philox_kernel(name, xp):
+    """The compiled Philox kernel for xp's device, or None: then the reference runs."""
+    if backend.get_kernels() != "native":
+        return None
+    mod = backend.native if xp is np else backend.cuda_kernels()
+    return getattr(mod, name, None)
+
+
+def philox_uint32(key, counter, n, xp=np):
+    """philox_uint32_ref on xp's device (NumPy: the C++ kernel; CuPy: the CUDA kernel) where built."""
+    kernel = _philox_kernel("philox_uint32", xp)
+    return kernel(key, counter, n) if kernel is not None else philox_uint32_ref(key, counter, n, xp)
+
+
+def philox_normal(key, counter, n, dtype, xp=np):
+    kernel = _philox_kernel("philox_normal", xp)
+    return kernel(key, counter, n, dtype) if kernel is not None else philox_normal_ref(key, counter, n, dtype, xp)

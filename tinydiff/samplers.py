@@ -55,14 +55,16 @@ of each sample is given as classifier_labels (B,); it is never guessed from the 
 
 The model is called as it is: put it in eval() mode first (the ContextUnet has BatchNorm).
 All model calls run under no_grad(); only the classifier's gradient builds a graph, so do not
-call a sampler inside no_grad() when you use a classifier. Noise z is drawn from the generator
-and handed to the kernel, so the NumPy, C++ and CUDA kernels can be compared on the same draws.
+call a sampler inside no_grad() when you use a classifier. x_T and the noise z come from a
+tinydiff.philox.Philox (seed=s: Philox(s); generator=: yours; neither: the default one, seeded
+by manual_seed), which draws the same numbers on the CPU and the GPU, and z is handed to the
+kernel, so the NumPy, C++ and CUDA kernels can be compared on the same draws.
 """
 import math
 
 import numpy as np
 
-from tinydiff import backend, kernels
+from tinydiff import backend, kernels, philox
 from tinydiff import functional as F
 from tinydiff.arrays import as_array
 from tinydiff.diffusion import OBJECTIVES, call_model, model_eps, model_time, null_context
@@ -147,13 +149,10 @@ def _setup(model, shape, context, generator, seed, device, x_T, dtype):
         params = model.parameters() if hasattr(model, "parameters") else []
         device = x_T.device if isinstance(x_T, Tensor) else (
             backend.device_of(x_T) if x_T is not None else params[0].device if params else "cpu")
-    if seed is not None:
-        rng = (np.random.default_rng(seed) if device == "cpu"
-               else backend.cupy_module().random.default_rng(seed))
-    else:
-        rng = generator if generator is not None else backend.generator(device)
+    rng = philox.Philox(seed) if seed is not None else philox.check_generator(generator)   # the same noise on CPU and GPU
     if x_T is None:
-        x = rng.standard_normal(tuple(shape), dtype=dtype)           # x_T ~ N(0, I), DDPM Alg. 2, line 1
+        xp = np if device == "cpu" else backend.cupy_module()
+        x = rng.normal(tuple(shape), dtype, xp)                      # x_T ~ N(0, I), DDPM Alg. 2, line 1
     else:
         x = as_array(x_T, device, copy=True)         # copied anyway: the loop must not change the caller's
         x = backend.get_array_module(x).array(x, dtype=dtype, order="C", copy=True)
@@ -269,7 +268,7 @@ def sample_loop(model, schedule, shape, context, update, steps, *, generator=Non
         return _contiguous(eps, eps_uncond)
 
     def noise():
-        return rng.standard_normal(z_shape, dtype=z_dtype)
+        return rng.normal(z_shape, z_dtype, xp)
 
     trajectory = [x] if return_trajectory_every else None
     for i in range(steps):
@@ -296,7 +295,7 @@ def ddpm_sample(model, schedule, shape, context=None, *, variance="small", noise
                 found both to work; the course's denoise_add_noise uses "large", b_t.sqrt() * z)
     noise_free  the course's ablation: add no noise at any step (samples collapse to blurry means)
     guidance_scale  classifier-free guidance s (1: none; the module docstring)
-    loop_args   every sampler's (sample_loop): generator=None, seed=None, device=None,
+    loop_args   every sampler's (sample_loop): generator=None (a tinydiff.philox.Philox), seed=None, device=None,
                 dtype=np.float32, x_T=None (the starting noise; default drawn from the generator),
                 objective="eps", classifier=None, classifier_scale=0.0, classifier_labels=None,
                 return_trajectory_every=None

@@ -23,8 +23,9 @@ The run folder (--out):
 --time-budget M with no --steps or --epochs times the first steps and plans the run's length to
 fit M minutes (PLAN_FROM below); the learning rate then anneals to that planned count.
 Ctrl-C (or a spent --time-budget) stops after the current step and writes all of the above; run the
-same command with --resume to go on. On the CPU a resumed run equals an uninterrupted one, bit
-for bit (tests/test_cli.py checks it).
+same command with --resume to go on. A resumed run equals an uninterrupted one, bit for bit, on the
+CPU (tests/test_cli.py) and on a GPU (tests/test_philox.py): the noise comes from tinydiff.philox,
+whose state the checkpoint keeps (checkpoint.save_checkpoint).
 
 The settings and their checks are tinydiff/config.py, the model and its weights tinydiff/runs.py,
 Ctrl-C tinydiff/interrupt.py, the pictures tinydiff/pictures.py.

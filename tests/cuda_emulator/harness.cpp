@@ -92,4 +92,14 @@ void emu_gelu_backward(int f, void* dx, const void* dout, const void* x, long lo
     else gelu_backward_cuda<double>((double*)dx, (const double*)dout, (const double*)x, n, nullptr);
 }
 
+// key (2,), counter (4,): the Philox generator's state
+void emu_philox_uint32(void* out, const uint32_t* key, const uint32_t* counter, long long n) {
+    philox_uint32_cuda((uint32_t*)out, key, counter, n, nullptr);
+}
+
+void emu_philox_normal(int f, void* out, const uint32_t* key, const uint32_t* counter, long long n) {
+    if (f == 0) philox_normal_cuda<float>((float*)out, key, counter, n, nullptr);
+    else philox_normal_cuda<double>((double*)out, key, counter, n, nullptr);
+}
+
 }  // extern "C"
