@@ -269,12 +269,20 @@ def eval_command(parser, args):
         return 1
     check_device(parser, args.device)
     try:
-        images, labels = evaluate.load_samples(args.samples)
-        result = evaluate.evaluate(images, labels, device=args.device, name=args.samples)
+        images, labels, prompts = evaluate.load_samples(args.samples)
+        named = labels >= 0                            # a text run's prompts may name no digit (-1)
+        result = (evaluate.evaluate(images[named], labels[named], device=args.device, name=args.samples)
+                  if named.sum() >= 2 else None)
+        fidelity = (evaluate.prompt_fidelity(images, labels, prompts, device=args.device, name=args.samples)
+                    if prompts is not None else None)
     except (ValueError, TypeError) as err:             # samples of the wrong shape, range, labels
         print(f"tinydiff eval: error: {err}", file=sys.stderr)
         return 1
-    print(evaluate.format_report(result, name=args.samples))
+    if result is not None:
+        print(evaluate.format_report(result, name=args.samples + (" (the prompts naming a digit)"
+                                                                  if prompts is not None else "")))
+    if fidelity is not None:
+        print(evaluate.format_fidelity(fidelity, name=args.samples))
     return 0
 
 
