@@ -70,6 +70,14 @@ def batch_norm_case(shape, training, affine=True, stats=True, gelu=False):
     return make
 
 
+def attention_case(q_shape, k_shape, v_shape, key_padding_mask):
+    """Scores scaled by 3 so that the softmax is far from uniform; True in the mask: padding."""
+    def make(rng):
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q * 3, k, v, key_padding_mask)   # noqa: E731
+        return fn, [rand(rng, *q_shape), rand(rng, *k_shape), rand(rng, *v_shape)]
+    return make
+
+
 def conv_case(x_shape, w_shape, stride, padding, bias=True, transpose=False):
     def make(rng):
         op = F.conv_transpose2d if transpose else F.conv2d
@@ -238,6 +246,11 @@ CASES = {
                   ("eval is identity", unary(lambda x: F.dropout(x, 0.5, training=False) * 2, (2, 3)))],
     "F.embedding": [("repeated indices", lambda rng: ((lambda w: F.embedding(np.array([[1, 4, 1], [0, 1, 2]]), w)),
                                                       [rand(rng, 5, 3)]))],
+    # --- F: attention ----------------------------------------------------------------------------
+    "F.scaled_dot_product_attention": [
+        ("(B, heads, L, d), padding mask", attention_case((2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 3),
+                                                          np.array([[0, 0, 1, 0, 1], [0, 1, 1, 1, 1]], bool))),
+        ("(B, L, d), batch 1, no mask", attention_case((1, 4, 3), (1, 2, 3), (1, 2, 5), None))],
     # --- F: losses --------------------------------------------------------------------------------
     "F.mse_loss": [("mean", binary(F.mse_loss, (2, 3), (2, 3))),
                    ("sum", binary(lambda a, b: F.mse_loss(a, b, reduction="sum"), (3,), (3,))),

@@ -23,8 +23,9 @@ LAYERS = [
     ("tensor",),                     # Tensor, backward, no_grad, elementwise/reduce/matmul
     ("arrays",),                     # the one way to put a value on a device
     ("functional", "module", "gradcheck"),   # ops of the layers (F), Module, gradient checks
-    ("nn",),                         # the layers as Modules
-    ("context_unet", "unet"),        # the models
+    ("nn", "tokenizer"),             # the layers as Modules; prompts -> token ids
+    ("context_unet", "unet", "text_encoder"),   # the models; the text encoder
+    ("text_unet",),                  # the UNet conditioned on prompts (unet + text encoder)
     ("models",),                     # the models by name
     ("optim", "checkpoint", "torch_import"),  # optimizers, weights on disk, PyTorch files
     ("data",),                       # the digits data set

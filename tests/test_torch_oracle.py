@@ -40,6 +40,7 @@ def th(a):
 
 
 T64 = torch.float64
+PADDING = np.array([[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 0]], bool)   # True: a padded key (attention masks it)
 
 # op -> [(label, make, tinydiff_fn, torch_fn)]; torch_fn None means the same function serves both
 ORACLE = {
@@ -183,6 +184,12 @@ ORACLE = {
                       lambda x, w, b: TF.layer_norm(x, (5,), w, b)),
                      ("last two axes", normal((2, 3, 4)), lambda x: F.layer_norm(x, (3, 4)),
                       lambda x: TF.layer_norm(x, (3, 4)))],
+    "F.scaled_dot_product_attention": [
+        ("heads, padding mask", lambda rng: normal((2, 3, 4, 5), (2, 3, 6, 5), (2, 3, 6, 2))(rng) + [PADDING],
+         lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, key_padding_mask=m),
+         lambda q, k, v, m: TF.scaled_dot_product_attention(q, k, v, attn_mask=~m[:, None, None, :])),
+        ("(B, L, d), no mask", normal((3, 2, 4), (3, 5, 4), (3, 5, 4)),
+         F.scaled_dot_product_attention, TF.scaled_dot_product_attention)],
     "F.dropout": [("eval", normal((3, 4)), lambda x: F.dropout(x, 0.5, training=False),
                    lambda x: TF.dropout(x, 0.5, training=False)),
                   ("p 0", normal((3, 4)), lambda x: F.dropout(x, 0.0), lambda x: TF.dropout(x, 0.0))],
@@ -226,7 +233,7 @@ def test_matches_torch_float64(op, make, td_fn, th_fn):
 
 # float32, the dtype of training: the same code must stay accurate at single precision
 FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm", "F.layer_norm", "F.softmax",
-           "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
+           "F.scaled_dot_product_attention", "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
 
 
 @pytest.mark.parametrize("op, make, td_fn, th_fn", [c for c in CASES if c.values[0] in FLOAT32])

@@ -2,7 +2,8 @@
 
 backend (NumPy or CuPy, compiled kernels) -> tensor (autograd; its shape ops in shape_ops)
 -> arrays (a value onto a device) -> functional (layers as ops) -> kernels (the NumPy references
-of csrc/) -> module, nn (modules) -> context_unet, unet (models: each owns its conditioning)
+of csrc/) -> module, nn (modules), tokenizer -> context_unet, unet, text_encoder -> text_unet
+(models: each owns its conditioning)
 -> optim, checkpoint -> data -> diffusion (schedules, loss) -> samplers
 -> config, runs, pictures, interrupt -> train -> cli.
 """

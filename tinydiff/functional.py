@@ -6,6 +6,8 @@ Heavy ops (convolutions, normalisations, pooling) are a pair of functions on raw
 to the graph by `_from_pair`. Layouts are PyTorch's: NCHW images, conv weight
 (out, in, kh, kw), transposed-conv weight (in, out, kh, kw), linear weight (out, in).
 """
+import math
+
 from tinydiff import backend, kernels
 from tinydiff.tensor import Tensor, cat, is_grad_enabled, stack, where  # noqa: F401  (re-exported for F.cat etc.)
 
@@ -459,6 +461,44 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if weight is not None:
         out = out * weight
     return out + bias if bias is not None else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (Vaswani et al. 2017, arXiv:1706.03762)
+
+
+def scaled_dot_product_attention(q, k, v, key_padding_mask=None):
+    """softmax(q k^T / sqrt(d)) v  (Vaswani et al. eq. 1), built from matmul, where and softmax.
+
+    q (B, ..., Lq, d), k (B, ..., Lk, d), v (B, ..., Lk, dv) -> (B, ..., Lq, dv); the middle axes
+    (heads) broadcast. key_padding_mask (B, Lk) bool, True where key j of sample b is padding: its
+    score becomes -inf, so its weight is exp(-inf) = 0 for every query, and where's backward gives it
+    no gradient (ds/dx = s (g - sum g s) is 0 where s is 0). A row with every key masked would be
+    0/0; it is refused (a prompt always keeps its BOS token).
+    """
+    _check_float("scaled_dot_product_attention", q=q, k=k, v=v)
+    if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim or q.shape[-1] != k.shape[-1] \
+            or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} must be "
+                         f"(B, ..., Lq, d), (B, ..., Lk, d), (B, ..., Lk, dv)")
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))    # (B, ..., Lq, Lk)
+    if key_padding_mask is not None:
+        mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
+        b, lk = q.shape[0], k.shape[-2]
+        if getattr(mask, "dtype", None) != bool or mask.shape != (b, lk):
+            raise ValueError(f"scaled_dot_product_attention: key_padding_mask must be ({b}, {lk}) bool, "
+                             f"got shape {getattr(mask, 'shape', None)} dtype {getattr(mask, 'dtype', None)}")
+        if backend.device_of(mask) != q.device:
+            raise ValueError(f"scaled_dot_product_attention: key_padding_mask is on {backend.device_of(mask)}, "
+                             f"q on {q.device}")
+        every = mask.all(axis=1)
+        if every.any():
+            raise ValueError(f"scaled_dot_product_attention: key_padding_mask masks every key of sample "
+                             f"{int(every.argmax())}: its queries would see nothing (keep at least one key, "
+                             f"e.g. BOS)")
+        mask = mask.reshape((b,) + (1,) * (q.ndim - 2) + (lk,))              # (B, 1, .., 1, Lk)
+        scores = where(mask, -math.inf, scores)                              # masked: weight exp(-inf) = 0
+    return softmax(scores, dim=-1) @ v                                       # (B, ..., Lq, dv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,6 +165,39 @@ class Embedding(Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
+def multi_head_attention(q, k, v, heads, key_padding_mask=None):
+    """Multi-head attention of projected q (B, Lq, C), k, v (B, Lk, C): C splits into `heads` heads of
+    d = C / heads, each attends on its own (F.scaled_dot_product_attention), the heads join again
+    (Vaswani et al. 2017, arXiv:1706.03762, Sec. 3.2.2). key_padding_mask (B, Lk) bool, True = padding."""
+    b, lq, c = q.shape
+    d = c // heads
+
+    def split(y):                                                # (B, L, C) -> (B, heads, L, d)
+        return y.view(b, y.shape[1], heads, d).permute(0, 2, 1, 3)
+
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v), key_padding_mask)   # (B, heads, Lq, d)
+    return y.permute(0, 2, 1, 3).reshape(b, lq, c)              # (B, Lq, C)
+
+
+class MultiheadAttention(Module):
+    """Attention of `query` tokens (B, Lq, embed_dim) to `context` tokens (B, Lk, kdim): self-attention
+    when context is query, cross-attention otherwise. Separate q, k, v, proj Linears (PyTorch's
+    nn.MultiheadAttention packs q, k, v into one in_proj_weight; the math is the same)."""
+
+    def __init__(self, embed_dim, num_heads, kdim=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: embed_dim {embed_dim} does not split into {num_heads} heads")
+        kdim = embed_dim if kdim is None else kdim
+        self.num_heads = num_heads
+        self.q, self.k, self.v = Linear(embed_dim, embed_dim), Linear(kdim, embed_dim), Linear(kdim, embed_dim)
+        self.proj = Linear(embed_dim, embed_dim)
+
+    def forward(self, query, context, key_padding_mask=None):   # (B, Lq, E), (B, Lk, kdim) -> (B, Lq, E)
+        q, k, v = self.q(query), self.k(context), self.v(context)
+        return self.proj(multi_head_attention(q, k, v, self.num_heads, key_padding_mask))
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers without weights
 

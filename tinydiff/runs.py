@@ -15,15 +15,19 @@ import os
 
 from tinydiff.checkpoint import MANIFEST, CheckpointError, load_checkpoint, load_weights, read_safetensors, reading
 from tinydiff.diffusion import NoiseSchedule
-from tinydiff.models import ContextUnet, UNet
+from tinydiff.models import ContextUnet, TextUNet, UNet
 from tinydiff.unet import LAYOUT
 
 
 def build_model(cfg, in_channels, num_classes, height):
-    """The noise predictor named by cfg["model"], conditioned on num_classes classes (untrained)."""
+    """The noise predictor named by cfg["model"], conditioned on num_classes classes (untrained);
+    "text_unet" is conditioned on prompts in the words of cfg["vocabulary"] instead."""
     if cfg["model"] == "contextunet":
         return ContextUnet(in_channels, n_feat=cfg["n_feat"], n_cfeat=num_classes, height=height)
     n = cfg["n_feat"]
+    if cfg["model"] == "text_unet":
+        return TextUNet(cfg["vocabulary"], in_channels=in_channels, channels=(n, 2 * n, 4 * n), height=height,
+                        head_dim=n)
     return UNet(in_channels, channels=(n, 2 * n, 4 * n), num_classes=num_classes, height=height, head_dim=n)
 
 

@@ -88,17 +88,33 @@ class Attention(nn.Module):
 
     def forward(self, x):                                        # (B, C, H, W)
         b, c, h, w = x.shape
-        nh, d = self.heads, c // self.heads
         tokens = self.norm(x).view(b, c, h * w).permute(0, 2, 1)   # (B, HW, C)
-
-        def split(y):                                            # (B, HW, C) -> (B, nh, HW, d)
-            return y.view(b, h * w, nh, d).permute(0, 2, 1, 3)
-
-        q, k, v = split(self.q(tokens)), split(self.k(tokens)), split(self.v(tokens))
-        att = F.softmax((q @ k.transpose(2, 3)) * (1.0 / math.sqrt(d)), dim=-1)   # (B, nh, HW, HW)
-        y = (att @ v).permute(0, 2, 1, 3).reshape(b, h * w, c)  # (B, HW, C)
+        y = nn.multi_head_attention(self.q(tokens), self.k(tokens), self.v(tokens), self.heads)   # (B, HW, C)
         y = self.proj(y).permute(0, 2, 1).view(b, c, h, w)      # (B, C, H, W)
         return x + y
+
+
+class CrossAttention(nn.Module):
+    """The feature map attends to the text: queries from its H*W positions, keys and values from the
+    text encoder's tokens, PAD tokens masked out; plus a residual (Rombach et al. 2022,
+    arXiv:2112.10752, Sec. 3.3 and eq. 3):
+        Q = GN(x) W_q,  K = tokens W_k,  V = tokens W_v;   x + proj(softmax(Q K^T / sqrt(d)) V)
+    `text` is the TextEncoder's (tokens (B, L, context_dim), key_padding_mask (B, L), pooled)."""
+
+    def __init__(self, ch, context_dim, head_dim=None, groups=8, eps=1e-5):
+        super().__init__()
+        head_dim = ch if head_dim is None else head_dim
+        if ch % head_dim:
+            raise ValueError(f"CrossAttention: {ch} channels do not split into heads of {head_dim}")
+        self.norm = nn.GroupNorm(groups, ch, eps)
+        self.attn = nn.MultiheadAttention(ch, ch // head_dim, kdim=context_dim)
+
+    def forward(self, x, text):                                  # (B, C, H, W), text as above
+        tokens, key_padding_mask, _ = text
+        b, c, h, w = x.shape
+        queries = self.norm(x).view(b, c, h * w).permute(0, 2, 1)   # (B, HW, C)
+        y = self.attn(queries, tokens, key_padding_mask)         # (B, HW, C): each position's mix of words
+        return x + y.permute(0, 2, 1).view(b, c, h, w)           # (B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -120,22 +136,28 @@ class Upsample(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """One level on the way down: `layers` ResBlocks (each followed by Attention if `attention`),
-    then a Downsample unless it is the last level. Every output is kept as a skip."""
+    """One level on the way down: `layers` ResBlocks (each followed by Attention if `attention`, then
+    CrossAttention to the text if `cross_dim`), then a Downsample unless it is the last level.
+    Every output is kept as a skip."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, layers, attention, downsample, head_dim, groups, eps, dropout):
+    def __init__(self, in_ch, out_ch, emb_dim, layers, attention, downsample, head_dim, groups, eps, dropout,
+                 cross_dim=None):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock(in_ch if j == 0 else out_ch, out_ch, emb_dim, groups, eps, dropout)
                                       for j in range(layers)])
         self.attentions = nn.ModuleList([Attention(out_ch, head_dim, groups, eps) for _ in range(layers)]
                                         if attention else [])
+        self.cross_attentions = nn.ModuleList([CrossAttention(out_ch, cross_dim, head_dim, groups, eps)
+                                               for _ in range(layers)] if cross_dim else [])
         self.downsample = Downsample(out_ch) if downsample else None
 
-    def forward(self, h, emb, skips):                            # (B, in, H, W) -> (B, out, H/2, W/2)
+    def forward(self, h, emb, skips, text=None):                 # (B, in, H, W) -> (B, out, H/2, W/2)
         for j, resnet in enumerate(self.resnets):
             h = resnet(h, emb)                                   # (B, out, H, W)
             if len(self.attentions):
                 h = self.attentions[j](h)
+            if len(self.cross_attentions):
+                h = self.cross_attentions[j](h, text)
             skips.append(h)
         if self.downsample is not None:
             h = self.downsample(h)                               # (B, out, H/2, W/2)
@@ -145,22 +167,27 @@ class DownLevel(nn.Module):
 
 class UpLevel(nn.Module):
     """One level on the way up: `layers` ResBlocks, each on cat(h, newest skip) (then Attention if
-    `attention`), and an Upsample unless it is the top level. skip_chs: the widths of the skips it
-    takes, newest first."""
+    `attention`, then CrossAttention if `cross_dim`), and an Upsample unless it is the top level.
+    skip_chs: the widths of the skips it takes, newest first."""
 
-    def __init__(self, in_ch, out_ch, skip_chs, emb_dim, attention, upsample, head_dim, groups, eps, dropout):
+    def __init__(self, in_ch, out_ch, skip_chs, emb_dim, attention, upsample, head_dim, groups, eps, dropout,
+                 cross_dim=None):
         super().__init__()
         self.resnets = nn.ModuleList([ResBlock((in_ch if j == 0 else out_ch) + s, out_ch, emb_dim, groups, eps, dropout)
                                       for j, s in enumerate(skip_chs)])
         self.attentions = nn.ModuleList([Attention(out_ch, head_dim, groups, eps) for _ in skip_chs]
                                         if attention else [])
+        self.cross_attentions = nn.ModuleList([CrossAttention(out_ch, cross_dim, head_dim, groups, eps)
+                                               for _ in skip_chs] if cross_dim else [])
         self.upsample = Upsample(out_ch) if upsample else None
 
-    def forward(self, h, emb, skips):                            # (B, in, H, W) -> (B, out, 2H, 2W)
+    def forward(self, h, emb, skips, text=None):                 # (B, in, H, W) -> (B, out, 2H, 2W)
         for j, resnet in enumerate(self.resnets):
             h = resnet(cat((h, skips.pop()), 1), emb)            # (B, out, H, W)
             if len(self.attentions):
                 h = self.attentions[j](h)
+            if len(self.cross_attentions):
+                h = self.cross_attentions[j](h, text)
         if self.upsample is not None:
             h = self.upsample(h)                                 # (B, out, 2H, 2W)
         return h
@@ -171,20 +198,28 @@ class UNet(nn.Module):
 
     UNet(in_channels=1, channels=(32, 64, 128), num_classes=None, height=16, layers_per_block=1,
          attention_levels=None, head_dim=None, groups=8, eps=1e-5, dropout=0.0,
-         flip_sin_to_cos=True, freq_shift=0)
+         flip_sin_to_cos=True, freq_shift=0, context_dim=None, cross_attention_levels=None)
         attention_levels  one bool per level (None: attention at the last, lowest, level only);
                           the middle always has one Attention
         head_dim          channels per attention head (None: one head per Attention)
         flip_sin_to_cos, freq_shift   the time embedding's order and frequencies (see
                           timestep_embedding; the defaults are UNet2DModel's)
+        context_dim       the width of text tokens to attend to (None: no text, the layout above).
+                          Set, every (ResBlock, Attention) of the levels in cross_attention_levels
+                          and the middle's Attention are followed by a CrossAttention, and the pooled
+                          text, projected to the time embedding's width, is added to it
+        cross_attention_levels  one bool per level (None: every level but the first, the full-size
+                          one: for 16x16 images and 3 levels, 8x8 and 4x4)
 
-    forward(x, t, c=None):
+    forward(x, t, c=None, text=None):
         x  (B, in_channels, H, W) noisy images x_t; H and W divisible by 2^(len(channels) - 1)
         t  the timestep INDEX (integers 0..T-1, floats allowed), one per sample: any shape with
            B elements, or a single value for the whole batch.         time_input(t, T) gives it.
         c  (B,) integer class labels in [0, num_classes]; `num_classes` is the null class
            (unconditional). None means the null class. null_context(B) gives it.
            With num_classes=None the model is unconditional and c must be None.
+        text  with context_dim: the TextEncoder's (tokens (B, L, context_dim), key_padding_mask (B, L)
+           bool, pooled (B, context_dim)); TextUNet (text_unet.py) passes it. Without: None.
     returns (B, in_channels, H, W) the predicted noise.
 
     The conditioning seam (as the ContextUnet's; the callers use only these):
@@ -195,7 +230,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels=1, channels=(32, 64, 128), num_classes=None, height=16, layers_per_block=1,
                  attention_levels=None, head_dim=None, groups=8, eps=1e-5, dropout=0.0,
-                 flip_sin_to_cos=True, freq_shift=0):
+                 flip_sin_to_cos=True, freq_shift=0, context_dim=None, cross_attention_levels=None):
         super().__init__()
         levels = len(channels)
         step = 2 ** (levels - 1)
@@ -204,35 +239,48 @@ class UNet(nn.Module):
         attention_levels = [i == levels - 1 for i in range(levels)] if attention_levels is None else attention_levels
         if len(attention_levels) != levels:
             raise ValueError(f"UNet: attention_levels needs one entry per level ({levels}), got {attention_levels}")
+        cross = [i > 0 for i in range(levels)] if cross_attention_levels is None else cross_attention_levels
+        if len(cross) != levels:
+            raise ValueError(f"UNet: cross_attention_levels needs one entry per level ({levels}), got {cross}")
+        cross_dims = [context_dim if on else None for on in cross]      # per level: attend to text of this width
         self.in_channels, self.channels, self.num_classes, self.height = in_channels, tuple(channels), num_classes, height
         self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), freq_shift
         self.config = dict(in_channels=in_channels, channels=list(channels), num_classes=num_classes, height=height,
                            layers_per_block=layers_per_block, attention_levels=[bool(a) for a in attention_levels],
                            head_dim=head_dim, groups=groups, eps=eps, dropout=dropout,
                            flip_sin_to_cos=bool(flip_sin_to_cos), freq_shift=freq_shift)
+        self.context_dim = context_dim
+        if context_dim is not None:
+            self.config.update(context_dim=context_dim, cross_attention_levels=[bool(a) for a in cross])
         c0, emb = channels[0], 4 * channels[0]
         common = dict(head_dim=head_dim, groups=groups, eps=eps, dropout=dropout)
 
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))   # (B, c0) -> (B, E)
         if num_classes is not None:
             self.class_emb = nn.Embedding(num_classes + 1, emb)  # row num_classes: the null class
+        if context_dim is not None:
+            self.text_proj = nn.Linear(context_dim, emb)         # pooled text -> added to the time embedding
         self.init_conv = nn.Conv2d(in_channels, c0, 3, 1, 1)
 
         self.downs, skip_chs, prev = nn.ModuleList(), [c0], c0      # skip_chs: the width of every skip
         for i, ch in enumerate(channels):
             last = i == levels - 1
-            self.downs.append(DownLevel(prev, ch, emb, layers_per_block, attention_levels[i], not last, **common))
+            self.downs.append(DownLevel(prev, ch, emb, layers_per_block, attention_levels[i], not last, **common,
+                                        cross_dim=cross_dims[i]))
             skip_chs += [ch] * (layers_per_block + (not last))
             prev = ch
 
         self.mid1 = ResBlock(prev, prev, emb, groups, eps, dropout)
         self.mid_attn = Attention(prev, head_dim, groups, eps)
+        if context_dim is not None:
+            self.mid_cross = CrossAttention(prev, context_dim, head_dim, groups, eps)
         self.mid2 = ResBlock(prev, prev, emb, groups, eps, dropout)
 
         self.ups = nn.ModuleList()                                   # ordered from the lowest level up
         for i in reversed(range(levels)):
             takes = [skip_chs.pop() for _ in range(layers_per_block + 1)]   # newest first, as forward pops
-            self.ups.append(UpLevel(prev, channels[i], takes, emb, attention_levels[i], i > 0, **common))
+            self.ups.append(UpLevel(prev, channels[i], takes, emb, attention_levels[i], i > 0, **common,
+                                    cross_dim=cross_dims[i]))
             prev = channels[i]
 
         self.out = nn.Sequential(nn.GroupNorm(groups, c0, eps), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, 1, 1))
@@ -257,24 +305,46 @@ class UNet(nn.Module):
         """Timestep indices t (B,) in 0..T-1 -> the indices themselves (the sinusoidal embedding's input)."""
         return Tensor(t)
 
-    def forward(self, x, t, c=None):
+    def forward(self, x, t, c=None, text=None):
         t, c = self._check_inputs(x, t, c)
+        self._check_text(x, text)
         b = x.shape[0]
         temb = timestep_embedding(t, self.channels[0], self.flip_sin_to_cos, self.freq_shift)  # (B or 1, c0)
         emb = self.time_mlp(Tensor(temb.astype(x.dtype)))                   # (B or 1, E)
         if self.num_classes is not None:
             emb = emb + self.class_emb(c)                                   # (B, E)
+        if text is not None:
+            emb = emb + self.text_proj(text[2])                             # (B, E): the pooled prompt
         if emb.shape[0] != b:
             emb = emb.expand(b, emb.shape[1])                               # one t for the whole batch
 
         h = self.init_conv(x)                                    # (B, c0, H, W)
         skips = [h]
         for level in self.downs:
-            h = level(h, emb, skips)                             # (B, c_i, H/2^(i+1), ...), skips pushed
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)     # (B, c_last, h_low, w_low)
+            h = level(h, emb, skips, text)                       # (B, c_i, H/2^(i+1), ...), skips pushed
+        h = self.mid_attn(self.mid1(h, emb))                     # (B, c_last, h_low, w_low)
+        if text is not None:
+            h = self.mid_cross(h, text)
+        h = self.mid2(h, emb)
         for level in self.ups:
-            h = level(h, emb, skips)                             # (B, c_i, 2., 2.), skips popped
+            h = level(h, emb, skips, text)                       # (B, c_i, 2., 2.), skips popped
         return self.out(h)                                       # (B, C, H, W)
+
+    def _check_text(self, x, text):
+        """text is the TextEncoder's (tokens (B, L, context_dim), mask (B, L), pooled (B, context_dim))
+        exactly when the model has a context_dim."""
+        if self.context_dim is None:
+            if text is not None:
+                raise ValueError("UNet: this model has no cross-attention (context_dim=None), so text must be None")
+            return
+        b, d = x.shape[0], self.context_dim
+        triple = isinstance(text, tuple) and len(text) == 3
+        tokens, mask, pooled = (getattr(part, "shape", None) for part in text) if triple else (None, None, None)
+        if tokens is None or len(tokens) != 3 or (tokens[0], tokens[2]) != (b, d) or mask != tokens[:2] \
+                or pooled != (b, d):
+            got = (tokens, mask, pooled) if triple else type(text).__name__
+            raise ValueError(f"UNet: text must be the text encoder's (tokens ({b}, L, {d}), key_padding_mask "
+                             f"({b}, L), pooled ({b}, {d})), got {got}")
 
     def _check_inputs(self, x, t, c):
         """Refuse misshapen input with a message naming the shapes; t and c become raw index arrays."""
