@@ -233,7 +233,7 @@ def sample_command(parser, args):
     all_labels = np.array(labels, dtype=np.int64)[group]                # (N,)
     all_asked = np.array(asked)[group]                                  # (N,) ints, or fixed-width unicode
     shown = np.concatenate([np.flatnonzero(group == g)[:10] for g in range(len(asked))])  # the GIF's images
-    steps = schedule.T if args.sampler == "ddpm" else args.steps or d["steps"]
+    steps = schedule.T if args.sampler == "ddpm" else args.steps or min(d["steps"], schedule.T)
     eta = d["eta"] if args.eta is None else args.eta              # ddim's
     spacing = args.spacing or d["spacing"]
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
