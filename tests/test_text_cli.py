@@ -143,3 +143,17 @@ def test_text_is_fixed_on_resume(label_run, capsys):
     with pytest.raises(SystemExit):
         run("train", "--out", label_run, "--resume", "--text", "--quiet")
     assert "--text True differs from the run's False" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_text_existed_resumes_as_a_label_run(label_run, tmp_path, capsys):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(label_run, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["text"]                                           # as runs before the setting was written
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):
+        run("train", "--out", old, "--resume", "--text", "--quiet")
+    assert "--text True differs from the run's False" in capsys.readouterr().err
+    assert run("train", "--out", old, "--resume", "--steps", 3, "--quiet") == 0
+    assert json.loads((old / "config.json").read_text())["text"] is False

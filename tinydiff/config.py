@@ -96,9 +96,10 @@ def resolve_config(overrides, resume):
         with open(saved_path, encoding="utf-8") as f:
             saved = json.load(f)
         for key in FIXED_ON_RESUME:
-            if key in overrides and overrides[key] != saved[key]:
+            was = saved.get(key, DEFAULTS[key])      # a run saved before the setting existed had the default
+            if key in overrides and overrides[key] != was:
                 raise ConfigError(f"--{key.replace('_', '-')} {overrides[key]} differs from the run's "
-                                 f"{saved[key]} ({saved_path}): a resumed run keeps its model and data")
+                                 f"{was} ({saved_path}): a resumed run keeps its model and data")
         cfg.update(saved)
         cfg["out"] = overrides["out"]            # the folder may have moved since
         if "epochs" in overrides and "steps" not in overrides:
