@@ -157,3 +157,8 @@ def test_a_run_saved_before_text_existed_resumes_as_a_label_run(label_run, tmp_p
     assert "--text True differs from the run's False" in capsys.readouterr().err
     assert run("train", "--out", old, "--resume", "--steps", 3, "--quiet") == 0
     assert json.loads((old / "config.json").read_text())["text"] is False
+
+
+def test_export_refuses_a_text_run(text_run, tmp_path, capsys):
+    assert run("export", "--checkpoint", text_run, "--format", "diffusers", "--out", tmp_path / "d") == 1
+    assert "text-conditioned run cannot be exported" in capsys.readouterr().err
