@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinydiff
-from tinydiff import F, Tensor, runs, samplers
+from tinydiff import F, Tensor, nn, runs, samplers
 from tinydiff.checkpoint import load_weights, read_safetensors, save_weights
 from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.models import TextUNet
@@ -75,6 +75,38 @@ def test_attention_refuses_shapes_that_do_not_fit():
     with pytest.raises(ValueError, match="must be"):
         F.scaled_dot_product_attention(Tensor(np.zeros((2, 3, 4))), Tensor(np.zeros((2, 2, 5))),
                                        Tensor(np.zeros((2, 2, 4))))
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_multihead_attention_gradcheck_and_matches_torch(kdim):
+    """nn.MultiheadAttention: float64 gradient check, and torch.nn.MultiheadAttention given the same
+    weights (its key_padding_mask, True = ignore, is ours); self-attention and cross-attention."""
+    tinydiff.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, kdim=kdim).double()
+    rng = np.random.default_rng(4)
+    query = Tensor(rng.standard_normal((2, 3, 8)), requires_grad=True)
+    context = query if kdim is None else Tensor(rng.standard_normal((2, 4, 6)), requires_grad=True)
+    mask = np.zeros((2, context.shape[1]), bool)
+    mask[0, -1] = mask[1, 1:] = True
+    inputs = [query] + ([] if kdim is None else [context])
+    assert tinydiff.gradcheck(lambda q, *rest: attn(q, q if kdim is None else rest[0], mask),
+                              inputs + attn.parameters())
+    torch = pytest.importorskip("torch", reason="PyTorch is the oracle: pip install torch==2.13.0")
+    ref = torch.nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True, dtype=torch.float64)
+    w = {name: torch.from_numpy(layer.weight.numpy()) for name, layer in
+         (("q", attn.q), ("k", attn.k), ("v", attn.v))}
+    with torch.no_grad():
+        if kdim is None:
+            ref.in_proj_weight.copy_(torch.cat([w["q"], w["k"], w["v"]]))
+        else:
+            ref.q_proj_weight.copy_(w["q"]), ref.k_proj_weight.copy_(w["k"]), ref.v_proj_weight.copy_(w["v"])
+        ref.in_proj_bias.copy_(torch.from_numpy(np.concatenate([attn.q.bias.numpy(), attn.k.bias.numpy(),
+                                                                attn.v.bias.numpy()])))
+        ref.out_proj.weight.copy_(torch.from_numpy(attn.proj.weight.numpy()))
+        ref.out_proj.bias.copy_(torch.from_numpy(attn.proj.bias.numpy()))
+    tq, tc = torch.from_numpy(query.numpy()), torch.from_numpy(context.numpy())
+    expected, _ = ref(tq, tc, tc, key_padding_mask=torch.from_numpy(mask), need_weights=False)
+    np.testing.assert_allclose(attn(query, context, mask).numpy(), expected.detach().numpy(), rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,3 +392,12 @@ def test_gpu_path_beside_the_cpu_path():
     g_cpu = dict(cpu.named_parameters())["encoder.token_emb.weight"].grad
     g_gpu = cp.asnumpy(dict(gpu.named_parameters())["encoder.token_emb.weight"].grad)
     np.testing.assert_allclose(g_gpu, g_cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_unet_without_context_dim_keeps_its_layout():
+    """context_dim=None: no cross-attention modules, no text projection, the config of before (the
+    diffusers bridge's layout; tests/test_diffusers_bridge.py moves its weights both ways)."""
+    unet = UNet(channels=(8, 16, 16), height=8, num_classes=3, head_dim=8)
+    assert not [k for k in unet.state_dict() if "cross" in k or "text_proj" in k]
+    assert "context_dim" not in unet.config and "cross_attention_levels" not in unet.config
+    assert UNet(**unet.config).config == unet.config

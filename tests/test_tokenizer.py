@@ -30,6 +30,7 @@ def test_empty_prompt_is_bos_only():
 
 def test_punctuation_is_split_off_and_case_lowered():
     assert Tokenizer.split("Thick,7! (slanted)") == ["thick", ",", "7", "!", "(", "slanted", ")"]
+    assert Tokenizer.split("snake_case café") == ["snake", "_", "case", "caf", "é"]   # only a-z, 0-9 join
 
 
 def test_unknown_word_is_named_and_encoded_unk():

@@ -18,7 +18,7 @@ import numpy as np
 
 PAD, BOS, UNK = 0, 1, 2
 SPECIAL = ("<pad>", "<bos>", "<unk>")
-WORD = re.compile(r"\w+|[^\w\s]")          # a run of letters/digits, or one punctuation mark
+WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")   # a run of a-z/0-9, or one other mark (as captions.py splits)
 
 
 class Tokenizer:

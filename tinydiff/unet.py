@@ -10,6 +10,9 @@ Nichol & Dhariwal 2021, arXiv:2102.09672):
     null class, the "no label" input of classifier-free guidance (arXiv:2207.12598).
   - Self-attention (at the levels in `attention_levels`, and in the middle) lets every position
     see every other.
+  - With `context_dim`, cross-attention to the tokens of a prompt (Rombach et al. 2022,
+    arXiv:2112.10752, Sec. 3.3) follows at the lower levels and in the middle, and the pooled
+    prompt joins the time embedding (text_unet.py); without it the layout below is untouched.
 
 The layout is the one diffusers' UNet2DModel builds (DownBlock2D / AttnDownBlock2D, UNetMidBlock2D,
 UpBlock2D / AttnUpBlock2D), so that tinydiff/diffusers_bridge.py can move weights both ways:
@@ -97,7 +100,7 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """The feature map attends to the text: queries from its H*W positions, keys and values from the
     text encoder's tokens, PAD tokens masked out; plus a residual (Rombach et al. 2022,
-    arXiv:2112.10752, Sec. 3.3 and eq. 3):
+    arXiv:2112.10752, Sec. 3.3, "Conditioning Mechanisms"):
         Q = GN(x) W_q,  K = tokens W_k,  V = tokens W_v;   x + proj(softmax(Q K^T / sqrt(d)) V)
     `text` is the TextEncoder's (tokens (B, L, context_dim), key_padding_mask (B, L), pooled)."""
 
