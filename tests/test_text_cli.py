@@ -162,3 +162,11 @@ def test_a_run_saved_before_text_existed_resumes_as_a_label_run(label_run, tmp_p
 def test_export_refuses_a_text_run(text_run, tmp_path, capsys):
     assert run("export", "--checkpoint", text_run, "--format", "diffusers", "--out", tmp_path / "d") == 1
     assert "text-conditioned run cannot be exported" in capsys.readouterr().err
+
+
+def test_text_picks_its_own_defaults_and_a_flag_still_wins(tmp_path):
+    from tinydiff.config import DEFAULTS, TEXT_DEFAULTS, resolve_config
+    cfg = resolve_config({"out": str(tmp_path / "a"), "text": True}, resume=False)
+    assert {k: cfg[k] for k in TEXT_DEFAULTS} == TEXT_DEFAULTS == {"model": "text_unet", "n_feat": 16}
+    assert resolve_config({"out": str(tmp_path / "b"), "text": True, "n_feat": 24}, resume=False)["n_feat"] == 24
+    assert resolve_config({"out": str(tmp_path / "c")}, resume=False)["n_feat"] == DEFAULTS["n_feat"]
