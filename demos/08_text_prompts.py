@@ -15,8 +15,9 @@ captions alone, which were derived from the digits themselves (tinydiff/captions
      "7" and "seven"             one meaning in two spellings: the encoder maps both to the digit
      "a thick seven"             one more attribute: the stroke weight
      "a thin seven slanted right"   two attributes at once
-     "a sparkly seven"           an unknown word: encoded as UNK (the tokenizer's warning names it);
-                                 the model never saw UNK, so it should change little
+     "a sparkly seven"           an unknown word: encoded as UNK (the tokenizer's warning names it).
+                                 No caption has UNK, so its embedding is still the random one it
+                                 started with: compare the row with "seven" to see what that does
      ""                          the empty prompt is the null context: the unconditional model
 2. Guidance. Classifier-free guidance (demo 06) works on prompts as on labels, because the model
    was trained with 10% of its captions replaced by "":  eps = eps("") + s (eps(prompt) - eps("")).
