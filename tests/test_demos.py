@@ -285,3 +285,43 @@ def test_07_kernels(tmp_path):
     assert rows and rows[0][1].strip().startswith("NumPy reference")
     for row in rows:                     # every implementation computes the reference's gradients
         assert float(row[-2]) < 1e-4, row
+
+
+def test_08_text_prompts(tmp_path):
+    from tinydiff import evaluate, runs
+    from tinydiff.captions import parse_prompt
+    from tinydiff.samplers import TEXT_SAMPLING, ddim_sample
+    from tinydiff.tensor import no_grad
+    demo = import_demo("demo08", "08_text_prompts.py")                    # its constants
+    out = run_demo("08_text_prompts.py", "--tiny", "--out", tmp_path)
+    assert "unknown word 'sparkly'" in out                                # the tokenizer's warning, shown
+    for name in ("prompts.png", "guidance.png"):
+        assert_png(tmp_path / name)
+    model, schedule, cfg = runs.load_run(str(tmp_path / "tiny_text_run"))
+    assert cfg["text"] and cfg["model"] == "text_unet"
+    steps = min(TEXT_SAMPLING["steps"], schedule.T)
+
+    def draw(prompt, n, s):                 # what the demo says it draws: DDIM eta 0 from seed SEED
+        with no_grad():
+            return ddim_sample(model, schedule, (n, 1, 16, 16), model.context([prompt] * n), steps=steps, eta=0.0,
+                               seed=demo.SEED, objective=cfg["objective"], guidance_scale=s)
+    # one row per prompt, the same noise in every row (--tiny: 2 columns)
+    grid = read_grid(tmp_path / "prompts.png", ncol=2)
+    assert grid.shape[0] == len(demo.PROMPTS)
+    for prompt, tiles in zip(demo.PROMPTS, grid):
+        assert_tiles(tiles, draw(prompt, 2, TEXT_SAMPLING["guidance"]), f"prompts.png, {prompt!r}")
+    guided = read_grid(tmp_path / "guidance.png", ncol=2)
+    assert guided.shape[0] == len(demo.SCALES)
+    assert_tiles(guided[-1], draw(demo.GUIDED_PROMPT, 2, demo.SCALES[-1]), "guidance.png, last row")
+    # the sweep's table: one row per scale; its first row scored here
+    text = (tmp_path / "fidelity.md").read_text()
+    rows = [r for r in read_table(text, "") if r[0][:1].isdigit()]
+    assert [float(r[0]) for r in rows] == demo.SCALES, text
+    prompts = np.repeat(np.array(demo.FIDELITY_PROMPTS), 2)
+    labels = np.array([parse_prompt(p)[0] for p in prompts])
+    images = np.concatenate([np.clip((draw(p, 2, demo.SCALES[0]) + 1) / 2, 0, 1) for p in demo.FIDELITY_PROMPTS])
+    r = evaluate.prompt_fidelity(images, labels, prompts)
+    o, h = r["overall"], r["held_out"]
+    assert rows[0][1:] == [f"{v:.1%}" for v in (o["accuracy"], o["weight"], o["slant"],
+                                                 h["accuracy"], h["weight"], h["slant"])], (rows[0], r)
+    assert "'a thick 3'  (held out)" in text and "class-only prompts, pooled" in text

@@ -169,7 +169,7 @@ def test_old_layout_runs_are_refused_naming_the_layout(tmp_path, capsys):
 
 
 def test_text_conditioned_and_contextunet_runs_are_refused_by_export(tmp_path):
-    text = weights_file(tmp_path, "text.safetensors", {"conditioning": "text"})
+    text = weights_file(tmp_path, "text.safetensors", {"text": True})
     with pytest.raises(ValueError, match="text-conditioned run cannot be exported.*cross-attention"):
         export_diffusers(str(text), tmp_path / "out")
     cu = ContextUnet(1, n_feat=8, n_cfeat=4, height=8)

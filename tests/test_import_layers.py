@@ -29,6 +29,7 @@ LAYERS = [
     ("models",),                     # the models by name
     ("optim", "checkpoint", "torch_import"),  # optimizers, weights on disk, PyTorch files
     ("data",),                       # the digits data set
+    ("captions",),                   # the digits' captions, from their ink and slant
     ("diffusion",),                  # schedules, q_sample, the loss
     ("classifier",),                 # the noisy classifier of classifier guidance
     ("samplers",),                   # DDPM and DDIM sampling, guidance

@@ -4,6 +4,8 @@
     tinydiff sample --checkpoint runs/digits --sampler ddim --steps 50 --labels 0,1,2 --n 10 --gif
     tinydiff sample --checkpoint runs/digits --sampler dpm++2m --steps 10     # or heun, euler (ODE solvers)
     tinydiff eval --samples runs/digits/samples/samples.npz
+    tinydiff train --data digits --text --out runs/text       # prompts: captions of the digits
+    tinydiff sample --checkpoint runs/text --prompt "a thick 7" --prompt "seven" --n 50
     tinydiff export --checkpoint runs/unet --format diffusers --out runs/unet/diffusers
     tinydiff <command> --help                 every flag, with its default
 
@@ -12,6 +14,9 @@ checks are tinydiff/config.py); `sample` is below: it loads the run (tinydiff/ru
 rebuilt from the run's config, with the EMA weights when the run has them), and
 writes OUT/samples.png (one row per label), OUT/samples.npz (images float32 (N, C, H, W) in
 [0, 1], labels int64 (N,)) and with --gif OUT/denoising.gif (noise turning into images).
+A text run (`train --text`) is asked with --prompt instead of --labels: samples.npz then also
+holds `prompts` (fixed-width unicode, (N,)), and labels is the digit each prompt names (-1: none);
+with no --sampler, --steps or --guidance it samples with samplers.TEXT_SAMPLING.
 """
 import argparse
 import io
@@ -20,11 +25,11 @@ import sys
 
 import numpy as np
 
-from tinydiff import backend, config, data, pictures, runs
+from tinydiff import backend, captions, config, data, pictures, runs
 from tinydiff import train as training
 from tinydiff.checkpoint import CheckpointError, write_atomic
 from tinydiff.philox import Philox
-from tinydiff.samplers import DEFAULT_SAMPLING, SAMPLERS
+from tinydiff.samplers import DEFAULT_SAMPLING, SAMPLERS, TEXT_SAMPLING
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -84,7 +89,9 @@ def build_parser():
     t.add_argument("--image-size", type=positive_int, help="resize images to this size (28 -> 16, or an "
                    "integer upscale; default: the data set's own size, 16 for digits)")
     t.add_argument("--out", help=f"run folder (default {d['out']})")
-    t.add_argument("--model", choices=choices["model"], help=f"default {d['model']}")
+    t.add_argument("--model", choices=choices["model"], help=f"default {d['model']}; text_unet with --text")
+    t.add_argument("--text", action="store_true", help="condition on prompts: captions derived from the "
+                   "digits (tinydiff/captions.py), a TextUNet; digits only")
     t.add_argument("--n-feat", type=positive_int, help=f"model width (default {d['n_feat']})")
     t.add_argument("--steps", type=positive_int, help="optimizer steps in all (default: from --epochs)")
     t.add_argument("--epochs", type=positive_int, help=f"passes over the data (default {config.DEFAULT_EPOCHS})")
@@ -120,19 +127,23 @@ def build_parser():
     s.add_argument("--checkpoint", required=True, help="a run folder written by `tinydiff train`, "
                    "or a .safetensors weights file (such as RUN/model.safetensors)")
     d = DEFAULT_SAMPLING
-    s.add_argument("--sampler", choices=SAMPLERS, default=d["sampler"],
+    s.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (all T steps), ddim, or an ODE solver on Karras noise levels: dpm++2m "
-                   f"(DPM-Solver++ 2M), heun, euler (default {d['sampler']})")
+                   f"(DPM-Solver++ 2M), heun, euler (default {d['sampler']}; a text run: {TEXT_SAMPLING['sampler']})")
     s.add_argument("--steps", type=positive_int, default=None,
-                   help=f"steps, 1..T (default {d['steps']}; ddpm takes exactly T, the only value it accepts)")
+                   help=f"steps, 1..T (default {d['steps']}, a text run {TEXT_SAMPLING['steps']}; ddpm takes "
+                   f"exactly T, the only value it accepts)")
     s.add_argument("--eta", type=non_negative_float, default=None,
                    help=f"ddim only: noise, 0 deterministic, 1 DDPM-like (default {d['eta']:g})")
     s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default=None,
                    help=f"ddim only: timestep spacing (default {d['spacing']})")
-    s.add_argument("--guidance", type=non_negative_float, default=1.0,
-                   help="classifier-free guidance scale s: 1 none, >1 stronger (default 1)")
+    s.add_argument("--guidance", type=non_negative_float, default=None,
+                   help=f"classifier-free guidance scale s: 1 none, >1 stronger (default 1; a text run "
+                   f"{TEXT_SAMPLING['guidance']:g})")
     s.add_argument("--labels", type=label_list, default=None, help="classes, e.g. 0,1,2 (default: all)")
-    s.add_argument("--n", type=positive_int, default=10, help="samples per label (default 10)")
+    s.add_argument("--prompt", action="append", default=None, help="a text run's prompt, e.g. \"a thick 7\"; "
+                   "repeat it for more (default: each digit's numeral, \"0\" .. \"9\")")
+    s.add_argument("--n", type=positive_int, default=10, help="samples per label or prompt (default 10)")
     s.add_argument("--seed", type=int, default=0, help="default 0")
     s.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/samples)")
     s.add_argument("--gif", action="store_true", help="also write denoising.gif, the trajectory")
@@ -194,30 +205,50 @@ def sample_command(parser, args):
     check_device(parser, args.device, args.kernels)
     backend.set_kernels(args.kernels)
     model, schedule, cfg = runs.load_run(args.checkpoint, args.device)   # EMA weights, eval mode
-    labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
-    if max(labels) >= cfg["num_classes"]:
-        parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
+    text = cfg.get("text", False)
+    if text and args.labels is not None:
+        parser.error(f"--labels: {args.checkpoint} is a text run, conditioned on prompts: ask with "
+                     f"--prompt \"a thick 7\" (repeat --prompt for more)")
+    if not text and args.prompt is not None:
+        parser.error(f"--prompt: {args.checkpoint} is conditioned on class labels, not text: ask with "
+                     f"--labels 0,1,2, or train a text run with `tinydiff train --data digits --text`")
+    if text:            # what the user asked for, one entry per group of --n images
+        asked = args.prompt if args.prompt is not None else [str(k) for k in range(10)]
+        labels = [captions.parse_prompt(p)[0] for p in asked]             # -1: no digit named
+        try:
+            model.context(asked)                                          # refuse a bad prompt before sampling
+        except ValueError as err:
+            parser.error(f"--prompt: {err}")
+    else:
+        asked = labels = args.labels if args.labels is not None else list(range(cfg["num_classes"]))
+        if max(labels) >= cfg["num_classes"]:
+            parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
+    d = TEXT_SAMPLING if text else dict(DEFAULT_SAMPLING, guidance=1.0)   # what a flag not given takes
+    args.sampler = args.sampler or d["sampler"]
+    guidance = d["guidance"] if args.guidance is None else args.guidance
     check_sampler_flags(parser, args, cfg["timesteps"])
     out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
                                    else os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
 
-    all_labels = np.repeat(np.array(labels, dtype=np.int64), args.n)    # (N,) grouped by label
-    shown = np.concatenate([np.flatnonzero(all_labels == y)[:10] for y in labels])  # the GIF's images
-    steps = schedule.T if args.sampler == "ddpm" else args.steps or DEFAULT_SAMPLING["steps"]
-    eta = DEFAULT_SAMPLING["eta"] if args.eta is None else args.eta           # ddim's
-    spacing = args.spacing or DEFAULT_SAMPLING["spacing"]
+    group = np.repeat(np.arange(len(asked)), args.n)                    # (N,) grouped by label or prompt
+    all_labels = np.array(labels, dtype=np.int64)[group]                # (N,)
+    all_asked = np.array(asked)[group]                                  # (N,) ints, or fixed-width unicode
+    shown = np.concatenate([np.flatnonzero(group == g)[:10] for g in range(len(asked))])  # the GIF's images
+    steps = schedule.T if args.sampler == "ddpm" else args.steps or min(d["steps"], schedule.T)
+    eta = d["eta"] if args.eta is None else args.eta              # ddim's
+    spacing = args.spacing or d["spacing"]
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
     rng = Philox(args.seed)                     # one stream over the chunks; the same images on CPU and GPU
-    print(f"sampling {len(all_labels)} images ({args.n} per label {labels}) with {args.sampler.upper()}-{steps}"
-          f"{f' eta {eta}' if args.sampler == 'ddim' else ''}, guidance {args.guidance}, "
-          f"{nfe(args.sampler, steps, args.guidance != 1)} network evaluations (NFE) per image, from {args.checkpoint}")
+    print(f"sampling {len(group)} images ({args.n} per {'prompt' if text else 'label'} {asked}) with "
+          f"{args.sampler.upper()}-{steps}{f' eta {eta}' if args.sampler == 'ddim' else ''}, guidance {guidance}, "
+          f"{nfe(args.sampler, steps, guidance != 1)} network evaluations (NFE) per image, from {args.checkpoint}")
 
     images, frames = [], None
-    for start in range(0, len(all_labels), args.batch_size):       # chunks of --batch-size images
-        chunk = all_labels[start:start + args.batch_size]
-        context = model.context(backend.to_device(chunk, args.device))   # the model's own conditioning
+    for start in range(0, len(group), args.batch_size):            # chunks of --batch-size images
+        chunk = all_asked[start:start + args.batch_size]
+        context = model.context(chunk.tolist() if text else backend.to_device(chunk, args.device))  # the model's
         shape = (len(chunk), cfg["in_channels"], cfg["height"], cfg["height"])
-        kwargs = dict(generator=rng, objective=cfg["objective"], guidance_scale=args.guidance,
+        kwargs = dict(generator=rng, objective=cfg["objective"], guidance_scale=guidance,
                       return_trajectory_every=every)
         with no_grad():
             result = sample(args.sampler, model, schedule, shape, context, steps=steps, eta=eta, spacing=spacing,
@@ -232,11 +263,12 @@ def sample_command(parser, args):
 
     os.makedirs(out, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, images=images.astype(np.float32), labels=all_labels)
+    prompts = {"prompts": all_asked} if text else {}               # fixed-width unicode: no pickle
+    np.savez(buf, images=images.astype(np.float32), labels=all_labels, **prompts)
     write_atomic(os.path.join(out, "samples.npz"), buf.getvalue())
     ncol = min(args.n, 10) if args.n > 20 else args.n
     pictures.write_png(os.path.join(out, "samples.png"), pictures.image_grid(
-        _pad_groups(images, all_labels, labels, ncol), ncol=ncol))
+        _pad_groups(images, group, ncol), ncol=ncol))
     written = ["samples.png", "samples.npz"]
     if frames is not None:
         k = min(args.n, 10)
@@ -247,13 +279,13 @@ def sample_command(parser, args):
     return 0
 
 
-def _pad_groups(images, all_labels, labels, ncol):
-    """Each label's images, padded with white tiles to whole rows of ncol (one label per row block)."""
+def _pad_groups(images, group, ncol):
+    """Each group's images (one label or prompt), padded with white tiles to whole rows of ncol."""
     rows = []
-    for y in labels:
-        group = images[all_labels == y]
-        blank = np.ones((-len(group) % ncol,) + images.shape[1:], dtype=images.dtype)
-        rows += [group, blank]
+    for g in np.unique(group):
+        members = images[group == g]
+        blank = np.ones((-len(members) % ncol,) + images.shape[1:], dtype=images.dtype)
+        rows += [members, blank]
     return np.concatenate(rows)
 
 
@@ -269,12 +301,20 @@ def eval_command(parser, args):
         return 1
     check_device(parser, args.device)
     try:
-        images, labels = evaluate.load_samples(args.samples)
-        result = evaluate.evaluate(images, labels, device=args.device, name=args.samples)
+        images, labels, prompts = evaluate.load_samples(args.samples)
+        named = labels >= 0                            # a text run's prompts may name no digit (-1)
+        result = (evaluate.evaluate(images[named], labels[named], device=args.device, name=args.samples)
+                  if named.sum() >= 2 else None)
+        fidelity = (evaluate.prompt_fidelity(images, labels, prompts, device=args.device, name=args.samples)
+                    if prompts is not None else None)
     except (ValueError, TypeError) as err:             # samples of the wrong shape, range, labels
         print(f"tinydiff eval: error: {err}", file=sys.stderr)
         return 1
-    print(evaluate.format_report(result, name=args.samples))
+    if result is not None:
+        print(evaluate.format_report(result, name=args.samples + (" (the prompts naming a digit)"
+                                                                  if prompts is not None else "")))
+    if fidelity is not None:
+        print(evaluate.format_fidelity(fidelity, name=args.samples))
     return 0
 
 

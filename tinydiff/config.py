@@ -16,7 +16,9 @@ DEFAULTS = dict(
     data="digits",          # "digits" or a path (see data.py)
     image_size=None,        # resize to this (None: the data set's own size; digits: 16)
     out="runs/digits",      # the run folder
-    model="contextunet",    # "contextunet" (the course's) or "unet" (modern: GroupNorm, attention)
+    model="contextunet",    # "contextunet" (the course's) or "unet" (modern: GroupNorm, attention);
+                            # "text_unet" (the UNet with cross-attention to a prompt) comes with text
+    text=False,             # prompts as context: captions derived from the digits (tinydiff/captions.py)
     n_feat=32,              # model width: channels of the first level (the course's is 64)
     steps=None,             # optimizer steps in all; None: from epochs
     epochs=None,            # passes over the data; None with steps None: DEFAULT_EPOCHS
@@ -42,10 +44,14 @@ DEFAULTS = dict(
     sample_per_class=10,    # samples.png: samples per class (one row per class)
 )
 DEFAULT_EPOCHS = 200       # 200 x 23 batches of 64 = 4600 steps
+# What --text changes among the defaults (a flag given still wins): the model that reads prompts,
+# at width 16 (channels 16, 32, 64; 0.9M parameters), whose step costs about the quick start's;
+# at 32 it costs about 4x.
+TEXT_DEFAULTS = dict(model="text_unet", n_feat=16)
 # Settings that define the model and the data: a resumed run must keep them.
-FIXED_ON_RESUME = ("data", "image_size", "model", "n_feat", "batch_size", "timesteps", "schedule",
+FIXED_ON_RESUME = ("data", "image_size", "model", "text", "n_feat", "batch_size", "timesteps", "schedule",
                    "objective", "seed", "optimizer")
-CHOICES = dict(model=("contextunet", "unet"), optimizer=("adam", "adamw"),
+CHOICES = dict(model=("contextunet", "unet", "text_unet"), optimizer=("adam", "adamw"),
                lr_schedule=("linear", "cosine", "constant"), schedule=("linear", "cosine", "sigmoid"),
                objective=("eps", "x0", "v"), device=("cpu", "cuda"), kernels=("native", "numpy"))
 
@@ -73,6 +79,13 @@ def check_config(cfg):
         raise ConfigError(f"--sample-steps {cfg['sample_steps']} exceeds --timesteps {cfg['timesteps']}")
     if cfg["time_budget"] is not None and not cfg["time_budget"] > 0:
         raise ConfigError(f"--time-budget must be a positive number of minutes, got {cfg['time_budget']}")
+    if cfg["text"] and cfg["data"] != "digits":
+        raise ConfigError(f"--text: captions are derived for the digits only (from each digit's ink and "
+                          f"slant against its class, tinydiff/captions.py); --data {cfg['data']} has none")
+    if cfg["text"] != (cfg["model"] == "text_unet"):
+        raise ConfigError("--text trains --model text_unet (the UNet with cross-attention to the prompt), "
+                          f"and text_unet takes only --text; got --model {cfg['model']}"
+                          f"{' with' if cfg['text'] else ' without'} --text")
 
 
 def resolve_config(overrides, resume):
@@ -87,9 +100,10 @@ def resolve_config(overrides, resume):
         with open(saved_path, encoding="utf-8") as f:
             saved = json.load(f)
         for key in FIXED_ON_RESUME:
-            if key in overrides and overrides[key] != saved[key]:
+            was = saved.get(key, DEFAULTS[key])      # a run saved before the setting existed had the default
+            if key in overrides and overrides[key] != was:
                 raise ConfigError(f"--{key.replace('_', '-')} {overrides[key]} differs from the run's "
-                                 f"{saved[key]} ({saved_path}): a resumed run keeps its model and data")
+                                 f"{was} ({saved_path}): a resumed run keeps its model and data")
         cfg.update(saved)
         cfg["out"] = overrides["out"]            # the folder may have moved since
         if "epochs" in overrides and "steps" not in overrides:
@@ -101,5 +115,7 @@ def resolve_config(overrides, resume):
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(unknown)}")
     cfg.update(overrides)
+    if overrides.get("text") and not resume:     # --text alone picks the model that reads prompts
+        cfg.update({k: v for k, v in TEXT_DEFAULTS.items() if k not in overrides})
     check_config(cfg)
     return cfg

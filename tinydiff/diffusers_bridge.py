@@ -190,7 +190,7 @@ def _run_model(run):
     from tinydiff.diffusion import NoiseSchedule
     from tinydiff.runs import find_weights, model_from_config
     cfg, weights = find_weights(str(run))
-    if cfg.get("conditioning") == "text" or "text_encoder" in cfg:
+    if cfg.get("text") or cfg["model"] == "text_unet":     # `tinydiff train --text`
         raise ValueError(f"{run}: a text-conditioned run cannot be exported: UNet2DModel has no "
                          f"cross-attention to a text encoder (that is UNet2DConditionModel)")
     if cfg["model"] != "unet":

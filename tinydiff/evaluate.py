@@ -23,12 +23,22 @@ The test split is the one `tinydiff.data` holds out from diffusion training, so 
 classifier nor the diffusion model has seen the reference digits.
 
 Images are NCHW float in [0, 1], 1 x 16 x 16, as `tinydiff sample` writes them to samples.npz.
+
+Prompt fidelity (a text run's samples.npz also holds `prompts`, and labels -1 where a prompt names
+no digit): per prompt, with parse_prompt and the attribute functions that made the captions
+(tinydiff/captions.py),
+  class     the accuracy above, over the samples of prompts that name a digit
+  weight    the fraction of samples on the prompted side of the median ink of the real training
+            digits of the class (the prompt's digit; the classifier's where it names none)
+  slant     the same with the median slant
+  frechet   with its floor, for the prompts that name a digit and nothing else (class-only)
+The held-out combinations (captions.HELD_OUT) are summed up apart from the others.
 """
 import os
 
 import numpy as np
 
-from tinydiff import backend, data, nn
+from tinydiff import backend, captions, data, nn
 from tinydiff.checkpoint import load_weights
 from tinydiff import functional as F
 from tinydiff.tensor import Tensor, no_grad
@@ -118,9 +128,10 @@ def frechet_of_features(f1, f2):
 # Checking what we are given
 
 
-def check_samples(images, labels, name="samples"):
-    """Refuse anything that is not N x 1 x 16 x 16 float in [0, 1] with N integer labels 0..9.
-    `name` (a file name) is put in every message. Returns (images float32, labels int64)."""
+def check_samples(images, labels, name="samples", unnamed_ok=False):
+    """Refuse anything that is not N x 1 x 16 x 16 float in [0, 1] with N integer labels 0..9
+    (or -1, a prompt that names no digit, when `unnamed_ok`). `name` (a file name) is put in
+    every message. Returns (images float32, labels int64)."""
     if labels is None:
         raise ValueError(f"{name}: no labels; a conditional accuracy needs the label each sample "
                          f"was generated for ('labels', int, shape (N,))")
@@ -142,13 +153,32 @@ def check_samples(images, labels, name="samples"):
     if labels.shape != (len(images),):
         raise ValueError(f"{name}: labels have shape {labels.shape}, expected ({len(images)},): "
                          f"one label per image")
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"{name}: labels must be digits 0..9, got min {labels.min()}, max {labels.max()}")
+    if labels.min() < (-1 if unnamed_ok else 0) or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{name}: labels must be digits 0..9{' (or -1: no digit named)' if unnamed_ok else ''}, "
+                         f"got min {labels.min()}, max {labels.max()}")
     return images.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
 
 
+def check_prompts(prompts, labels, name="samples"):
+    """Refuse prompts that are not a fixed-width unicode array (N,) whose digits are the labels."""
+    prompts = np.asarray(prompts)
+    if prompts.dtype.kind != "U":
+        raise TypeError(f"{name}: prompts must be a fixed-width unicode array (loads without pickle), "
+                        f"got dtype {prompts.dtype}")
+    if prompts.shape != labels.shape:
+        raise ValueError(f"{name}: prompts have shape {prompts.shape}, expected {labels.shape}: one per image")
+    for prompt in np.unique(prompts):
+        named = captions.parse_prompt(str(prompt))[0]
+        wrong = np.unique(labels[prompts == prompt])
+        if wrong.tolist() != [named]:
+            raise ValueError(f"{name}: the prompt {str(prompt)!r} names digit {named}, but its images "
+                             f"have labels {wrong.tolist()}")
+    return prompts
+
+
 def load_samples(path):
-    """(images, labels) from a samples.npz written by `tinydiff sample`, checked."""
+    """(images, labels, prompts) from a samples.npz written by `tinydiff sample`, checked; prompts
+    is None for a label-conditioned run's samples."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file (make one with `tinydiff sample ... --out DIR`)")
     try:
@@ -158,7 +188,9 @@ def load_samples(path):
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
     if "images" not in arrays:
         raise ValueError(f"{path}: no 'images' array (found {sorted(arrays)})")
-    return check_samples(arrays["images"], arrays.get("labels"), name=path)
+    prompted = "prompts" in arrays
+    images, labels = check_samples(arrays["images"], arrays.get("labels"), name=path, unnamed_ok=prompted)
+    return images, labels, check_prompts(arrays["prompts"], labels, path) if prompted else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +221,20 @@ def evaluate(images, labels, classifier=None, device="cpu", name="samples"):
     images, labels = check_samples(images, labels, name)
     model = classifier if classifier is not None else load_classifier(device=device)
     logits, feats = classify(model, images)
-    train_f, train_y, test_f, test_y = _real_features(model)
-
     accuracy = float((logits.argmax(axis=1) == labels).mean())
     classes = np.unique(labels)
     per_class = {int(c): float((logits[labels == c].argmax(axis=1) == c).mean()) for c in classes}
 
+    frechet, floor, n_reference = frechet_and_floor(feats, labels, model)
+    return {"n": len(images), "accuracy": accuracy, "per_class": per_class, "frechet": frechet,
+            "floor": floor, "ratio": frechet / floor if floor > 0 else float("inf"),
+            "n_reference": n_reference}
+
+
+def frechet_and_floor(feats, labels, model):
+    """(frechet, floor, n_reference) of sample features (N, 64) generated for labels (N,)."""
+    train_f, train_y, test_f, test_y = _real_features(model)
+    classes = np.unique(labels)
     reference = test_f[np.isin(test_y, classes)]                   # held-out digits of these classes
     frechet = frechet_of_features(feats, reference)
 
@@ -204,10 +244,7 @@ def evaluate(images, labels, classifier=None, device="cpu", name="samples"):
         pick = np.concatenate([rng.permutation(np.flatnonzero(train_y == c))[:(labels == c).sum()]
                                for c in classes])
         floors.append(frechet_of_features(train_f[pick], reference))
-    floor = float(np.mean(floors))
-    return {"n": len(images), "accuracy": accuracy, "per_class": per_class, "frechet": frechet,
-            "floor": floor, "ratio": frechet / floor if floor > 0 else float("inf"),
-            "n_reference": len(reference)}
+    return frechet, float(np.mean(floors)), len(reference)
 
 
 def format_report(result, name="samples"):
@@ -219,3 +256,97 @@ def format_report(result, name="samples"):
             f"  real-data floor       {result['floor']:.3f}   (train digits with the same label counts, "
             f"mean of {FLOOR_DRAWS} draws)\n"
             f"  ratio                 {result['ratio']:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt fidelity: does each picture show what its prompt asked for?
+
+_medians_cache = []       # [(ink medians (10,), slant medians (10,))] of the real training digits
+
+
+def _class_medians():
+    if not _medians_cache:
+        c = captions.digit_captions()
+        _medians_cache[:] = [(c.ink_median, c.slant_median)]
+    return _medians_cache[0]
+
+
+def is_held_out(digit, weight, lean):
+    """Whether a parsed prompt (digit, weight, lean) names one of captions.HELD_OUT."""
+    asked = {("weight", weight), ("lean", lean)}
+    return any(d == digit and captions.ATTRIBUTE_OF_WORD[word] in asked for d, word in captions.HELD_OUT)
+
+
+def prompt_fidelity(images, labels, prompts, classifier=None, device="cpu", name="samples"):
+    """Score samples (N, 1, 16, 16) in [0, 1] generated for `prompts` (N,) str, with `labels` (N,)
+    the digit each names (-1: none). Returns a dict:
+        prompts     one row per prompt, in the order of first appearance: prompt, n, digit, weight,
+                    lean (as parse_prompt), held_out, then the scores below (None where the prompt
+                    does not ask for it), and frechet, floor, ratio for class-only prompts
+        overall     the scores over every sample of the prompts that are not held out
+        held_out    the same over the held-out prompts (None when there are none)
+        class_only  frechet, floor, ratio, n over all class-only prompts' samples (None when none)
+    The scores: accuracy (of the prompts naming a digit), weight and slant (the fraction on the
+    prompted side of the class's median ink, slant)."""
+    images, labels = check_samples(images, labels, name, unnamed_ok=True)
+    prompts = check_prompts(prompts, labels, name)
+    model = classifier if classifier is not None else load_classifier(device=device)
+    logits, feats = classify(model, images)
+    ink_median, slant_median = _class_medians()
+    judged = np.where(labels >= 0, labels, logits.argmax(axis=1))     # the class whose medians judge
+    ink_side = np.sign(captions.ink(images) - ink_median[judged])      # (N,) +1 above the median
+    slant_side = np.sign(captions.slant(images) - slant_median[judged])
+
+    order = list(dict.fromkeys(prompts.tolist()))
+    asked = {p: captions.parse_prompt(p) for p in order}               # prompt -> (digit, weight, lean)
+    weight = np.array([asked[p][1] for p in prompts.tolist()])         # (N,) the sides asked for
+    lean = np.array([asked[p][2] for p in prompts.tolist()])
+    held = np.array([is_held_out(*asked[p]) for p in prompts.tolist()], dtype=bool)
+    class_only = np.array([asked[p][0] >= 0 and asked[p][1:] == (0, 0) for p in prompts.tolist()], dtype=bool)
+
+    def scores(m):                       # the three fractions over the samples in mask m
+        fraction = lambda ok, where: float(ok[where].mean()) if where.any() else None
+        return {"n": int(m.sum()),
+                "accuracy": fraction(logits.argmax(axis=1) == labels, m & (labels >= 0)),
+                "weight": fraction(ink_side == weight, m & (weight != 0)),
+                "slant": fraction(slant_side == lean, m & (lean != 0))}
+
+    def distance(m):
+        if m.sum() < 2:                  # a covariance needs two samples
+            return {"frechet": None, "floor": None, "ratio": None}
+        frechet, floor, _ = frechet_and_floor(feats[m], labels[m], model)
+        return {"frechet": frechet, "floor": floor, "ratio": frechet / floor if floor > 0 else float("inf")}
+
+    rows = []
+    for p in order:
+        m = prompts == p
+        digit, w, l = asked[p]
+        row = dict(prompt=p, digit=digit, weight_asked=w, lean_asked=l, held_out=bool(held[m][0]), **scores(m))
+        row.update(distance(m) if class_only[m][0] else {"frechet": None, "floor": None, "ratio": None})
+        rows.append(row)
+    return {"prompts": rows, "overall": scores(~held), "held_out": scores(held) if held.any() else None,
+            "class_only": dict(n=int(class_only.sum()), **distance(class_only)) if class_only.any() else None}
+
+
+def format_fidelity(result, name="samples"):
+    """The prompt fidelity as a table: one row per prompt, then the summaries."""
+    pct = lambda v: "-" if v is None else f"{v:.1%}"
+    num = lambda v, f: "-" if v is None else format(v, f)
+    width = max([len(repr(r["prompt"])) + 12 * r["held_out"] for r in result["prompts"]] + [34])
+    lines = [f"{name}: prompt fidelity (class: classifier accuracy; weight, slant: samples on the prompted "
+             f"side of the class's median; FD and floor for class-only prompts)",
+             f"  {'prompt':<{width}} {'n':>5} {'class':>7} {'weight':>7} {'slant':>7} {'FD':>7} {'floor':>7} {'ratio':>6}"]
+
+    def line(label, r):
+        return (f"  {label:<{width}} {r['n']:>5} {pct(r['accuracy']):>7} {pct(r['weight']):>7} {pct(r['slant']):>7} "
+                f"{num(r.get('frechet'), '.3f'):>7} {num(r.get('floor'), '.3f'):>7} "
+                f"{num(r.get('ratio'), '.2f') + ('x' if r.get('ratio') is not None else ''):>6}")
+    for r in result["prompts"]:
+        lines.append(line(repr(r["prompt"]) + ("  (held out)" if r["held_out"] else ""), r))
+    lines.append(line("all prompts but the held-out ones", result["overall"]))
+    if result["held_out"] is not None:
+        lines.append(line("the held-out combinations", result["held_out"]))
+    if result["class_only"] is not None:
+        c = result["class_only"]
+        lines.append(line("class-only prompts, pooled", dict(c, accuracy=None, weight=None, slant=None)))
+    return "\n".join(lines)

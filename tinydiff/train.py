@@ -7,6 +7,7 @@
 
 Each step (DDPM Alg. 1, with the course's context masking for classifier-free guidance):
     draw a batch x0 with its labels y, c = model.context(y)  (data.Batches: seeded, resumable)
+        (--text: c = model.context(captions), a fresh caption of each image: captions.py)
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps)  (DDPM eq. 4, in training_loss)
     replace c by the null context for `context_drop` of the batch  (Ho & Salimans Alg. 1)
     loss = |target - model(x_t, t, c)|^2,  target = eps, x0 or v  (DDPM eq. 14)
@@ -38,7 +39,7 @@ import time
 
 import numpy as np
 
-from tinydiff import backend, checkpoint, data, optim, pictures, runs, unet
+from tinydiff import backend, captions, checkpoint, data, optim, pictures, runs, unet
 from tinydiff.config import DEFAULT_EPOCHS, ConfigError, resolve_config
 from tinydiff.diffusion import NoiseSchedule, training_loss
 from tinydiff.interrupt import StopFlag
@@ -59,6 +60,7 @@ class TrainingDiverged(RuntimeError):
 # its warm-up), which does not depend on the total.
 PLAN_FROM, PLAN_STEPS = 5, 20
 PLAN_RESERVE = 0.03               # of the budget, for checkpoints and the final pictures
+CAPTION_STREAM = 1                # --text: the captions' generator is seeded with (seed, CAPTION_STREAM)
 
 
 def plan_steps(step, seconds_per_step, seconds_left):
@@ -104,6 +106,10 @@ def _train(cfg, resume, progress):
         if resume:
             runs.check_unet_layout(cfg, out)
         cfg["unet_layout"] = unet.LAYOUT                                      # the module structure saved
+    if cfg["text"]:               # the words the model reads, saved with it (config.json, model.safetensors)
+        cfg["vocabulary"] = captions.caption_vocabulary()
+        texts = captions.DigitCaptions(np.clip((images + 1) / 2, 0, 1), labels)   # thirds of these digits
+        caption_rng = np.random.default_rng([cfg["seed"], CAPTION_STREAM])          # its state: in the checkpoint
     images_dev = backend.to_device(images, device)                            # (N, C, H, W)
     labels_dev = backend.to_device(labels, device)                            # (N,) int64
 
@@ -124,6 +130,8 @@ def _train(cfg, resume, progress):
         info = checkpoint.load_checkpoint(out, model, opt, ema)
         step, losses = info["step"], list(np.asarray(info["extra"]["losses"]).tolist())
         batches.load_state_dict(info["extra"]["batches"])
+        if cfg["text"]:
+            caption_rng.bit_generator.state = info["extra"]["caption_rng"]
         if total is not None and step > total:
             raise ConfigError(f"{out} is at step {step}, past the {total} steps asked for: give more --steps")
     os.makedirs(out, exist_ok=True)
@@ -143,7 +151,8 @@ def _train(cfg, resume, progress):
             while total is None or step < total:
                 idx = batches.next()                                  # (B,) indices into the data
                 x0 = images_dev[idx]                                  # (B, C, H, W) in [-1, 1]
-                context = model.context(labels_dev[idx])              # the model's: (B, K) one-hot, (B,) ...
+                asked = texts.captions(idx, caption_rng) if cfg["text"] else labels_dev[idx]   # B captions, or labels
+                context = model.context(asked)                        # the model's: (B, K) one-hot, (B, L) ids, ...
                 opt.lr = learning_rate(cfg, step, total)
                 loss = training_loss(model, schedule, x0, context, cfg["objective"],
                                      context_drop=cfg["context_drop"])
@@ -181,7 +190,7 @@ def _train(cfg, resume, progress):
 
                 out_of_time = cfg["time_budget"] is not None and time.time() - start > 60 * cfg["time_budget"]
                 if step % cfg["checkpoint_every"] == 0 or step == total or stop.requested or out_of_time:
-                    save_run(cfg, model, opt, ema, step, batches, losses)
+                    save_run(cfg, model, opt, ema, step, batches, losses, caption_rng if cfg["text"] else None)
                 if stop.requested or out_of_time:
                     bar.write(f"stopped at step {step}/{total} ({'Ctrl-C' if stop.requested else 'time budget'}); "
                               f"continue with: tinydiff train --out {out} --resume")
@@ -202,7 +211,8 @@ def preview_samples(model, schedule, cfg):
     """DDIM samples, cfg["sample_per_class"] for each class (up to 20 classes), in [0, 1]."""
     classes = np.arange(min(cfg["num_classes"], 20))
     labels = np.repeat(classes, cfg["sample_per_class"])                      # (N,)
-    context = model.context(backend.to_device(labels, cfg["device"]))         # the model's context
+    asked = [str(y) for y in labels] if cfg.get("text") else backend.to_device(labels, cfg["device"])
+    context = model.context(asked)                                            # the model's context
     shape = (len(labels), cfg["in_channels"], cfg["height"], cfg["height"])
     model.eval()
     with no_grad():
@@ -212,15 +222,18 @@ def preview_samples(model, schedule, cfg):
     return pictures.to_unit(backend.to_device(x, "cpu"))
 
 
-def save_run(cfg, model, opt, ema, step, batches, losses):
-    """The checkpoint (everything --resume needs) and model.safetensors (the weights to sample with),
-    unless a weight went bad: then nothing is written and the last checkpoint stays as it was."""
+def save_run(cfg, model, opt, ema, step, batches, losses, caption_rng=None):
+    """The checkpoint (everything --resume needs: with --text the captions' generator too) and
+    model.safetensors (the weights to sample with), unless a weight went bad: then nothing is
+    written and the last checkpoint stays as it was."""
     out = cfg["out"]
     for name, p in model.named_parameters():
         if not bool(p.xp.isfinite(p.data).all()):
             raise TrainingDiverged(f"step {step}: weight {name} is NaN or infinite; "
                                    f"the last checkpoint in {out} is left as it was")
     extra = {"batches": batches.state_dict(), "losses": np.asarray(losses, dtype=np.float64)}
+    if caption_rng is not None:
+        extra["caption_rng"] = caption_rng.bit_generator.state
     checkpoint.save_checkpoint(out, model, opt, step, ema=ema, extra=extra, config=cfg)
     checkpoint.save_weights(ema.state_dict() if ema else model, os.path.join(out, "model.safetensors"),
                             metadata={"tinydiff.config": json.dumps(cfg), "step": str(step)})
