@@ -37,6 +37,7 @@ import numpy as np
 
 from tinydiff import backend, evaluate, pictures, runs, train
 from tinydiff.config import ConfigError
+from tinydiff.philox import Philox
 from tinydiff.samplers import DEFAULT_SAMPLING, nfe, sample
 from tinydiff.tensor import no_grad
 
@@ -89,8 +90,7 @@ def main(argv=None):
     labels = np.repeat(np.arange(cfg["num_classes"]), per_class)   # (N,)
     how = dict(DEFAULT_SAMPLING, steps=min(DEFAULT_SAMPLING["steps"], cfg["timesteps"]))
     name = f"{how['sampler'].upper()}-{how['steps']} eta {how['eta']:g} ({nfe(how['sampler'], how['steps'])} NFE)"
-    rng = (np.random.default_rng(0) if args.device == "cpu"         # `tinydiff sample`'s --seed 0
-           else backend.cupy_module().random.default_rng(0))
+    rng = Philox(0)                                                # `tinydiff sample`'s --seed 0
     t0 = time.time()
     images = []
     for chunk in np.split(labels, range(100, len(labels), 100)):   # `tinydiff sample`'s --batch-size 100
