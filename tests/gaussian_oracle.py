@@ -122,7 +122,8 @@ def sample_moments(x):
 def ode_endpoint_error(sampler, schedule, steps, mu=0.3, sd=0.5, x_T=None):
     """max |x - exact| at the sampler's own last noise level before its final jump to sigma = 0 (or to
     DDIM's t = -1), with the exact denoiser, in float64: the global error of the ODE solver alone.
-    sampler: "ddim" (eta 0, linspace spacing: it ends at t = 0 for every step count), "euler", "heun", "dpm++2m"."""
+    sampler: "ddim" (eta 0, linspace spacing: it ends at t = 0 for every step count), "euler", "heun", "dpm++2m"
+    (on Karras levels, which also end at sigma_min for every step count)."""
     from tinydiff.samplers import (ddim_sample, dpm_solver_sample, euler_sample, heun_sample, karras_sigmas,
                                    vp_sigmas)
     sigma = vp_sigmas(schedule)
@@ -134,7 +135,7 @@ def ode_endpoint_error(sampler, schedule, steps, mu=0.3, sd=0.5, x_T=None):
         last = sigma[ddim_timesteps(schedule.T, steps, "linspace")[0][-1]]
     else:
         run = {"euler": euler_sample, "heun": heun_sample, "dpm++2m": dpm_solver_sample}[sampler]
-        _, trajectory = run(model, schedule, x_T.shape, steps=steps, **kw)
+        _, trajectory = run(model, schedule, x_T.shape, sigmas=karras_sigmas(schedule, steps), **kw)
         last = karras_sigmas(schedule, steps)[-2]
     return float(np.abs(trajectory[-2] - ode_solution(x_T, sigma[-1], last, mu, sd)).max())
 

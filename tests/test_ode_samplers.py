@@ -11,7 +11,7 @@ from tinydiff import backend
 from tinydiff.diffusion import NoiseSchedule
 from tinydiff.samplers import (SAMPLERS, alpha_bar_at, ddim_sample, ddim_timesteps, ddpm_sample,
                                dpm_solver_sample, euler_sample, heun_sample, karras_sigmas, nfe, sigma_to_t,
-                               vp_sigmas)
+                               timestep_sigmas, vp_sigmas)
 from tinydiff.tensor import Tensor
 
 from gaussian_oracle import GaussianOracle, convergence_order, eps_given_xt, ode_endpoint_error, x0_given_xt
@@ -95,16 +95,22 @@ def test_karras_sigmas_eq_5():
 
 
 def test_ode_samplers_call_the_model_at_fractional_timesteps():
+    """On Karras levels (Euler's and Heun's default) the model is called between the trained timesteps;
+    DPM-Solver++'s default levels are DDIM's trailing timesteps, which it calls exactly."""
     s = NoiseSchedule("linear", timesteps=100)
     for name in ODE:
         model = GaussianOracle(s)
-        run(name, model, s, (2, 1, 2, 2), 6, seed=0)
+        run(name, model, s, (2, 1, 2, 2), 6, seed=0, sigmas=karras_sigmas(s, 6))
         called = np.array([c[0] for c in model.calls])
         k = karras_sigmas(s, 6)[:-1]
         want = sigma_to_t(s, k) if name != "heun" else np.concatenate([[sigma_to_t(s, k[0])]] +
                                                                       [sigma_to_t(s, [a, a]) for a in k[1:]])
         assert np.allclose(called, want, atol=1e-9), (name, called, want)
         assert called.dtype == np.float64 and np.any(np.abs(called - np.round(called)) > 0.01), name
+    model = GaussianOracle(s)
+    run("dpm++2m", model, s, (2, 1, 2, 2), 6, seed=0)
+    called = np.array([c[0] for c in model.calls])
+    assert np.allclose(called, ddim_timesteps(s.T, 6, "trailing")[0], atol=1e-6), called
 
 
 @pytest.mark.parametrize("kind", ["ContextUnet", "UNet"])
@@ -293,11 +299,13 @@ def _diffusers():
     return torch, diffusers
 
 
-@pytest.mark.parametrize("name", list(ODE))
-def test_agrees_with_diffusers_step_by_step(name):
-    """tinydiff against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, Karras sigmas,
-    final sigma 0 taken at first order), EulerDiscreteScheduler and HeunDiscreteScheduler (Karras
-    sigmas), on the exact Gaussian model evaluated at each scheduler's own noise level.
+@pytest.mark.parametrize("name, grid", [("dpm++2m", "timesteps"), ("dpm++2m", "karras"), ("euler", "karras"),
+                                          ("heun", "karras")])
+def test_agrees_with_diffusers_step_by_step(name, grid):
+    """tinydiff against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, final sigma 0
+    taken at first order; on the trailing timesteps, our default, and on Karras sigmas),
+    EulerDiscreteScheduler and HeunDiscreteScheduler (Karras sigmas), on the exact Gaussian model
+    evaluated at each scheduler's own noise level.
 
     Conventions that differ, and why ours stand:
     - diffusers computes alphas_cumprod in float32, ours in float64: from the same float32 betas the
@@ -314,27 +322,29 @@ def test_agrees_with_diffusers_step_by_step(name):
     T, N, mu, sd = 1000, 10, 0.3, 0.5
     betas = np.linspace(1e-4, 0.02, T).astype(np.float32)
     if name == "dpm++2m":
+        spacing = dict(timestep_spacing="trailing") if grid == "timesteps" else dict(use_karras_sigmas=True)
         sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=betas, algorithm_type="dpmsolver++",
-                                                      solver_order=2, use_karras_sigmas=True, final_sigmas_type="zero",
-                                                      lower_order_final=True, prediction_type="epsilon")
+                                                      solver_order=2, final_sigmas_type="zero", lower_order_final=True,
+                                                      prediction_type="epsilon", **spacing)
     else:
         cls = diffusers.EulerDiscreteScheduler if name == "euler" else diffusers.HeunDiscreteScheduler
         sched = cls(num_train_timesteps=T, trained_betas=betas, use_karras_sigmas=True, timestep_spacing="linspace",
                     prediction_type="epsilon")
     sched.set_timesteps(N)
     theirs = sched.sigmas.double().numpy()
-    levels = theirs if name != "heun" else np.concatenate([theirs[:1], theirs[1:-1:2], theirs[-1:]])  # Heun repeats each
     assert len(sched.timesteps) == nfe(name, N)
     plain = NoiseSchedule(betas=betas.astype(np.float64))
-    off = (np.abs(karras_sigmas(plain, N) - levels)[:-1] / levels[:-1]).max()      # relative, per level
+    ours_of = karras_sigmas if grid == "karras" else timestep_sigmas
+    levels = theirs if name != "heun" else np.concatenate([theirs[:1], theirs[1:-1:2], theirs[-1:]])  # Heun repeats each
+    off = (np.abs(ours_of(plain, N) - levels)[:-1] / levels[:-1]).max()        # relative, per level
     assert off < 2e-4                                                          # float32 alphas_cumprod only
     ac = sched.alphas_cumprod.double().numpy()
     s = NoiseSchedule(betas=1 - ac / np.append(1.0, ac[:-1]))                  # diffusers' own alpha_bar
-    ours_levels = karras_sigmas(s, N)
+    ours_levels = ours_of(s, N)
     assert np.abs(ours_levels - levels).max() / levels[0] < 1e-6               # float32 sigmas
 
     x_T = np.random.default_rng(0).standard_normal((2, 1, 3, 3))
-    _, ours = ODE[name](GaussianOracle(s, mu, sd), s, x_T.shape, steps=N, x_T=x_T, dtype=np.float64,
+    _, ours = ODE[name](GaussianOracle(s, mu, sd), s, x_T.shape, sigmas=ours_levels, x_T=x_T, dtype=np.float64,
                         return_trajectory_every=1)
     sample = torch.tensor(x_T) * (1.0 if name == "dpm++2m" else float(math.sqrt(1 + theirs[0] ** 2)))
     steps = []
