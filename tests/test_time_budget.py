@@ -10,6 +10,14 @@ from tinydiff import checkpoint, train
 TINY = dict(n_feat=8, batch_size=8, timesteps=10, sample_steps=2, sample_per_class=1, checkpoint_every=7, warmup=10)
 
 
+@pytest.fixture(autouse=True)
+def short_plan(monkeypatch):
+    """The planning window scaled down to these tiny runs: steps 5 to 25 timed, 3% kept in reserve."""
+    monkeypatch.setattr(train, "PLAN_FROM", 5)
+    monkeypatch.setattr(train, "PLAN_STEPS", 20)
+    monkeypatch.setattr(train, "PLAN_RESERVE", 0.03)
+
+
 def test_plan_steps_counts_what_fits():
     assert train.plan_steps(25, 0.1, 10.0) == 125                 # 100 more steps of 0.1 s
     assert train.plan_steps(25, 0.1, -3.0) == 26                  # the budget already spent: one more
