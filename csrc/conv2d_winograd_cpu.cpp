@@ -208,15 +208,22 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
     }
 }
 
-// Where Winograd applies: 3x3, stride 1, and C within one k block of the GEMM
+// Where Winograd applies: 3x3, stride 1, C within one k block of the GEMM, and (AVX-512) output
+// rows of at least 4 tiles (7 pixels). In narrower images no run of 4 tiles shares a tile row, so
+// the data transform reads every value of every patch on its own, and with 16-float vectors the
+// multiplies it saves no longer pay for that: at 4x4, 128 channels (Intel Xeon, 2 threads) "gemm"
+// took 0.70x (batch 64) and 0.87x (batch 100) its time in the AVX-512 build, but 0.98x and 1.07x
+// in the AVX2 build.
+constexpr int64_t WINOGRAD_MIN_WIDTH = VEC_BYTES >= 64 ? 7 : 1;
 template <typename T>
-static bool winograd_fits(const ConvShape& s, int64_t in_channels) {
-    return s.kh == 3 && s.kw == 3 && s.stride == 1 && in_channels <= gemm_kc_max<T>() && in_channels > 0;
+static bool winograd_fits(const ConvShape& s, int64_t in_channels, int64_t out_width) {
+    return s.kh == 3 && s.kw == 3 && s.stride == 1 && in_channels <= gemm_kc_max<T>() && in_channels > 0
+           && out_width >= WINOGRAD_MIN_WIDTH;
 }
 
 template <typename T>
 void conv2d_forward_winograd(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
-    if (!winograd_fits<T>(s, s.C) || s.N * s.OH * s.OW == 0) return conv2d_forward_gemm<T>(out, x, w, b, s);
+    if (!winograd_fits<T>(s, s.C, s.OW) || s.N * s.OH * s.OW == 0) return conv2d_forward_gemm<T>(out, x, w, b, s);
     with_tile_rows(s.O, [&](auto mr) {
         constexpr int MR = mr();
         AlignedBuffer<T> u(16 * ceil_div(s.O, MR) * MR * s.C);
@@ -228,7 +235,7 @@ void conv2d_forward_winograd(T* out, const T* x, const T* w, const T* b, const C
 // dx[n,c] = the stride-1 convolution of dout padded by 2-p with w'(c, o, u, v) = w(o, c, 2-u, 2-v)
 template <typename T>
 void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const ConvShape& s) {
-    if (!winograd_fits<T>(s, s.O) || s.pad > 2 || s.N * s.H * s.W == 0) return conv2d_backward_input_gemm<T>(dx, dout, w, s);
+    if (!winograd_fits<T>(s, s.O, s.W) || s.pad > 2 || s.N * s.H * s.W == 0) return conv2d_backward_input_gemm<T>(dx, dout, w, s);
     with_tile_rows(s.C, [&](auto mr) {
         constexpr int MR = mr();
         AlignedBuffer<T> u(16 * ceil_div(s.C, MR) * MR * s.O);
@@ -356,8 +363,10 @@ template <typename T>
 void conv2d_backward_weight_winograd(T* dw, const T* dout, const T* x, const ConvShape& s) {
     // Its transforms cost as much as the multiplies it saves until both sides are wide: on a Zen 4
     // (AVX2 build, one thread) it took 0.84-0.96x "gemm"'s time from 32 -> 64 channels up, but 0.98x
-    // at 32 -> 32 and 1.05x at 64 -> 32 (and far more with 1 channel in or out): "gemm" below that.
-    if (s.kh != 3 || s.kw != 3 || s.stride != 1 || s.N * s.OH * s.OW == 0 || s.C < 32 || s.O < 64)
+    // at 32 -> 32 and 1.05x at 64 -> 32 (and far more with 1 channel in or out): "gemm" below that,
+    // and in images narrower than WINOGRAD_MIN_WIDTH.
+    if (s.kh != 3 || s.kw != 3 || s.stride != 1 || s.N * s.OH * s.OW == 0 || s.C < 32 || s.O < 64
+        || s.OW < WINOGRAD_MIN_WIDTH)
         return conv2d_backward_weight_gemm<T>(dw, dout, x, s);
     with_tile_rows(s.O, [&](auto mr) { winograd_backward_weight<T, mr()>(dw, dout, x, s); });
 }

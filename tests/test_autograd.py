@@ -261,7 +261,9 @@ def test_detach_shares_values_and_stops_gradients():
 
 
 @pytest.mark.parametrize("grad_shape, shape", [((3, 4, 5), (3, 1, 5)), ((3, 4, 5), (4, 5)), ((2, 3), ()),
-                                               ((2, 3), (2, 1)), ((2, 3), (2, 3)), ((6, 1, 2), (1, 1))])
+                                               ((2, 3), (2, 1)), ((2, 3), (2, 3)), ((6, 1, 2), (1, 1)),
+                                               ((4, 3, 5, 2), (4, 3, 1, 1)), ((4, 3, 5, 2), (3, 1, 1)),
+                                               ((2, 3, 4), (2, 3, 1)), ((2, 3, 4), (1, 3, 1))])
 def test_unbroadcast_sums_back_to_the_shape(grad_shape, shape):
     grad = np.random.default_rng(0).standard_normal(grad_shape)
     out = unbroadcast(grad, shape)
@@ -269,6 +271,19 @@ def test_unbroadcast_sums_back_to_the_shape(grad_shape, shape):
     # summing the gradient back is the adjoint of broadcasting: <unbroadcast(g), v> = <g, broadcast(v)>
     v = np.random.default_rng(1).standard_normal(shape)
     np.testing.assert_allclose((out * v).sum(), (grad * np.broadcast_to(v, grad_shape)).sum())
+
+
+@pytest.mark.parametrize("grad_shape, shape", [((4, 3, 5, 2), (4, 3, 1, 1)), ((7, 5, 3), (7, 1, 1)),
+                                               ((2, 3, 4), (2, 3, 1)), ((0, 3, 2), (0, 3, 1)), ((3, 1, 2), (3, 1, 1))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unbroadcast_over_trailing_axes_equals_numpy_sum(grad_shape, shape, dtype):
+    # the trailing-axes path (a matrix-vector product) against NumPy's own sum, on strided input too
+    grad = np.random.default_rng(0).standard_normal(grad_shape).astype(dtype)
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad_shape[i] != 1)
+    for g in (grad, np.asfortranarray(grad)):
+        out = unbroadcast(g, shape)
+        assert out.shape == shape and out.dtype == dtype
+        np.testing.assert_allclose(out, g.sum(axis=axes, keepdims=True), rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 def test_getitem_adds_repeated_indices():

@@ -83,7 +83,13 @@ FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
     (1, 48, 5, 5, 4, 3, 2, 1, 1),       # 48 channels: a vector's taps start mid-panel
     (2, 8, 7, 7, 5, 3, 3, 2, 1),        # 8 channels: whole float64 vectors
     (2, 3, 8, 8, 4, 3, 3, 1, 1),        # 8-wide rows: whole float64 vectors, half float32 ones
-    # 3x3 stride 1, Winograd's shapes: 2x2 output tiles, cut at odd edges; blocks of tiles across rows and samples
+    # 3x3 stride 1, Winograd's shapes: 2x2 output tiles, cut at odd edges; blocks of tiles across rows and
+    # samples. The AVX-512 build runs Winograd on output rows of 7 pixels or more (WINOGRAD_MIN_WIDTH):
+    # there the narrower ones check the fallback to "gemm", the wider ones the same cases in Winograd.
+    (1, 3, 7, 9, 4, 3, 3, 1, 0),        # no padding, odd, non-square: tiles cut at the bottom and right
+    (2, 5, 9, 7, 7, 3, 3, 1, 2),        # padding 2 (backward input: padding 0)
+    (2, 33, 5, 8, 65, 3, 3, 1, 1),      # Winograd's backward weight, with partial panels
+    (1, 40, 3, 9, 64, 3, 3, 1, 0),      # ... one row of 4 tiles, no padding
     (1, 3, 5, 7, 4, 3, 3, 1, 0),        # no padding, odd, non-square: tiles cut at the bottom and right
     (2, 5, 9, 6, 7, 3, 3, 1, 2),        # padding 2 (backward input: padding 0)
     (1, 2, 4, 3, 3, 3, 3, 1, 3),        # padding 3: backward input falls back to "gemm"

@@ -18,9 +18,15 @@ def unbroadcast(grad, shape):
     """Sum `grad` down to `shape`: the backward of NumPy broadcasting (e.g. (3,1,5)*(4,5))."""
     while grad.ndim > len(shape):          # leading axes that broadcasting added
         grad = grad.sum(axis=0)
-    for axis, size in enumerate(shape):    # axes of size 1 that broadcasting stretched
-        if size == 1 and grad.shape[axis] != 1:
-            grad = grad.sum(axis=axis, keepdims=True)
+    stretched = [axis for axis, size in enumerate(shape) if size == 1 and grad.shape[axis] != 1]
+    k = len(stretched)
+    if k and grad.size and stretched == list(range(grad.ndim - k, grad.ndim)):   # trailing, as (B, C, 1, 1) + (B, C, H, W):
+        xp = backend.get_array_module(grad)                                # a matrix-vector product, as NumPy's
+        rows = xp.ascontiguousarray(grad).reshape(-1, int(np.prod(grad.shape[-k:])))   # sum over a few
+        ones = xp.ones(rows.shape[1], dtype=grad.dtype)             # trailing elements is slow
+        return (rows @ ones).reshape(grad.shape[:-k] + (1,) * k)
+    for axis in stretched:                 # axes of size 1 that broadcasting stretched
+        grad = grad.sum(axis=axis, keepdims=True)
     return grad
 
 
