@@ -27,7 +27,8 @@ Sampling as solving an ODE. DDIM with eta = 0 is Euler's method on the probabili
 the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (tinydiff.samplers.ddim_sample).
 Better solvers reach the same image in fewer network evaluations: Heun's second-order method and
 Euler's on Karras noise levels (arXiv:2206.00364, Alg. 1, eq. 5), and DPM-Solver++ 2M
-(arXiv:2211.01095, Alg. 2). The second table puts every sampler at a budget of NFE_BUDGETS
+(arXiv:2211.01095, Alg. 2), with its twin for the reverse SDE, which draws fresh noise each step
+(the default sampler). The second table puts every sampler at a budget of NFE_BUDGETS
 network evaluations per image (each sampler takes the most steps that fit: Heun costs 2 steps - 1,
 classifier-free guidance doubles every count), with guidance off and at --guidance.
 
@@ -45,7 +46,8 @@ import numpy as np
 from _common import load_model            # the run to sample from (demos/_common.py)
 
 from tinydiff import backend, evaluate, pictures
-from tinydiff.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, euler_sample, heun_sample, nfe
+from tinydiff.samplers import (ddim_sample, ddpm_sample, dpm_solver_sample, dpm_solver_sde_sample, euler_sample,
+                               heun_sample, nfe)
 from tinydiff.tensor import no_grad
 
 STEPS = [10, 20, 50, 100]        # and T, the schedule's full length
@@ -53,7 +55,7 @@ PER_CLASS = 5                    # samples per digit for each row of the table
 SEED = 0
 NFE_BUDGETS = [5, 10, 20, 50]    # network evaluations per image, for the second table
 GUIDANCE = 2.0                   # the classifier-free guidance scale of the guided rows
-NFE_SAMPLERS = ["ddim", "ddim eta=1", "dpm++2m", "heun", "euler"]
+NFE_SAMPLERS = ["ddim", "ddim eta=1", "dpm++2m", "dpm++2m-sde", "heun", "euler"]
 
 
 def write_table(path, lines):
@@ -77,7 +79,8 @@ def sample_with(sampler, model, schedule, shape, context, steps, guidance, args,
     with no_grad():
         if sampler.startswith("ddim"):
             return ddim_sample(model, schedule, shape, context, steps=steps, eta=1.0 if "eta=1" in sampler else 0.0, **kw)
-        sample = {"dpm++2m": dpm_solver_sample, "heun": heun_sample, "euler": euler_sample}[sampler]
+        sample = {"dpm++2m": dpm_solver_sample, "dpm++2m-sde": dpm_solver_sde_sample, "heun": heun_sample,
+                  "euler": euler_sample}[sampler]
         return sample(model, schedule, shape, context, steps=steps, **kw)
 
 

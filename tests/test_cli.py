@@ -145,9 +145,11 @@ def test_sample_outputs(tmp_path, reference):
         assert z["images"].shape == (10, 1, 16, 16) and z["labels"].tolist() == list(range(10))
 
 
-@pytest.mark.parametrize("sampler, nfe", [("heun", 2 * (2 * 3 - 1)), ("dpm++2m", 2 * 3), ("euler", 2 * 3)])
+@pytest.mark.parametrize("sampler, nfe", [("heun", 2 * (2 * 3 - 1)), ("dpm++2m", 2 * 3), ("dpm++2m-sde", 2 * 3),
+                                          ("euler", 2 * 3)])
 def test_sample_with_an_ode_solver(tmp_path, reference, capsys, sampler, nfe):
-    """--sampler heun|dpm++2m|euler: the library's sampler, its network evaluations printed (guidance doubles them)."""
+    """--sampler heun|dpm++2m|dpm++2m-sde|euler: the library's sampler, its network evaluations printed
+    (guidance doubles them)."""
     from tinydiff import samplers
     from tinydiff.tensor import no_grad
     assert run("sample", "--checkpoint", reference, "--sampler", sampler, "--steps", 3, "--labels", "2,5",
@@ -156,7 +158,8 @@ def test_sample_with_an_ode_solver(tmp_path, reference, capsys, sampler, nfe):
     with np.load(tmp_path / "samples.npz") as z:
         images = z["images"]
     model, schedule, cfg = runs.load_run(str(reference), "cpu")
-    sample = {"heun": samplers.heun_sample, "dpm++2m": samplers.dpm_solver_sample, "euler": samplers.euler_sample}[sampler]
+    sample = {"heun": samplers.heun_sample, "dpm++2m": samplers.dpm_solver_sample,
+              "dpm++2m-sde": samplers.dpm_solver_sde_sample, "euler": samplers.euler_sample}[sampler]
     with no_grad():
         x = sample(model, schedule, images.shape, model.context(np.array([2, 5])), steps=3, guidance_scale=2.0,
                    generator=Philox(0), objective=cfg["objective"])
@@ -165,7 +168,7 @@ def test_sample_with_an_ode_solver(tmp_path, reference, capsys, sampler, nfe):
 
 def test_unet_trains_and_samples(tmp_path):
     from tinydiff.diffusion import NoiseSchedule
-    from tinydiff.samplers import ddim_sample
+    from tinydiff.samplers import sample
     from tinydiff.tensor import no_grad
     out = tmp_path / "unet"
     assert run("train", "--out", out, "--model", "unet", "--steps", 2, *TINY) == 0
@@ -173,16 +176,15 @@ def test_unet_trains_and_samples(tmp_path):
     with np.load(out / "samples" / "samples.npz") as z:
         images, labels = z["images"], z["labels"]
     assert images.shape == (4, 1, 16, 16) and labels.tolist() == [0, 0, 7, 7]
-    # the images are DDIM-2 (the default eta, seed 0) of the run's EMA weights, class indices as the UNet's
-    # context, guidance 3; the same samples without guidance differ, so the check sees guidance
+    # the images are the default sampler's, 2 steps (seed 0), of the run's EMA weights, class indices as
+    # the UNet's context, guidance 3; the same samples without guidance differ, so the check sees guidance
     cfg, weights = runs.find_weights(str(out))
     assert cfg["model"] == "unet" and weights.endswith("ema.safetensors")
     model = checkpoint.load_weights(runs.model_from_config(cfg), weights).eval()
     schedule = NoiseSchedule(cfg["schedule"], cfg["timesteps"])
     with no_grad():
-        x = {s: ddim_sample(model, schedule, images.shape, labels, steps=2, eta=DEFAULT_SAMPLING["eta"],
-                            generator=Philox(0),
-                            objective=cfg["objective"], guidance_scale=s) for s in (3.0, 1.0)}
+        x = {s: sample(DEFAULT_SAMPLING["sampler"], model, schedule, images.shape, labels, steps=2,
+                       generator=Philox(0), objective=cfg["objective"], guidance_scale=s) for s in (3.0, 1.0)}
     np.testing.assert_allclose(images, np.clip((x[3.0] + 1) / 2, 0, 1), atol=1e-6)
     assert np.abs(np.clip((x[1.0] + 1) / 2, 0, 1) - images).max() > 1e-3
 
@@ -225,6 +227,17 @@ def test_bad_arguments(reference, tmp_path, capsys, argv, message):
         cli.main(argv + (["--quiet", "--steps", "1"] if argv[0] == "train" and "--steps" not in argv else []))
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sample_defaults_per_sampler(tmp_path, reference, capsys):
+    """No --sampler: DEFAULT_SAMPLING's sampler and steps; --sampler ddim alone: DDIM_SAMPLING's steps
+    and eta (the reference run has T = 10, so both step counts are capped at 10)."""
+    from tinydiff.samplers import DDIM_SAMPLING
+    assert run("sample", "--checkpoint", reference, "--n", 1, "--out", tmp_path / "a") == 0
+    d = DEFAULT_SAMPLING
+    assert f"with {d['sampler'].upper()}-{min(d['steps'], 10)}, guidance 1.0" in capsys.readouterr().out
+    assert run("sample", "--checkpoint", reference, "--sampler", "ddim", "--n", 1, "--out", tmp_path / "b") == 0
+    assert f"with DDIM-10 eta {DDIM_SAMPLING['eta']}, guidance 1.0" in capsys.readouterr().out
 
 
 def test_sample_refuses_a_folder_without_a_run(tmp_path, capsys):

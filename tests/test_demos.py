@@ -241,10 +241,10 @@ def test_05_fast_sampling(tmp_path, tiny_run):
     from tinydiff.samplers import dpm_solver_sample, nfe
     assert_png(tmp_path / "quality_per_nfe.png")
     table = (tmp_path / "quality_per_nfe.md").read_text()
-    rows = [r for r in read_table(table, "") if r[0] in ("ddim", "ddim eta=1", "dpm++2m", "heun", "euler")]
-    assert [(r[0], r[1]) for r in rows[::2]] == [(name, g) for g in ("1", "2")
-                                                for name in ("ddim", "ddim eta=1", "dpm++2m", "heun", "euler")], table
-    for (name, guidance, steps, cost, *_), budget in zip(rows, [2, 4] * 10):
+    names = ("ddim", "ddim eta=1", "dpm++2m", "dpm++2m-sde", "heun", "euler")
+    rows = [r for r in read_table(table, "") if r[0] in names]
+    assert [(r[0], r[1]) for r in rows[::2]] == [(name, g) for g in ("1", "2") for name in names], table
+    for (name, guidance, steps, cost, *_), budget in zip(rows, [2, 4] * 12):
         steps, cost, guided = int(steps), int(cost), guidance != "1"
         assert cost == nfe(name.split()[0], steps, guided) <= budget < nfe(name.split()[0], steps + 1, guided), (name, guidance, steps)
     # one row scored here: DPM-Solver++ 2M, 2 steps, guidance 2 (4 NFE), seed 0

@@ -1,4 +1,4 @@
-"""The ODE samplers (Euler, Heun, DPM-Solver++ 2M; tinydiff/samplers.py) and the ODE view of DDIM:
+"""The ODE samplers (Euler, Heun, DPM-Solver++ 2M; tinydiff/samplers.py), DPM-Solver++ 2M's SDE twin, and the ODE view of DDIM:
 noise levels and continuous time, DDIM eta 0 == Euler in sigma, convergence to the exact
 probability-flow ODE solution of Gaussian data (with the fitted orders), every objective, classifier-
 free guidance, NFE counts, bad arguments, agreement with diffusers' schedulers, CPU against GPU."""
@@ -10,13 +10,16 @@ import pytest
 from tinydiff import backend
 from tinydiff.diffusion import NoiseSchedule
 from tinydiff.samplers import (SAMPLERS, alpha_bar_at, ddim_sample, ddim_timesteps, ddpm_sample,
-                               dpm_solver_sample, euler_sample, heun_sample, karras_sigmas, nfe, sigma_to_t,
+                               dpm_solver_sample, dpm_solver_sde_sample, euler_sample, heun_sample, karras_sigmas,
+                               nfe, sigma_to_t,
                                timestep_sigmas, vp_sigmas)
 from tinydiff.tensor import Tensor
 
-from gaussian_oracle import GaussianOracle, convergence_order, eps_given_xt, ode_endpoint_error, x0_given_xt
+from gaussian_oracle import (GaussianOracle, convergence_order, eps_given_xt, ode_endpoint_error, sample_moments,
+                             x0_given_xt)
 
 ODE = {"euler": euler_sample, "heun": heun_sample, "dpm++2m": dpm_solver_sample}
+SOLVERS = dict(ODE, **{"dpm++2m-sde": dpm_solver_sde_sample})     # and the SDE solver: the same leading arguments
 
 
 def run(name, model, schedule, shape, steps, **kw):
@@ -24,7 +27,7 @@ def run(name, model, schedule, shape, steps, **kw):
         return ddpm_sample(model, schedule, shape, **kw)
     if name == "ddim":
         return ddim_sample(model, schedule, shape, steps=steps, **kw)
-    return ODE[name](model, schedule, shape, steps=steps, **kw)
+    return SOLVERS[name](model, schedule, shape, steps=steps, **kw)
 
 
 def ab_of(schedule, t):
@@ -125,7 +128,7 @@ def test_real_models_take_continuous_time(kind):
     model.eval()
     s = NoiseSchedule("linear", timesteps=20)
     labels = np.array([1, 4])
-    for name in ODE:
+    for name in SOLVERS:
         x = run(name, model, s, (2, 1, 8, 8), 3, context=model.context(labels), seed=0, guidance_scale=2.0)
         assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32 and np.all(np.isfinite(x)), name
     x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
@@ -156,6 +159,36 @@ def test_ddim_eta_0_is_euler_in_sigma(spacing):
     assert np.abs(heun[-2] - ddim[-2]).max() > 1e-4
 
 
+# --- DPM-Solver++(2M) SDE --------------------------------------------------------------------------
+
+def test_dpm_solver_sde_first_step_is_ddim_eta_1():
+    """Its first step is first order: (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) x0 + sigma' sqrt(1 - e^{-2h}) z
+    is DDIM eq. 12 with eta = 1 (eq. 16) written in log-SNR; with the same z the two agree to rounding,
+    and the second-order steps after it do not."""
+    s = NoiseSchedule("linear", timesteps=100)
+    x_T = np.random.default_rng(0).standard_normal((3, 1, 2, 2))
+    kw = dict(x_T=x_T, dtype=np.float64, seed=3, return_trajectory_every=1)
+    _, ddim = ddim_sample(GaussianOracle(s, 0.3, 0.5), s, x_T.shape, steps=5, eta=1.0, **kw)
+    _, sde = dpm_solver_sde_sample(GaussianOracle(s, 0.3, 0.5), s, x_T.shape, steps=5, **kw)
+    assert np.abs(sde[1] - ddim[1]).max() < 1e-12
+    assert np.abs(sde[2] - ddim[2]).max() > 1e-3
+
+
+def test_dpm_solver_sde_draws_the_data_distribution_and_its_noise_from_the_seed():
+    """With the exact model and 100 steps the samples match N(mu, sd^2) within 4 standard errors
+    (its step bias is far below them here); the same seed gives the same samples, another seed others."""
+    s = NoiseSchedule("cosine", timesteps=1000)
+    mu, sd, shape = 0.5, 0.8, (16, 1, 32, 32)                          # 16384 draws
+    x = dpm_solver_sde_sample(GaussianOracle(s, mu, sd), s, shape, steps=100, seed=7, dtype=np.float64)
+    m, v, se_m, se_v = sample_moments(x)
+    assert abs(m - mu) < 4 * se_m and abs(v - sd ** 2) < 4 * se_v, (m, v, se_m, se_v)
+    small = (2, 1, 2, 2)
+    again = [dpm_solver_sde_sample(GaussianOracle(s), s, small, steps=6, seed=k) for k in (1, 1, 2)]
+    assert np.array_equal(again[0], again[1]) and np.abs(again[0] - again[2]).max() > 0.1
+    ode = dpm_solver_sample(GaussianOracle(s), s, small, steps=6, seed=1)    # the same x_T, no noise on the way
+    assert np.abs(again[0] - ode).max() > 0.1
+
+
 # --- the exact answer key: convergence and order -------------------------------------------------
 
 ORDER_STEPS = [16, 32, 64, 128, 256]
@@ -177,7 +210,7 @@ def test_every_sampler_converges_to_the_exact_ode_solution_at_its_order(sampler)
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("name", list(ODE))
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_each_sampler_each_objective_with_and_without_guidance(name, objective, guidance):
     """The same exact model, asked for eps, x0 or v, gives the same samples; with classifier-free
     guidance, the samples of the guided eps computed by hand inside the model (GuidedByHand)."""
@@ -186,9 +219,9 @@ def test_each_sampler_each_objective_with_and_without_guidance(name, objective, 
     x_T = np.random.default_rng(5).standard_normal(shape)
     model = ContextOracle(s, objective)
     got = run(name, model, s, shape, 7, context=c, x_T=x_T, dtype=np.float64, guidance_scale=guidance,
-              objective=objective)
+              objective=objective, seed=4)
     want = run(name, GuidedByHand(s, guidance) if guidance != 1 else ContextOracle(s), s, shape, 7,
-               context=c, x_T=x_T, dtype=np.float64)
+               context=c, x_T=x_T, dtype=np.float64, seed=4)                 # the same noise (dpm++2m-sde)
     assert np.abs(got - want).max() < 1e-9, np.abs(got - want).max()
     evaluations = sum(model.batches) / shape[0]                            # per-sample network evaluations
     assert evaluations == nfe(name, 7, guidance != 1), (evaluations, nfe(name, 7, guidance != 1))
@@ -233,14 +266,14 @@ class ClassifierGuidedByHand(ContextOracle):
         return Tensor(eps - np.sqrt(1 - ab) * self.scale * g)
 
 
-@pytest.mark.parametrize("name", list(ODE))
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_classifier_guidance_in_the_ode_samplers(name):
     """The loop's classifier hook at fractional timesteps: eps - sqrt(1 - alpha_bar) s g, the same as
     the shift computed by hand inside the model; and it moves the samples toward the class."""
     s, shape, y = NoiseSchedule("linear", timesteps=100), (4, 1, 2, 2), np.array([0, 1, 0, 1])
     clf = TwoPointClassifier(s)
     x_T = np.random.default_rng(2).standard_normal(shape)
-    kw = dict(x_T=x_T, dtype=np.float64)
+    kw = dict(x_T=x_T, dtype=np.float64, seed=1)
     got = run(name, ContextOracle(s), s, shape, 6, classifier=clf, classifier_scale=4.0, classifier_labels=y, **kw)
     want = run(name, ClassifierGuidedByHand(s, clf, 4.0, y), s, shape, 6, **kw)
     plain = run(name, ContextOracle(s), s, shape, 6, **kw)
@@ -259,11 +292,12 @@ def test_nfe_counts_the_network_evaluations(name):
         run(name, model, s, (2, 1, 2, 2), steps, context=np.eye(3)[[0, 1]], seed=0, guidance_scale=guidance)
         assert sum(model.batches) / 2 == nfe(name, steps, guidance != 1), (name, steps, guidance)
     assert nfe("heun", 10) == 19 and nfe("heun", 10, guidance=True) == 38 and nfe("dpm++2m", 10) == 10
+    assert nfe("dpm++2m-sde", 8) == 8 and nfe("dpm++2m-sde", 8, guidance=True) == 16
 
 
 def test_trajectory_every_k_steps():
     s = NoiseSchedule("linear", timesteps=50)
-    for name in ODE:
+    for name in SOLVERS:
         x, trajectory = run(name, GaussianOracle(s), s, (2, 1, 2, 2), 10, seed=0, return_trajectory_every=3)
         assert len(trajectory) == 1 + 3 + 1 and trajectory[-1] is x, name      # x_T, steps 3, 6, 9, then 10
         x_again = run(name, GaussianOracle(s), s, (2, 1, 2, 2), 10, seed=0)
@@ -275,7 +309,7 @@ def test_trajectory_every_k_steps():
 def test_bad_arguments_are_refused_with_a_message():
     s = NoiseSchedule("linear", timesteps=20)
     m = GaussianOracle(s)
-    for name, sample in ODE.items():
+    for name, sample in SOLVERS.items():
         for steps in (0, 21, 2.5):
             with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 20\]"):
                 sample(m, s, (1, 1, 2, 2), steps=steps)
@@ -364,6 +398,38 @@ def test_agrees_with_diffusers_step_by_step(name, grid):
     assert len(rel) == N and max(rel) < 1e-5, rel
 
 
+def test_dpm_solver_sde_agrees_with_diffusers_step_by_step():
+    """tinydiff's dpm++2m-sde against diffusers' DPMSolverMultistepScheduler with algorithm_type
+    "sde-dpmsolver++" (order 2, midpoint, trailing timesteps, final sigma 0), on the exact Gaussian
+    model, each step given our noise z through diffusers' `variance_noise`: our sampler draws z from
+    Philox(5), and the same stream is drawn again here. Our last step returns x0 and draws nothing;
+    diffusers' multiplies its z by sigma = 0 there. Schedule from diffusers' float32 alphas_cumprod
+    (see test_agrees_with_diffusers_step_by_step)."""
+    torch, diffusers = _diffusers()
+    from tinydiff.philox import Philox
+    T, N, mu, sd = 1000, 10, 0.3, 0.5
+    betas = np.linspace(1e-4, 0.02, T).astype(np.float32)
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=betas, algorithm_type="sde-dpmsolver++",
+                                                  solver_order=2, final_sigmas_type="zero", lower_order_final=True,
+                                                  prediction_type="epsilon", timestep_spacing="trailing")
+    sched.set_timesteps(N)
+    ac = sched.alphas_cumprod.double().numpy()
+    s = NoiseSchedule(betas=1 - ac / np.append(1.0, ac[:-1]))
+    x_T = np.random.default_rng(0).standard_normal((2, 1, 3, 3))
+    _, ours = dpm_solver_sde_sample(GaussianOracle(s, mu, sd), s, x_T.shape, steps=N, x_T=x_T, dtype=np.float64,
+                                    generator=Philox(5), return_trajectory_every=1)
+    draws, sample, steps = Philox(5), torch.tensor(x_T), []
+    for i, t in enumerate(sched.timesteps):
+        sigma = float(sched.sigmas[sched.step_index or 0])
+        eps = eps_given_xt(sample.double().numpy(), 1 / (1 + sigma ** 2), mu, sd)
+        z = draws.normal(x_T.shape, np.float64) if i < N - 1 else np.zeros(x_T.shape)
+        sample = sched.step(torch.tensor(eps), t, sample, variance_noise=torch.tensor(z)).prev_sample
+        steps.append(sample.double().numpy())
+    rel = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours[1:], steps)]
+    print(f"dpm++2m-sde vs diffusers, relative difference per step: {' '.join('%.1e' % r for r in rel)}")
+    assert len(rel) == N and max(rel) < 1e-5, rel
+
+
 def test_continuous_time_matches_diffusers_sigma_to_t():
     """Our t(sigma) (log-SNR linear between timesteps) is diffusers' _sigma_to_t (log sigma linear) before it rounds."""
     torch, diffusers = _diffusers()
@@ -381,7 +447,7 @@ def test_continuous_time_matches_diffusers_sigma_to_t():
 # --- CPU against GPU -----------------------------------------------------------------------------
 
 @pytest.mark.skipif(not backend.cuda_available(), reason="no CUDA GPU (CuPy) here")
-@pytest.mark.parametrize("name", list(ODE))
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_ode_samplers_cpu_against_gpu(name):
     from tinydiff.context_unet import ContextUnet
     backend.manual_seed(0)
@@ -390,10 +456,10 @@ def test_ode_samplers_cpu_against_gpu(name):
     s = NoiseSchedule("linear", timesteps=50)
     labels = np.array([2, 7, 9])
     x_T = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    cpu = run(name, model, s, x_T.shape, 5, context=model.context(labels), x_T=x_T, guidance_scale=2.0)
+    cpu = run(name, model, s, x_T.shape, 5, context=model.context(labels), x_T=x_T, guidance_scale=2.0, seed=3)
     model.to("cuda")
     gpu = run(name, model, s, x_T.shape, 5, context=model.context(backend.to_device(labels, "cuda")),
-              x_T=backend.to_device(x_T, "cuda"), guidance_scale=2.0)
+              x_T=backend.to_device(x_T, "cuda"), guidance_scale=2.0, seed=3)     # Philox: the same z
     gpu = backend.to_device(gpu, "cpu")
     diff = np.abs(gpu - cpu).max()
     print(f"{name}: CPU vs GPU largest difference {diff:.2e}")

@@ -29,7 +29,7 @@ from tinydiff import backend, captions, config, data, pictures, runs
 from tinydiff import train as training
 from tinydiff.checkpoint import CheckpointError, write_atomic
 from tinydiff.philox import Philox
-from tinydiff.samplers import DEFAULT_SAMPLING, SAMPLERS, TEXT_SAMPLING
+from tinydiff.samplers import DDIM_SAMPLING, DEFAULT_SAMPLING, SAMPLERS, TEXT_SAMPLING
 
 # ---------------------------------------------------------------------------------------------
 # Argument types: each refuses a bad value with a message that argparse prints
@@ -128,15 +128,16 @@ def build_parser():
                    "or a .safetensors weights file (such as RUN/model.safetensors)")
     d = DEFAULT_SAMPLING
     s.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm (all T steps), ddim, or an ODE solver on Karras noise levels: dpm++2m "
-                   f"(DPM-Solver++ 2M), heun, euler (default {d['sampler']}; a text run: {TEXT_SAMPLING['sampler']})")
+                   help="ddpm (all T steps), ddim, dpm++2m (DPM-Solver++ 2M, on DDIM's timesteps), dpm++2m-sde "
+                   "(its stochastic twin), or an ODE solver on Karras noise levels: heun, euler "
+                   f"(default {d['sampler']}; a text run: {TEXT_SAMPLING['sampler']})")
     s.add_argument("--steps", type=positive_int, default=None,
-                   help=f"steps, 1..T (default {d['steps']}, a text run {TEXT_SAMPLING['steps']}; ddpm takes "
-                   f"exactly T, the only value it accepts)")
+                   help=f"steps, 1..T (default {d['steps']}; ddim {DDIM_SAMPLING['steps']}, a text run "
+                   f"{TEXT_SAMPLING['steps']}; ddpm takes exactly T, the only value it accepts)")
     s.add_argument("--eta", type=non_negative_float, default=None,
-                   help=f"ddim only: noise, 0 deterministic, 1 DDPM-like (default {d['eta']:g})")
+                   help=f"ddim only: noise, 0 deterministic, 1 DDPM-like (default {DDIM_SAMPLING['eta']:g})")
     s.add_argument("--spacing", choices=("trailing", "leading", "linspace"), default=None,
-                   help=f"ddim only: timestep spacing (default {d['spacing']})")
+                   help=f"ddim only: timestep spacing (default {DDIM_SAMPLING['spacing']})")
     s.add_argument("--guidance", type=non_negative_float, default=None,
                    help=f"classifier-free guidance scale s: 1 none, >1 stronger (default 1; a text run "
                    f"{TEXT_SAMPLING['guidance']:g})")
@@ -225,6 +226,8 @@ def sample_command(parser, args):
             parser.error(f"--labels: the model knows classes 0..{cfg['num_classes'] - 1}, got {max(labels)}")
     d = TEXT_SAMPLING if text else dict(DEFAULT_SAMPLING, guidance=1.0)   # what a flag not given takes
     args.sampler = args.sampler or d["sampler"]
+    if args.sampler == "ddim" and d["sampler"] != "ddim":
+        d = dict(DDIM_SAMPLING, guidance=d["guidance"])                   # --sampler ddim: its own defaults
     guidance = d["guidance"] if args.guidance is None else args.guidance
     check_sampler_flags(parser, args, cfg["timesteps"])
     out = args.out or os.path.join(args.checkpoint if os.path.isdir(args.checkpoint)
@@ -235,8 +238,8 @@ def sample_command(parser, args):
     all_asked = np.array(asked)[group]                                  # (N,) ints, or fixed-width unicode
     shown = np.concatenate([np.flatnonzero(group == g)[:10] for g in range(len(asked))])  # the GIF's images
     steps = schedule.T if args.sampler == "ddpm" else args.steps or min(d["steps"], schedule.T)
-    eta = d["eta"] if args.eta is None else args.eta              # ddim's
-    spacing = args.spacing or d["spacing"]
+    eta = d.get("eta") if args.eta is None else args.eta         # ddim's (None for the others)
+    spacing = args.spacing or d.get("spacing")
     every = max(1, steps // 40) if args.gif else None               # about 40 frames
     rng = Philox(args.seed)                     # one stream over the chunks; the same images on CPU and GPU
     print(f"sampling {len(group)} images ({args.n} per {'prompt' if text else 'label'} {asked}) with "
