@@ -43,3 +43,21 @@ def test_python_dash_m_tinydiff_info():
         assert ("serial (no OpenMP)" in lines["kernels"]) == (not build["openmp"])
     assert lines["CUDA here"].strip().startswith("yes" if backend.cuda_available() else "no: ")
     assert "AVX2 " in lines["CPU"] and "AVX-512 " in lines["CPU"]
+
+
+def test_keep_freed_memory_is_applied_on_glibc_and_left_to_the_user_when_set():
+    """At import on Linux with glibc, mallopt keeps freed blocks (backend.keep_freed_memory); a user's
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins, and then tinydiff does not call it."""
+    import ctypes
+    import os
+    import pytest
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc: keep_freed_memory does nothing here")
+    assert backend.keep_freed_memory() is True
+    code = "import tinydiff.backend as b; print(b.keep_freed_memory())"
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, **{var: "65536"})).stdout
+        assert out.strip() == "False", (var, out)

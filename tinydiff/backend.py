@@ -206,6 +206,29 @@ def import_native():
             del os.environ["OMP_WAIT_POLICY"]
 
 
+def keep_freed_memory():
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for the next allocation, unless the user
+    set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_. By default it hands a freed block back to
+    the kernel (munmap, or trimming the heap's top), so each forward and backward pass page-faults
+    its activations anew: a UNet denoising forward at batch 200 took 260k page faults and 253 ms,
+    with the blocks kept 42k and 224 ms. The cost: the process keeps its peak memory. Linux (glibc)
+    only; elsewhere nothing happens. Returns whether it was applied."""
+    import sys
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
+            or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):                      # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3            # glibc's malloc.h
+    # blocks above 32 MiB (glibc's largest threshold) are still mapped and unmapped one by one
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+keep_freed_memory()
+
 try:
     native = import_native()
     native_error = None
