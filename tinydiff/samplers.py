@@ -561,8 +561,8 @@ def dpm_solver_sde_sample(model, schedule, shape, context=None, **kwargs):
     the ODE step with the noise of the h_i just travelled partly taken out and drawn again, as DDPM's
     posterior step does (its first-order form is DDIM with eta = 1). Like stochastic DDIM it corrects
     the network's errors as it goes, and in few steps: on the quick start's models (docs/quality.md)
-    8 steps drew the right digit 98.3% of the time at 1.14-1.24x the floor, where the ODE solver
-    drew 96%. The last step returns x0, as the ODE solver's does. Arguments as dpm_solver_sample
+    8 steps drew the right digit 98.3% of the time at 1.12-1.23x the floor in the mean, where the
+    ODE solver drew 96%. The last step returns x0, as the ODE solver's does. Arguments as dpm_solver_sample
     (steps, sigmas, guidance_scale, and the loop's; the generator draws z). NFE: steps."""
     return dpm_solver_sample(model, schedule, shape, context, sde=True, **kwargs)
 
@@ -587,9 +587,9 @@ def nfe(sampler, steps, guidance=False):
 # By name, and the default: what `tinydiff sample` and the quick start draw with
 
 # DPM-Solver++(2M) SDE with 8 steps, 8 network evaluations: the cheapest sampler that met the quick
-# start's target (at least 97% and at most 1.3x the floor) on the quick start's models, one draw
-# in the mean plus a standard deviation (docs/quality.md: six sampling seeds of 1000 samples, two
-# training seeds); 6 steps met it in the mean only, and the ODE solvers drew about 96% right.
+# start's target (at least 97% and at most 1.3x the floor) in the mean over draws of 1000 samples
+# on the quick start's models of two training seeds (docs/quality.md). From 6 steps on it did, at 5
+# not; 8 for a margin (6 spread wider). The ODE solvers drew about 96% right at any step count.
 DEFAULT_SAMPLING = dict(sampler="dpm++2m-sde", steps=8)
 # What --sampler ddim takes without --steps, --eta, --spacing: DDIM-50 with eta 0.7, between
 # deterministic DDIM (eta 0), which draws the wrong digit more often, and DDPM's posterior noise
