@@ -60,7 +60,7 @@ CONFIG = dict(
 )
 MINUTES = 10                # time budget: the run's length is planned to fit it (train.PLAN_FROM)
 EVAL_PER_CLASS = 50         # samples per digit for the score printed at the end, drawn as `tinydiff sample`
-                            # draws by default (samplers.DEFAULT_SAMPLING: DPM-Solver++(2M) SDE, 8 steps), 100 at a time
+                            # draws by default (samplers.DEFAULT_SAMPLING: DPM-Solver++(2M) SDE, 20 steps), 100 at a time
 TINY = dict(steps=6, n_feat=8, batch_size=8, timesteps=20, sample_steps=4, sample_per_class=2)
 
 

@@ -1,4 +1,5 @@
-"""The ODE samplers (Euler, Heun, DPM-Solver++ 2M; tinydiff/samplers.py), DPM-Solver++ 2M's SDE twin, and the ODE view of DDIM:
+"""The ODE samplers (Euler, Heun, DPM-Solver++ 2M; tinydiff/samplers.py), DPM-Solver++ 2M's SDE twin,
+and the ODE view of DDIM:
 noise levels and continuous time, DDIM eta 0 == Euler in sigma, convergence to the exact
 probability-flow ODE solution of Gaussian data (with the fitted orders), every objective, classifier-
 free guidance, NFE counts, bad arguments, agreement with diffusers' schedulers, CPU against GPU."""
@@ -175,8 +176,8 @@ def test_dpm_solver_sde_first_step_is_ddim_eta_1():
 
 
 def test_dpm_solver_sde_draws_the_data_distribution_and_its_noise_from_the_seed():
-    """With the exact model and 100 steps the samples match N(mu, sd^2) within 4 standard errors
-    (its step bias is far below them here); the same seed gives the same samples, another seed others."""
+    """With the exact model and 100 steps the samples match N(mu, sd^2): mean and variance within 4
+    standard errors, its step bias included; the same seed gives the same samples, another seed others."""
     s = NoiseSchedule("cosine", timesteps=1000)
     mu, sd, shape = 0.5, 0.8, (16, 1, 32, 32)                          # 16384 draws
     x = dpm_solver_sde_sample(GaussianOracle(s, mu, sd), s, shape, steps=100, seed=7, dtype=np.float64)
