@@ -1,7 +1,11 @@
 """`tinydiff info` reports the build (tinydiff._C's build_info, the CUDA module), the CPU, NumPy's
 BLAS and whether CUDA runs here, and each line says what the library itself says."""
+import ctypes
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tinydiff import backend, info
 
@@ -48,9 +52,6 @@ def test_python_dash_m_tinydiff_info():
 def test_keep_freed_memory_is_applied_on_glibc_and_left_to_the_user_when_set():
     """At import on Linux with glibc, mallopt keeps freed blocks (backend.keep_freed_memory); a user's
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins, and then tinydiff does not call it."""
-    import ctypes
-    import os
-    import pytest
     try:
         ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -544,7 +544,8 @@ def dpm_solver_sample(model, schedule, shape, context=None, *, steps=None, sigma
         previous.append((x0, h))
         if not sde:
             return (sigma_t_next / sigma_t) * x - alpha_next * math.expm1(-h) * D
-        # the SDE solver: x decays by e^{-h} more, D enters with 1 - e^{-2h}, fresh noise makes up the variance
+        # the SDE solver (Lu et al. 2022, SDE-DPM-Solver++(2M)): x decays by e^{-h} more, D enters with
+        # 1 - e^{-2h}, and fresh noise makes up the variance taken out
         return ((sigma_t_next / sigma_t) * math.exp(-h) * x - alpha_next * math.expm1(-2 * h) * D
                 + sigma_t_next * math.sqrt(-math.expm1(-2 * h)) * noise())
 
