@@ -97,6 +97,8 @@ FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
     (2, 3, 16, 16, 33, 3, 3, 1, 1),     # 33 outputs: a partial row panel
     (1, 300, 4, 4, 2, 3, 3, 1, 1),      # 300 channels: past one float64 K block, so Winograd falls back
     (1, 1, 1, 1, 1, 3, 3, 1, 1),        # one pixel
+    (2, 1, 9, 8, 5, 3, 3, 1, 1),        # one input channel (forward falls back to "gemm")
+    (2, 6, 9, 8, 1, 3, 3, 1, 1),        # one output channel (backward input falls back to "gemm")
     (2, 33, 5, 6, 65, 3, 3, 1, 1),      # wide enough for Winograd's backward weight, with partial panels
     (1, 40, 3, 3, 64, 3, 3, 1, 0),      # ... one tile, no padding
 ]
