@@ -17,8 +17,9 @@
 // block's V and M = U V stay in L1/L2 between the three steps.
 //
 //   forward          3x3, stride 1, 2+ input channels: Winograd on x; otherwise version "gemm"
-//   backward input   3x3, stride 1, padding <= 2, 2+ output channels: Winograd on dout padded by 2-p, with the kernel
-//                    flipped and its channels swapped (as in "gemm"); otherwise "gemm"
+//   backward input   3x3, stride 1, padding <= 2, 2+ output channels: Winograd on dout padded by
+//                    2-p, with the kernel flipped and its channels swapped (as in "gemm");
+//                    otherwise "gemm"
 //   backward weight  3x3, stride 1, at least 32 channels in and 64 out: the transpose of the same
 //                    algorithm, a GEMM over tiles; otherwise "gemm"
 // Reference: winograd_conv3x3_ref in tinydiff/kernels.py (the same algorithm in NumPy); test and
@@ -209,14 +210,15 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
 }
 
 // Where Winograd applies: 3x3, stride 1, at least 2 and at most one k block of input channels,
-// and (AVX-512) output rows of at least 4 tiles (7 pixels). With one input channel (a model's
-// first layer, or the backward input of its last) the 16 products have K = 1, and the data
-// transform costs as much as the GEMM saves: there "gemm" took 0.51-0.68x Winograd's time
-// forward and 0.52-0.84x backward (batch 64-200, 32 channels out, 16x16; AMD EPYC Zen 3, AVX2). In narrower images no run of 4 tiles shares a tile row, so
-// the data transform reads every value of every patch on its own, and with 16-float vectors the
-// multiplies it saves no longer pay for that: at 4x4, 128 channels (Intel Xeon, 2 threads) "gemm"
-// took 0.70x (batch 64) and 0.87x (batch 100) its time in the AVX-512 build, but 0.98x and 1.07x
-// in the AVX2 build.
+// and (AVX-512) output rows of at least 4 tiles (7 pixels).
+// - One input channel (a model's first layer, or the backward input of its last): the 16 products
+//   have K = 1, and the data transform costs what the GEMM saves. "gemm" took 0.51-0.68x
+//   Winograd's time forward and 0.52-0.84x backward (batch 64-200, 32 channels, 16x16; AMD EPYC
+//   Zen 3, AVX2 build, 2 threads).
+// - Narrow images: no run of 4 tiles shares a tile row, so the data transform reads every value of
+//   every patch on its own, and with 16-float vectors the multiplies it saves no longer pay for
+//   that: at 4x4, 128 channels (Intel Xeon, 2 threads) "gemm" took 0.70x (batch 64) and 0.87x
+//   (batch 100) its time in the AVX-512 build, but 0.98x and 1.07x in the AVX2 build.
 constexpr int64_t WINOGRAD_MIN_WIDTH = VEC_BYTES >= 64 ? 7 : 1;
 template <typename T>
 static bool winograd_fits(const ConvShape& s, int64_t in_channels, int64_t out_width) {
