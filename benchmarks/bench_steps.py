@@ -1,5 +1,5 @@
-"""Fused diffusion steps, GELU, batch norm (alone and with GELU), group norm with SiLU, Adam and the
-Philox noise: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
+"""Fused diffusion steps, GELU, batch norm (alone and with GELU), group norm with SiLU, Adam, the
+Philox noise and the linear layers: the C++ kernels (tinydiff._C) vs the NumPy expression vs PyTorch.
 
     python benchmarks/bench_steps.py            # 1M-element float32 arrays, batch 64
     python benchmarks/bench_steps.py --quick    # a smoke test of seconds
@@ -11,6 +11,8 @@ The NumPy reference evaluates the same formula one operator at a time, a pass ov
 The row "adam step" is one Adam step over all parameters of the ContextUnet (n_feat 32, 10
 classes): _C.adam_step, kernels.adam_step_ref, and torch.optim.Adam(...).step() (its defaults);
 it reads p, g, m, v and writes p, m, v.
+The linear layers (forward, dx, dw: linear_forward, linear_backward_input, linear_backward_weight)
+are compute-bound, so their table counts GFLOP/s instead.
 """
 import argparse
 import os
@@ -145,6 +147,35 @@ def adam_case(dtype, torch):
     return 7, sum(a.size for a in p), fns
 
 
+# Linear layers: (rows N, in I, out O). The UNet's attention projections at 4x4 (batch 100 x 16 tokens,
+# 128 channels), the same at the training batch (64 x 16), and its time-embedding MLP (batch 100).
+LINEAR_SHAPES = [(1600, 128, 128), (1024, 128, 128), (100, 128, 512)]
+
+
+def linear_cases(dtype, torch):
+    """name -> (multiply-adds, {impl: closure}): _C.linear_forward / _backward_input / _backward_weight,
+    the reference (NumPy's matmul, BLAS with its own threads) and PyTorch."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for n, i, o in LINEAR_SHAPES:
+        x, w, b, dout = (rng.standard_normal(s).astype(dtype) for s in [(n, i), (o, i), (o,), (n, o)])
+        name = f"linear {n}x{i} -> {o}"
+        out[name + " forward"] = {"C++": lambda x=x, w=w, b=b: _C.linear_forward(x, w, b),
+                                  "numpy": lambda x=x, w=w, b=b: kernels.linear_forward_ref(x, w, b)}
+        out[name + " dx"] = {"C++": lambda d=dout, w=w: _C.linear_backward_input(d, w),
+                             "numpy": lambda d=dout, w=w: kernels.linear_backward_input_ref(d, w)}
+        out[name + " dw"] = {"C++": lambda d=dout, x=x: _C.linear_backward_weight(d, x),
+                             "numpy": lambda d=dout, x=x: kernels.linear_backward_weight_ref(d, x)}
+        if torch is not None:
+            tx, tw, tb, td = (torch.from_numpy(a) for a in (x, w, b, dout))
+            out[name + " forward"]["torch"] = lambda tx=tx, tw=tw, tb=tb: torch.nn.functional.linear(tx, tw, tb)
+            out[name + " dx"]["torch"] = lambda td=td, tw=tw: td @ tw
+            out[name + " dw"]["torch"] = lambda td=td, tx=tx: td.T @ tx
+        for key in ("forward", "dx", "dw"):
+            out[f"{name} {key}"] = (n * i * o, out[f"{name} {key}"])
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
@@ -171,6 +202,15 @@ def main():
                     + [f"{100 * gbs['C++'] / copy:.0f}%", times["numpy"] / times["C++"]])
     print(markdown_table(header, rows))
     print(f"adam step: {table['adam step'][1]} {dtype.name} parameters (the ContextUnet, n_feat 32)")
+
+    rows = []
+    for name, (macs, fns) in linear_cases(dtype, torch).items():
+        times = {i: best_time(fns[i], repeat=repeat, number=number) for i in impls if i in fns}
+        rows.append([name] + [1e3 * times[i] for i in impls] + [2 * macs / times[i] / 1e9 for i in impls]
+                    + [times["numpy"] / times["C++"]] + ([times["torch"] / times["C++"]] if torch else []))
+    print(f"\n# linear layers, {dtype.name} (GFLOP/s counts 2 N I O per pass; numpy: its BLAS threads)")
+    print(markdown_table(["pass"] + [f"{i} ms" for i in impls] + [f"{i} GFLOP/s" for i in impls] + ["numpy/C++"]
+                         + (["torch/C++"] if torch else []), rows))
 
 
 if __name__ == "__main__":

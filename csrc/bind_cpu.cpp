@@ -227,6 +227,75 @@ static py::array conv2d_backward_weight(const py::object& dout_, const py::objec
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear: rows of features, (N, I) in and (N, O) out, w (O, I)
+
+static void check_sizes(int64_t a, int64_t b, const char* fn, const char* what_a, const char* what_b) {
+    if (a != b)
+        throw py::value_error(std::string(fn) + ": " + what_a + " " + std::to_string(a) + " but " + what_b + " " +
+                              std::to_string(b));
+}
+
+template <typename T>
+static py::array linear_forward_t(const py::array& x, const py::array& w, const py::object& b_) {
+    const int64_t N = x.shape(0), I = x.shape(1), O = w.shape(0);
+    py::array_t<T> y({N, O});
+    const T* bias = b_.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(b_));
+    T* o = y.mutable_data();
+    py::gil_scoped_release release;
+    td::linear_forward_cpu<T>(o, ptr<T>(x), ptr<T>(w), bias, N, I, O);
+    return y;
+}
+
+static py::array linear_forward(const py::object& x_, const py::object& w_, const py::object& b_) {
+    const char* fn = "linear_forward";
+    py::array x = array_arg(x_, fn, "x", 2), w = array_arg(w_, fn, "w", 2);
+    same_dtype(w, x, fn, "w", "x");
+    check_sizes(w.shape(1), x.shape(1), fn, "w has in_features", "x has");
+    if (!b_.is_none()) {
+        py::array b = array_arg(b_, fn, "b", 1);
+        same_dtype(b, x, fn, "b", "x");
+        check_sizes(b.shape(0), w.shape(0), fn, "b has values", "w has out_features");
+    }
+    return is_f32(x) ? linear_forward_t<float>(x, w, b_) : linear_forward_t<double>(x, w, b_);
+}
+
+template <typename T>
+static py::array linear_backward_input_t(const py::array& dout, const py::array& w) {
+    const int64_t N = dout.shape(0), O = w.shape(0), I = w.shape(1);
+    py::array_t<T> dx({N, I});
+    T* d = dx.mutable_data();
+    py::gil_scoped_release release;
+    td::linear_backward_input_cpu<T>(d, ptr<T>(dout), ptr<T>(w), N, I, O);
+    return dx;
+}
+
+static py::array linear_backward_input(const py::object& dout_, const py::object& w_) {
+    const char* fn = "linear_backward_input";
+    py::array dout = array_arg(dout_, fn, "dout", 2), w = array_arg(w_, fn, "w", 2);
+    same_dtype(w, dout, fn, "w", "dout");
+    check_sizes(w.shape(0), dout.shape(1), fn, "w has out_features", "dout has");
+    return is_f32(dout) ? linear_backward_input_t<float>(dout, w) : linear_backward_input_t<double>(dout, w);
+}
+
+template <typename T>
+static py::array linear_backward_weight_t(const py::array& dout, const py::array& x) {
+    const int64_t N = x.shape(0), I = x.shape(1), O = dout.shape(1);
+    py::array_t<T> dw({O, I});
+    T* d = dw.mutable_data();
+    py::gil_scoped_release release;
+    td::linear_backward_weight_cpu<T>(d, ptr<T>(dout), ptr<T>(x), N, I, O);
+    return dw;
+}
+
+static py::array linear_backward_weight(const py::object& dout_, const py::object& x_) {
+    const char* fn = "linear_backward_weight";
+    py::array dout = array_arg(dout_, fn, "dout", 2), x = array_arg(x_, fn, "x", 2);
+    same_dtype(x, dout, fn, "x", "dout");
+    check_sizes(x.shape(0), dout.shape(0), fn, "x has rows", "dout has");
+    return is_f32(dout) ? linear_backward_weight_t<float>(dout, x) : linear_backward_weight_t<double>(dout, x);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Diffusion steps: x-like arrays share the shape and dtype of the first; coefficients are (batch,)
 
 static py::array like_arg(const py::object& obj, const py::array& first, const char* fn, const char* name,
@@ -824,7 +893,7 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, fused diffusion steps, GELU, batch norm, group norm, Adam";
+    m.doc() = "tinydiff C++ kernels (OpenMP): convolution, linear, fused diffusion steps, GELU, batch norm, group norm, Adam";
     m.def("build_info", &build_info, "The build: {'isa', 'vector_bytes', 'openmp', 'compiler'}.");
     m.def("conv2d_versions", [] {
         py::list names;
@@ -838,6 +907,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("stride"), py::arg("padding"), py::arg("version") = v0, "dout (N,O,OH,OW), w (O,C,kh,kw) -> dx (N,C,H,W)");
     m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("dout"), py::arg("x"), py::arg("kernel_hw"),
           py::arg("stride"), py::arg("padding"), py::arg("version") = v0, "dout (N,O,OH,OW), x (N,C,H,W) -> dw (O,C,kh,kw)");
+    m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("w"), py::arg("b"),
+          "x (N,I), w (O,I), b (O,) or None -> y (N,O) = x w^T + b");
+    m.def("linear_backward_input", &linear_backward_input, py::arg("dout"), py::arg("w"),
+          "dout (N,O), w (O,I) -> dx (N,I) = dout w");
+    m.def("linear_backward_weight", &linear_backward_weight, py::arg("dout"), py::arg("x"),
+          "dout (N,O), x (N,I) -> dw (O,I) = dout^T x");
     m.def("q_sample", &q_sample, py::arg("x0"), py::arg("eps"), py::arg("sqrt_alpha_bar"),
           py::arg("sqrt_one_minus_alpha_bar"), "DDPM eq. 4");
     m.def("ddpm_step", &ddpm_step, py::arg("xt"), py::arg("eps"), py::arg("z"), py::arg("coef_x"), py::arg("coef_eps"),

@@ -195,10 +195,27 @@ struct AlignedBuffer {
     AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-// tile (MR x NR, row-major) = a (kc x MR, k-major) @ B (kc x NR), where load_b(k, v) gives the
-// v-th vector of row k of B. The compiler keeps acc in registers: MR * GEMM_NV vector FMAs per k.
-template <typename T, int MR, typename LoadB>
-inline void gemm_micro_kernel(int64_t kc, const T* __restrict a, LoadB load_b, T* __restrict tile) {
+// A's value (row i, step k) for the micro-kernel: a panel packed by pack_a (a pointer: a[k * MR + i]),
+// or a StridedA that reads A where it lies.
+template <int MR, typename LoadA>
+inline auto a_value(const LoadA& a, int64_t k, int i) {
+    if constexpr (std::is_pointer_v<LoadA>) return a[k * MR + i];
+    else return a(k, i);
+}
+
+// A read in place: A[i][k] = a[i * row_stride + k * k_stride] (linear_cpu.cpp)
+template <typename T>
+struct StridedA {
+    const T* a;
+    int64_t row_stride, k_stride;
+    T operator()(int64_t k, int i) const { return a[i * row_stride + k * k_stride]; }
+};
+
+// tile (MR x NR, row-major) = A (MR x kc) @ B (kc x NR), where a_value(a, k, i) gives A[i][k] and
+// load_b(k, v) the v-th vector of row k of B. The compiler keeps acc in registers: MR * GEMM_NV
+// vector FMAs per k.
+template <typename T, int MR, typename LoadA, typename LoadB>
+inline void gemm_micro_kernel(int64_t kc, LoadA a, LoadB load_b, T* __restrict tile) {
     using V = Vec<T>;
     constexpr int NV = GEMM_NV, L = VEC_BYTES / int(sizeof(T));
     V acc[MR][NV] = {};
@@ -208,7 +225,7 @@ inline void gemm_micro_kernel(int64_t kc, const T* __restrict a, LoadB load_b, T
         for (int v = 0; v < NV; ++v) bk[v] = load_b(k, v);
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
-            V ai = a[k * MR + i] - V{};          // broadcast (x - 0 == x, so no add is emitted)
+            V ai = a_value<MR>(a, k, i) - V{};   // broadcast (x - 0 == x, so no add is emitted)
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) acc[i][v] += ai * bk[v];   // FMA
         }

@@ -88,6 +88,16 @@ void ddim_step_cpu(T* x_prev, T* x0, const T* xt, const T* eps, const T* z, cons
                    T guidance_scale, int64_t batch, int64_t per_sample);
 
 // ---------------------------------------------------------------------------------------------
+// linear_cpu.cpp: nn.Linear, y = x W^T + b, and its gradients (all row-major)
+
+// y (N, O) <- x (N, I), w (O, I), b (O,) or nullptr
+template <typename T> void linear_forward_cpu(T* y, const T* x, const T* w, const T* b, int64_t N, int64_t I, int64_t O);
+// dx (N, I) = dout @ w <- dout (N, O), w (O, I)
+template <typename T> void linear_backward_input_cpu(T* dx, const T* dout, const T* w, int64_t N, int64_t I, int64_t O);
+// dw (O, I) = dout^T @ x <- dout (N, O), x (N, I)
+template <typename T> void linear_backward_weight_cpu(T* dw, const T* dout, const T* x, int64_t N, int64_t I, int64_t O);
+
+// ---------------------------------------------------------------------------------------------
 // gelu_cpu.cpp: exact GELU, gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
 
 template <typename T> void gelu_forward_cpu(T* out, const T* x, int64_t n);

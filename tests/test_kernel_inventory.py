@@ -25,6 +25,7 @@ NOT_KERNELS = {"build_info", "conv2d_versions", "device_count"}
 RNG = np.random.default_rng(0)
 X, W, B = RNG.standard_normal((2, 3, 6, 5)), RNG.standard_normal((4, 3, 3, 3)), RNG.standard_normal(4)
 DOUT = RNG.standard_normal((2, 4, 6, 5))                           # conv of X, W, stride 1, padding 1
+LIN_X, LIN_W, LIN_B, LIN_DOUT = (RNG.standard_normal(shape) for shape in [(5, 3), (4, 3), (4,), (5, 4)])
 XT, EPS, Z = (RNG.standard_normal((3, 2, 4)) for _ in range(3))     # a batch of 3 samples
 COEF = [RNG.uniform(0.1, 0.9, 3) for _ in range(5)]                 # one value per sample
 BN_X, BN_W, BN_B = RNG.standard_normal((3, 4, 5)), RNG.standard_normal(4), RNG.standard_normal(4)
@@ -45,6 +46,9 @@ KERNELS = {
     "conv2d_forward": ("conv2d_forward_ref", "bench_conv.py", (X, W, B, 1, 1)),
     "conv2d_backward_input": ("conv2d_backward_input_ref", "bench_conv.py", (DOUT, W, (6, 5), 1, 1)),
     "conv2d_backward_weight": ("conv2d_backward_weight_ref", "bench_conv.py", (DOUT, X, (3, 3), 1, 1)),
+    "linear_forward": ("linear_forward_ref", "bench_steps.py", (LIN_X, LIN_W, LIN_B)),
+    "linear_backward_input": ("linear_backward_input_ref", "bench_steps.py", (LIN_DOUT, LIN_W)),
+    "linear_backward_weight": ("linear_backward_weight_ref", "bench_steps.py", (LIN_DOUT, LIN_X)),
     "q_sample": ("q_sample_ref", "bench_steps.py", (XT, EPS, COEF[0], COEF[1])),
     "ddpm_step": ("ddpm_step_ref", "bench_steps.py", (XT, EPS, Z, COEF[0], COEF[1], COEF[2])),
     "ddim_step": ("ddim_step_ref", "bench_steps.py", (XT, EPS, Z, *COEF)),

@@ -4,13 +4,14 @@
    backward weight, float32 and float64, on 120 random shapes (batch 1, odd and non-square
    images and kernels, strides 1-4, padding 0-2, 1x1, 2x2 stride 2, 4x4 stride 4, sizes that
    leave partial tiles and several K blocks), plus the transposed-convolution uses.
-2. The fused diffusion steps and GELU, with and without guidance and clipping; training-mode
-   batch norm, forward and backward, on 120 random shapes (batch 1, C = 1, 1x1, odd and
-   non-square images, (N, C, L) and (N, C) inputs).
+2. Linear, forward and both gradients, on 70 random shapes (one row, K over several blocks, sizes
+   off the tile), the same bits on 1, 2 and 3 threads. The fused diffusion steps and GELU, with
+   and without guidance and clipping; training-mode batch norm, forward and backward, on 120
+   random shapes (batch 1, C = 1, 1x1, odd and non-square images, (N, C, L) and (N, C) inputs).
    Group norm alone and with SiLU, forward and backward, on 100 random shapes (batch 1, groups 1
    and C, odd channels per group, odd and non-square images), the same bits on 1, 2 and 3 threads,
    and the float32 SiLU over its range.
-3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.gelu, F.batch_norm, F.group_norm and
+3. Float64 gradient checks of F.conv2d, F.conv_transpose2d, F.linear, F.gelu, F.batch_norm, F.group_norm and
    F.group_norm_silu through the native path; the fused F.group_norm_silu against the two ops in a row.
 4. Bad arguments for every binding, and hypothesis property tests: random shapes, dtypes,
    strides and layouts give either the reference's result or a TypeError/ValueError.
@@ -432,17 +433,22 @@ np.savez(sys.argv[1], out=out, mean=mean, inv_std=inv_std, dx=dx, dw=dw, db=db)
 """
 
 
-def test_group_norm_silu_does_not_depend_on_the_thread_count(tmp_path):
-    """The same numbers, bit for bit, on 1, 2 and 3 OpenMP threads (dw and db summed over n in order)."""
+def assert_same_bits_on_1_2_3_threads(script, tmp_path):
+    """Run `script` (it saves its arrays to the .npz path in argv[1]) on 1, 2 and 3 OpenMP threads."""
     results = []
     for threads in (1, 2, 3):
         path = tmp_path / f"threads{threads}.npz"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TINYDIFF_REBUILD="0")
-        subprocess.run([sys.executable, "-c", GROUP_NORM_THREADS_SCRIPT, str(path)], env=env, check=True)
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
         results.append(np.load(path))
     for name in results[0].files:
         for other in results[1:]:
             assert np.array_equal(results[0][name], other[name]), f"{name} differs between thread counts"
+
+
+def test_group_norm_silu_does_not_depend_on_the_thread_count(tmp_path):
+    """The same numbers, bit for bit, on 1, 2 and 3 OpenMP threads (dw and db summed over n in order)."""
+    assert_same_bits_on_1_2_3_threads(GROUP_NORM_THREADS_SCRIPT, tmp_path)
 
 
 def test_silu_float32_over_its_whole_range():
@@ -513,6 +519,50 @@ def test_gelu_float32_over_its_whole_range():
                                   _C.gelu_backward(np.ones(2), inf.astype(np.float64)).astype(np.float32))
 
 
+# Linear: (N, I, O), one row up to several row panels and K blocks (K > 256 floats on AVX-512, 512
+# on AVX2), N and O off the tile sizes; the large ones run on several threads.
+LINEAR_SHAPES = [(1, 1, 1), (1, 7, 3), (7, 5, 3), (9, 1000, 129), (33, 300, 70), (100, 600, 17), (100, 32, 128),
+                 (1600, 128, 128), (17, 128, 1), (2, 3, 33)]
+
+
+def linear_shapes(count=60, seed=21):
+    rng = np.random.default_rng(seed)
+    return LINEAR_SHAPES + [tuple(int(v) for v in rng.integers(1, top, 3)) for top in (20, 80, 300) for _ in range(count // 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_every_pass_on_random_shapes(dtype):
+    rng = np.random.default_rng(22)
+    tol = (1e-4, 1e-4) if dtype == np.float32 else (1e-10, 1e-10)
+    for n, i, o in linear_shapes():
+        x, w, b, dout = (rng.standard_normal(shape).astype(dtype) for shape in [(n, i), (o, i), (o,), (n, o)])
+        what = f"linear N={n} I={i} O={o}"
+        assert_close(_C.linear_forward(x, w, b), kernels.linear_forward_ref(*f64(x, w, b)), dtype, what + " forward",
+                     (tol[0], tol[1] * np.sqrt(i)))
+        assert_close(_C.linear_forward(x, w, None), kernels.linear_forward_ref(*f64(x, w), None), dtype,
+                     what + " forward, no bias", (tol[0], tol[1] * np.sqrt(i)))
+        assert_close(_C.linear_backward_input(dout, w), kernels.linear_backward_input_ref(*f64(dout, w)), dtype,
+                     what + " dx", (tol[0], tol[1] * np.sqrt(o)))
+        assert_close(_C.linear_backward_weight(dout, x), kernels.linear_backward_weight_ref(*f64(dout, x)), dtype,
+                     what + " dw", (tol[0], tol[1] * np.sqrt(n)))
+
+
+LINEAR_THREADS_SCRIPT = """
+import sys
+import numpy as np
+from tinydiff import _C
+rng = np.random.default_rng(23)
+x, w, b, dout = (rng.standard_normal(s).astype(np.float32) for s in [(1601, 130), (129, 130), (129,), (1601, 129)])
+np.savez(sys.argv[1], y=_C.linear_forward(x, w, b), dx=_C.linear_backward_input(dout, w),
+         dw=_C.linear_backward_weight(dout, x))
+"""
+
+
+def test_linear_does_not_depend_on_the_thread_count(tmp_path):
+    """Each element of the result is summed by one thread in one order: the same bits on 1, 2, 3 threads."""
+    assert_same_bits_on_1_2_3_threads(LINEAR_THREADS_SCRIPT, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Gradient checks through the dispatched native path
 
@@ -547,6 +597,17 @@ def test_gradcheck_conv_transpose2d_native(native_kernels, version):
     for k, s, p in [(2, 2, 0), (3, 2, 1), (3, 1, 1)]:
         w = Tensor(rng.standard_normal((3, 2, k, k)), requires_grad=True)
         assert gradcheck(lambda x, w, b: F.conv_transpose2d(x, w, b, stride=s, padding=p), [x, w, b])
+
+
+def test_gradcheck_linear_native(native_kernels):
+    rng = np.random.default_rng(24)
+    x = Tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3)), requires_grad=True)
+    b = Tensor(rng.standard_normal(4), requires_grad=True)
+    assert kernels._compiled("linear_forward", x.data, w.data, b.data) is not None   # really native
+    assert gradcheck(F.linear, [x, w, b])
+    x3 = Tensor(rng.standard_normal((2, 3, 3)), requires_grad=True)
+    assert gradcheck(lambda x, w: F.linear(x, w), [x3, w])
 
 
 def test_gradcheck_gelu_native(native_kernels):
@@ -679,6 +740,32 @@ DOUT = np.ones((2, 4, 6, 6), np.float32)
     (lambda: _C.conv2d_backward_weight(DOUT[..., ::2], X, (3, 3), 1, 1), ValueError, "dout must be C-contiguous"),
 ])
 def test_conv_bindings_refuse_bad_arguments(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+
+
+LX, LW, LB, LD = (np.ones(shape, np.float32) for shape in [(5, 3), (4, 3), (4,), (5, 4)])   # linear x, w, b, dout
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: _C.linear_forward(LX, LW[:, :2].copy(), LB), ValueError, "w has in_features 2 but x has 3"),
+    (lambda: _C.linear_forward(LX, LW, LB[:3].copy()), ValueError, "b has values 3 but w has out_features 4"),
+    (lambda: _C.linear_forward(LX, LW, LB.astype(np.float64)), TypeError, "b has dtype float64"),
+    (lambda: _C.linear_forward(LX.astype(np.float64), LW, LB), TypeError, "w has dtype float32"),
+    (lambda: _C.linear_forward(LX[None], LW, LB), ValueError, "x must have 2 dimensions"),
+    (lambda: _C.linear_forward(LX.T, LW, LB), ValueError, "x must be C-contiguous"),
+    (lambda: _C.linear_forward(LX[:0], LW, LB), ValueError, "x is empty"),
+    (lambda: _C.linear_forward(LX.astype(np.int32), LW, LB), TypeError, "x must be a float32"),
+    (lambda: _C.linear_forward([[1.0]], LW, LB), TypeError, "x must be a numpy.ndarray"),
+    (lambda: _C.linear_backward_input(LD, LW[:3].copy()), ValueError, "w has out_features 3 but dout has 4"),
+    (lambda: _C.linear_backward_input(LD, LW.astype(np.float64)), TypeError, "w has dtype"),
+    (lambda: _C.linear_backward_input(LD[:, ::2], LW), ValueError, "dout must be C-contiguous"),
+    (lambda: _C.linear_backward_weight(LD, LX[:4].copy()), ValueError, "x has rows 4 but dout has 5"),
+    (lambda: _C.linear_backward_weight(LD, LX.reshape(5, 3, 1)), ValueError, "x must have 2 dimensions"),
+    (lambda: _C.linear_backward_weight(LD.astype(np.float16), LX), TypeError, "dout must be a float32"),
+])
+def test_linear_bindings_refuse_bad_arguments(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert words in str(info.value)

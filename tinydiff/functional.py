@@ -113,18 +113,37 @@ def softmax(x, dim=-1):
 # Linear and convolution layers
 
 
+def linear_forward(x, w, b):
+    return kernels.linear_forward(x, w, b), (x, w)
+
+
+def linear_backward(dout, cache, needs):
+    x, w = cache
+    dx = kernels.linear_backward_input(dout, w) if needs[0] else None    # dL/dx = dout W
+    dw = kernels.linear_backward_weight(dout, x) if needs[1] else None   # dL/dW = dout^T x
+    db = dout.sum(axis=0) if needs[2] else None
+    return dx, dw, db
+
+
 def linear(x, weight, bias=None):
-    """x (..., in) @ weight (out, in)^T + bias (out,)."""
+    """x (..., in) @ weight (out, in)^T + bias (out,): one kernel, the bias added as it stores."""
     if weight.ndim != 2:
         raise ValueError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
+    if x.ndim < 2:
+        raise ValueError(f"linear: input must have a batch axis and a feature axis (..., in), got shape {x.shape}")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input shape {x.shape} does not fit weight shape {weight.shape} "
                          f"({x.shape[-1]} features against {weight.shape[1]})")
-    if x.ndim > 2:                               # (..., in) as rows: one GEMM, and one for dW
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"linear: bias shape {bias.shape} should be ({weight.shape[0]},)")
+    devices = {arg: t.device for arg, t in (("input", x), ("weight", weight), ("bias", bias)) if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"linear: tensors on different devices: {devices}")
+    if x.ndim != 2:                              # (..., in) as rows: one GEMM, and one for dW
         rows = linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return rows.reshape(*x.shape[:-1], weight.shape[0])
-    out = x @ weight.T
-    return out + bias if bias is not None else out
+    out, cache = linear_forward(x.data, weight.data, None if bias is None else bias.data)
+    return _from_pair("linear", (x, weight, bias), out, cache, linear_backward)
 
 
 def _pair(v):

@@ -12,6 +12,8 @@ Convolution (NCHW; weight (out, in, kh, kw) as in PyTorch; stride s, zero paddin
     output size: H_out = (H + 2p - kh) // s + 1
 The transposed convolution needs no kernel of its own: its forward is conv2d's backward-input.
 
+Linear (nn.Linear), rows x (N, I), weight w (O, I):  y = x w^T + b,  dx = dout w,  dw = dout^T x
+
 Diffusion steps (per-sample coefficients, arrays of shape (B,), broadcast over C, H, W):
     q_sample:  xt = sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps                (DDPM eq. 4)
     ddpm_step: x_prev = 1/sqrt(alpha) * (xt - beta/sqrt(1-alpha_bar) * eps) + sigma*z (DDPM eq. 11)
@@ -245,6 +247,44 @@ def conv2d_backward_weight(dout, x, kernel_hw, stride, padding):
     if kernel is not None:
         return kernel(*_contiguous(dout, x), tuple(kernel_hw), stride, padding, **_version(dout))
     return conv2d_backward_weight_ref(dout, x, kernel_hw, stride, padding)
+
+
+# Linear (nn.Linear): rows x (N, I), weight w (O, I), bias b (O,)
+#   forward y = x w^T + b;  backward dx = dout w,  dw = dout^T x,  db = the column sums of dout
+
+
+def linear_forward_ref(x, w, b):
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def linear_backward_input_ref(dout, w):
+    return dout @ w
+
+
+def linear_backward_weight_ref(dout, x):
+    return dout.T @ x
+
+
+def linear_forward(x, w, b):
+    kernel = _compiled("linear_forward", x, w, b)
+    if kernel is not None:
+        return kernel(*_contiguous(x, w, b))
+    return linear_forward_ref(x, w, b)
+
+
+def linear_backward_input(dout, w):
+    kernel = _compiled("linear_backward_input", dout, w)
+    if kernel is not None:
+        return kernel(*_contiguous(dout, w))
+    return linear_backward_input_ref(dout, w)
+
+
+def linear_backward_weight(dout, x):
+    kernel = _compiled("linear_backward_weight", dout, x)
+    if kernel is not None:
+        return kernel(*_contiguous(dout, x))
+    return linear_backward_weight_ref(dout, x)
 
 
 def q_sample(x0, eps, sqrt_alpha_bar, sqrt_one_minus_alpha_bar):
