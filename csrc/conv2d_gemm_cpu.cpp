@@ -75,6 +75,22 @@ void to_channels_last(T* xt, const T* x, int64_t N, int64_t C, int64_t H, int64_
         }
 }
 
+// One B panel of NR pixels that are NR / PW whole output rows of PW pixels each: for every k, piece p
+// is PW contiguous values at src[p] + offset[k]. Fixed-size copies (one 16-byte move for PW = 4
+// floats), unrolled, the row pointers in registers.
+template <typename T, int PW>
+inline void pack_row_pieces(T* __restrict dst, const T* const* src, const int64_t* offset, int64_t kc) {
+    constexpr int NR = gemm_nr<T>(), PIECES = NR / PW;
+    static_assert(NR % PW == 0, "pack_row_pieces: whole pieces in a panel");
+    const T* rows[PIECES];
+    for (int p = 0; p < PIECES; ++p) rows[p] = src[p];
+    for (int64_t kk = 0; kk < kc; ++kk, dst += NR) {
+        const int64_t off = offset[kk];
+#pragma GCC unroll 32
+        for (int p = 0; p < PIECES; ++p) __builtin_memcpy(dst + p * PW, rows[p] + off, PW * sizeof(T));
+    }
+}
+
 // out (N, M, OH, OW) += A (M x C*kh*kw, packed) @ im2col(xp), for xp (N, C, Hp, Wp) already padded:
 // the forward convolution without its padding. Columns of the GEMM are output pixels (n, i, j).
 template <typename T, int MR>
@@ -100,6 +116,17 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
                 for (int64_t h = 0; h < L / piece; ++h) rows.rows[h * GEMM_NV + v] = corner(j0 + v * L + h * piece);
             rows.offset = offset;
             return piece == L ? 1 : 2;
+        }
+        if (stride == 1 && j_end - j0 == NR && NR % OW == 0 && OW <= 8) {
+            // narrow images (4x4: 8 rows of 4 in an AVX-512 panel): whole output rows, fixed-size
+            // copies (NR is a power of 2, so OW is 1, 2, 4 or 8)
+            const T* src[NR];
+            for (int64_t p = 0; p < NR / OW; ++p) src[p] = corner(j0 + p * OW);
+            if (OW == 1) pack_row_pieces<T, 1>(dst, src, offset, kc);
+            else if (OW == 2) pack_row_pieces<T, 2>(dst, src, offset, kc);
+            else if (OW == 4) pack_row_pieces<T, 4>(dst, src, offset, kc);
+            else if constexpr (NR % 8 == 0) pack_row_pieces<T, 8>(dst, src, offset, kc);   // (OW == 8)
+            return 0;
         }
         // packing: the panel's pixels lie in runs along output rows; for each k, each run is a
         // (strided) copy of a piece of one row of xp

@@ -84,6 +84,9 @@ FIXED_CONFIGS = [  # (N, C, H, W, O, kh, kw, stride, padding)
     (1, 48, 5, 5, 4, 3, 2, 1, 1),       # 48 channels: a vector's taps start mid-panel
     (2, 8, 7, 7, 5, 3, 3, 2, 1),        # 8 channels: whole float64 vectors
     (2, 3, 8, 8, 4, 3, 3, 1, 1),        # 8-wide rows: whole float64 vectors, half float32 ones
+    (3, 5, 4, 4, 7, 3, 3, 1, 1),        # 4-wide rows: a float32 AVX-512 panel is 8 whole rows, copied as pieces
+    (9, 3, 2, 2, 4, 1, 1, 1, 0),        # 2-wide rows, 36 pixels: whole panels of pieces and a partial one
+    (40, 2, 1, 1, 3, 1, 1, 1, 0),       # 1x1 images: pieces of one pixel
     # 3x3 stride 1, Winograd's shapes: 2x2 output tiles, cut at odd edges; blocks of tiles across rows and
     # samples. The AVX-512 build runs Winograd on output rows of 7 pixels or more (WINOGRAD_MIN_WIDTH):
     # there the narrower ones check the fallback to "gemm", the wider ones the same cases in Winograd.
