@@ -21,8 +21,43 @@ namespace td {
 
 constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t(1) << 14;   // fewer: one thread (no team start-up)
 
+// The first maximum of the window so far (best, arg) against the next value (index k): strict, so
+// that the first maximum stays; a NaN beats everything, and the first NaN stays.
+template <typename T>
+inline void take_if_larger(T& best, int32_t& arg, T value, int32_t k) {
+    const bool larger = (value > best) | ((value != value) & (best == best));
+    best = larger ? value : best;
+    arg = larger ? k : arg;
+}
+
+// The 2x2 window at stride 2 without padding (the ContextUnet's MaxPool2d(2)), written out: four
+// values, three comparisons, no loop over the window.
+template <typename T>
+static void max_pool2d_forward_2x2(T* out, int64_t* idx, const T* x, const PoolShape& s) {
+    const int64_t planes = s.N * s.C, HW = s.H * s.W, OHW = s.OH * s.OW;
+#pragma omp parallel for schedule(static) if (planes * HW >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t m = 0; m < planes; ++m)
+        for (int64_t i = 0; i < s.OH; ++i) {
+            const T* __restrict top = x + m * HW + 2 * i * s.W;
+            const T* __restrict bottom = top + s.W;
+            T* __restrict o = out + m * OHW + i * s.OW;
+            int64_t* __restrict k = idx + m * OHW + i * s.OW;
+            for (int64_t j = 0; j < s.OW; ++j) {
+                T best = top[2 * j];
+                int32_t arg = 0;
+                take_if_larger(best, arg, top[2 * j + 1], 1);
+                take_if_larger(best, arg, bottom[2 * j], 2);
+                take_if_larger(best, arg, bottom[2 * j + 1], 3);
+                o[j] = best;
+                k[j] = arg;
+            }
+        }
+}
+
 template <typename T>
 void max_pool2d_forward_cpu(T* out, int64_t* idx, const T* x, const PoolShape& s) {
+    if (s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.pad == 0)
+        return max_pool2d_forward_2x2(out, idx, x, s);
     const int64_t planes = s.N * s.C, HW = s.H * s.W, OHW = s.OH * s.OW;
 #pragma omp parallel for schedule(static) if (planes * HW >= PARALLEL_MIN_ELEMENTS)
     for (int64_t m = 0; m < planes; ++m) {

@@ -473,7 +473,8 @@ def max_pool_cases(count=60, seed=12):
     """Random awkward pooling problems: batch 1, odd and non-square sizes, kernels 1-3 (non-square),
     stride 1 (overlapping windows), 2, 3, padding 0 or 1."""
     rng = np.random.default_rng(seed)
-    cases = [((64, 32, 16, 16), (2, 2), (2, 2), 0), ((1, 1, 1, 1), (1, 1), (1, 1), 0), ((1, 3, 7, 5), (3, 2), (2, 1), 1)]
+    cases = [((64, 32, 16, 16), (2, 2), (2, 2), 0), ((1, 1, 1, 1), (1, 1), (1, 1), 0), ((1, 3, 7, 5), (3, 2), (2, 1), 1),
+             ((2, 3, 7, 9), (2, 2), (2, 2), 0), ((1, 2, 2, 3), (2, 2), (2, 2), 0)]   # 2x2 stride 2, odd: a row and column left over
     while len(cases) < count:
         kh, kw = (int(k) for k in rng.integers(1, 4, 2))
         p = int(rng.integers(0, 2)) if min(kh, kw) >= 2 else 0
@@ -502,6 +503,18 @@ def test_max_pool2d_nan_and_infinity_as_numpy():
     want_out, want_idx = kernels.max_pool2d_forward_ref(x, (2, 2), (2, 2), 0)
     np.testing.assert_array_equal(out, want_out)                  # nan, -inf
     assert np.isnan(out[0, 0, 0, 0]) and idx.ravel().tolist() == want_idx.ravel().tolist() == [1, 0]
+
+
+def test_max_pool2d_2x2_windows_of_nan_infinity_and_ties():
+    """Every 2x2 window of the values NaN, -inf, 1, 2 (256 windows): the first maximum, the first NaN."""
+    values = np.array([np.nan, -np.inf, 1.0, 2.0])
+    windows = values[np.stack(np.meshgrid(*[np.arange(4)] * 4, indexing="ij"), -1).reshape(-1, 4)]   # (256, 4)
+    for dtype in DTYPES:
+        x = np.ascontiguousarray(windows.reshape(1, 256, 2, 2).astype(dtype))
+        out, idx = _C.max_pool2d_forward(x, (2, 2), (2, 2), 0)
+        want_out, want_idx = kernels.max_pool2d_forward_ref(x, (2, 2), (2, 2), 0)
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(idx, want_idx)
 
 
 def test_gelu_float32_over_its_whole_range():
