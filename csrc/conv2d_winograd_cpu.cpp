@@ -104,6 +104,33 @@ inline void gather_run(T (*d)[4][gemm_nr<T>()], int l0, const T* p, int64_t Wp) 
     gather_run_lanes<T, BYTES>(d, l0, p, Wp, std::make_index_sequence<BYTES / sizeof(T)>());
 }
 
+// The mirror of gather_run for the output: the 2x2 blocks of `lanes` tiles side by side in one tile
+// row, both rows inside out, go to dst[a * OW + 2 t + s] = y[a][s][l0 + t]: each output row is the
+// two columns of the tiles interleaved, stored as whole vectors.
+template <typename T, int BYTES, size_t... I>
+inline void scatter_run_lanes(T* dst, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0, std::index_sequence<I...>) {
+#if TD_SHUFFLEVECTOR
+    typedef T V __attribute__((vector_size(BYTES)));
+    constexpr int L = BYTES / int(sizeof(T));
+    for (int a = 0; a < 2; ++a) {
+        V even, odd;
+        __builtin_memcpy(&even, &y[a][0][l0], BYTES);
+        __builtin_memcpy(&odd, &y[a][1][l0], BYTES);
+        const V lo = __builtin_shufflevector(even, odd, int(I % 2 ? L + I / 2 : I / 2)...);
+        const V hi = __builtin_shufflevector(even, odd, int(I % 2 ? L + L / 2 + I / 2 : L / 2 + I / 2)...);
+        __builtin_memcpy(dst + a * OW, &lo, BYTES);
+        __builtin_memcpy(dst + a * OW + L, &hi, BYTES);
+    }
+#else
+    (void)dst, (void)OW, (void)y, (void)l0;                      // not called: HAVE_SHUFFLEVECTOR is false
+#endif
+}
+
+template <typename T, int BYTES>
+inline void scatter_run(T* dst, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0) {
+    scatter_run_lanes<T, BYTES>(dst, OW, y, l0, std::make_index_sequence<BYTES / sizeof(T)>());
+}
+
 // out (N, O, OH, OW) = b + the stride-1 3x3 convolution of x (N, C, H, W) zero-padded by `pad`,
 // with the packed transformed weights of winograd_weights. Needs C <= gemm_kc_max<T>() (one k block).
 template <typename T, int MR>
@@ -196,13 +223,21 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
                         y[a][0][l] = bias + f[a][0][l] + f[a][1][l] + f[a][2][l];
                         y[a][1][l] = bias + f[a][1][l] - f[a][2][l] - f[a][3][l];
                     }
-                for (int l = 0; l < nt; ++l) {
+                for (int l = 0; l < nt;) {
                     T* dst = out + ((n_of[l] * O + o) * OH + i_of[l]) * OW + j_of[l];
+                    const int bytes = run_bytes[l], lanes = bytes / int(sizeof(T));
+                    if (bytes > 0 && i_of[l] + 1 < OH && j_of[l + lanes - 1] + 1 < OW) {   // a run, inside out
+                        if (bytes == 32) scatter_run<T, 32>(dst, OW, y, l);
+                        else scatter_run<T, 16>(dst, OW, y, l);
+                        l += lanes;
+                        continue;
+                    }
                     const bool right = j_of[l] + 1 < OW, below = i_of[l] + 1 < OH;
                     dst[0] = y[0][0][l];
                     if (right) dst[1] = y[0][1][l];
                     if (below) dst[OW] = y[1][0][l];
                     if (right && below) dst[OW + 1] = y[1][1][l];
+                    ++l;
                 }
             }
         }
