@@ -24,6 +24,26 @@ namespace td {
 // ---------------------------------------------------------------------------------------------
 // Layout helpers
 
+// dst[0..n) = src[0..n) for n <= 2 * B / sizeof(T): two moves of B bytes that overlap, B the
+// largest power of 2 (down to one value) that n values fill.
+template <typename T, int B>
+inline void copy_two_overlapping(T* __restrict dst, const T* __restrict src, int64_t n) {
+    constexpr int64_t E = B / int64_t(sizeof(T));
+    if (n >= E) {
+        __builtin_memcpy(dst, src, B);
+        __builtin_memcpy(dst + n - E, src + n - E, B);
+    } else if constexpr (E > 1) {
+        copy_two_overlapping<T, B / 2>(dst, src, n);
+    }
+}
+
+// A row copy without a library call for the short rows of small images (16 floats: one vector move).
+template <typename T>
+inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+    if (n * int64_t(sizeof(T)) > 2 * VEC_BYTES) std::memcpy(dst, src, n * sizeof(T));
+    else copy_two_overlapping<T, VEC_BYTES>(dst, src, n);
+}
+
 // xp[m, i, j] = x[m, i - ph, j - pw] inside x, else 0, for m < count images (N*C) of H x W.
 // ph, pw may be negative (then the copy crops); Hp x Wp need not cover all of x.
 template <typename T>
@@ -36,9 +56,9 @@ void pad_images(T* xp, const T* x, int64_t count, int64_t H, int64_t W, int64_t 
             T* dst = xp + (m * Hp + i) * Wp;
             const int64_t h = i - ph;
             if (h < 0 || h >= H || j_lo >= j_hi) { std::fill(dst, dst + Wp, T(0)); continue; }
-            std::fill(dst, dst + j_lo, T(0));
-            std::memcpy(dst + j_lo, x + (m * H + h) * W + (j_lo - pw), (j_hi - j_lo) * sizeof(T));
-            std::fill(dst + j_hi, dst + Wp, T(0));
+            for (int64_t j = 0; j < j_lo; ++j) dst[j] = T(0);
+            copy_row(dst + j_lo, x + (m * H + h) * W + (j_lo - pw), j_hi - j_lo);
+            for (int64_t j = j_hi; j < Wp; ++j) dst[j] = T(0);
         }
 }
 
