@@ -109,3 +109,23 @@ def test_a_run_stopped_before_its_plan_plans_when_resumed(tmp_path, monkeypatch)
     planned = run_cfg(out)["planned_steps"]
     assert planned > 7 + train.PLAN_FROM + train.PLAN_STEPS
     assert checkpoint.load_checkpoint(out)["step"] == planned
+
+
+def test_the_eta_is_the_sooner_of_the_steps_left_and_the_budget_left(monkeypatch):
+    """Under a budget the bar's ETA never runs past the budget's end (the run stops there), and
+    where the steps left end sooner it is tqdm's own estimate."""
+    clock = FakeClock(0.0)
+    monkeypatch.setattr(train, "time", clock)
+    bars = [train._progress_bar(1000, 0, True, deadline=clock.now + 3),      # 995 steps left, 3 s of budget
+            train._progress_bar(1000, 0, True),                             # no budget
+            train._progress_bar(10, 0, True, deadline=clock.now + 1e6)]     # 5 steps left, budget to spare
+    for bar in bars:
+        bar.n = 5
+        bar._ema_dn, bar._ema_dt = (lambda: 5.0), (lambda: 1.0)             # tqdm's rate: 5 steps a second
+    budget, plain, far = (bar.format_dict for bar in bars)
+    assert budget["rate"] == 5.0 and budget["remaining"] == "00:03"        # not 995 / 5 = 03:19
+    assert "<00:03," in str(bars[0])
+    assert "remaining" not in plain and "<03:19," in str(bars[1])          # tqdm's own estimate
+    assert far["remaining"] == "00:01"                                     # 5 steps at 5 a second
+    for bar in bars:
+        bar.close()

@@ -147,7 +147,8 @@ def _train(cfg, resume, progress):
     start = time.time()
     plan_from = step + PLAN_FROM              # a run stopped before its plan plans on resuming
     seen = 0
-    bar = _progress_bar(total, step, progress)
+    deadline = None if cfg["time_budget"] is None else start + 60 * cfg["time_budget"]   # where out_of_time stops it
+    bar = _progress_bar(total, step, progress, deadline)
     try:
         with stop, backend.one_blas_thread(device):          # see backend.one_blas_thread
             while total is None or step < total:
@@ -241,6 +242,22 @@ def save_run(cfg, model, opt, ema, step, batches, losses, caption_rng=None):
                             metadata={"tinydiff.config": json.dumps(cfg), "step": str(step)})
 
 
-def _progress_bar(total, initial, enabled):
+def _progress_bar(total, initial, enabled, deadline=None):
+    """tqdm's bar. Under a time budget (deadline: the time.time() at which it runs out) its ETA is
+    the sooner of the steps left at the current rate and the budget left: the run stops at the
+    budget whatever its plan, so a machine that slows down after planning sees the true end."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    class BudgetBar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            if deadline is not None and d["total"]:
+                left = max(0.0, deadline - time.time())
+                if d["rate"]:
+                    left = min(left, (d["total"] - d["n"]) / d["rate"])
+                d["remaining"] = tqdm.format_interval(left)
+                d["bar_format"] = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+            return d
+
+    return BudgetBar(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
