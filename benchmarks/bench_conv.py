@@ -11,6 +11,9 @@ convolution time of one training step (counting dx of the first layer too, which
 2*N*O*OH*OW*C*kh*kw per pass (three passes for forward + backward). PyTorch (if installed) runs
 with as many threads as OpenMP gives us. The machine's NumPy float32 matmul GFLOP/s is measured
 in the same run, as the yardstick.
+
+conv2d_add_forward, the convolution that adds a per-sample shift and a residual as it stores (a UNet
+block's time embedding and skip connection), has a table of its own at the end.
 """
 import argparse
 import os
@@ -81,6 +84,31 @@ def make_passes(shape, transposed, batch, impl, dtype=np.float32):
     return fwd, bwd, flops
 
 
+# The UNet's ResBlock convolutions with their adds: (C_in = C_out, H) at the UNet's three levels
+ADD_SHAPES = [(32, 16), (64, 8), (128, 4)]
+
+
+def add_rows(batch, quick, torch):
+    """conv2d_add_forward (shift and residual in the store) against the convolution and two NumPy
+    adds, and PyTorch's convolution and two adds: forward ms."""
+    rows = []
+    for c, h in ADD_SHAPES:
+        rng = np.random.default_rng(0)
+        x, res = rng.standard_normal((2, batch, c, h, h), dtype=np.float32)
+        w = rng.standard_normal((c, c, 3, 3), dtype=np.float32) * 0.05
+        b, shift = rng.standard_normal(c, dtype=np.float32), rng.standard_normal((batch, c), dtype=np.float32)
+        fns = {"fused": lambda: _C.conv2d_add_forward(x, w, b, shift, res, 1, 1),
+               "conv, then adds": lambda: _C.conv2d_forward(x, w, b, 1, 1) + shift[:, :, None, None] + res}
+        if torch is not None:
+            tx, tw, tb, ts, tr = (torch.from_numpy(a) for a in (x, w, b, shift, res))
+            fns["torch"] = lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=1) + ts[:, :, None, None] + tr
+        times = {k: time_pass(f, quick) for k, f in fns.items()}
+        rows.append([f"conv2d_add {c}->{c} {h}x{h}"] + [1e3 * times[k] for k in fns]
+                    + [times["fused"] / times["conv, then adds"]]
+                    + ([times["fused"] / times["torch"]] if torch is not None else []))
+    return list(fns), rows
+
+
 def time_pass(fn, quick):
     """Best time of fn; a single run when it is slow (the direct loops) or in --quick mode."""
     first = best_time(fn, repeat=1, warmup=0 if quick else 1)
@@ -131,6 +159,11 @@ def main():
     rows.append(total)
     print(markdown_table(header, rows))
     print(f"\n(ms = forward + backward; {fast}/torch < 1 means faster than PyTorch)")
+
+    names, rows = add_rows(batch, args.quick, torch)
+    print(f"\n# a UNet ResBlock's convolution + shift (B, C) + residual, forward, batch {batch}")
+    print(markdown_table(["shape"] + [f"{n} ms" for n in names] + ["fused / conv, then adds"]
+                         + (["fused / torch"] if torch is not None else []), rows))
 
 
 if __name__ == "__main__":

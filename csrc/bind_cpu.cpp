@@ -134,18 +134,23 @@ template <typename T> static const T* ptr(const py::array& a) { return static_ca
 // Convolution
 
 template <typename T>
-static py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s, const std::string& v) {
+static const T* optional_ptr(const py::object& a) { return a.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(a)); }
+
+template <typename T>
+static py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const py::object& shift,
+                                  const py::object& residual, const ConvShape& s, const std::string& v) {
     py::array_t<T> out({s.N, s.O, s.OH, s.OW});
-    const T* bias = b.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(b));
+    const td::ConvAddend<T> add{optional_ptr<T>(b), optional_ptr<T>(shift), optional_ptr<T>(residual)};
     T* o = out.mutable_data();
     py::gil_scoped_release release;
-    td::conv2d_forward_cpu<T>(o, ptr<T>(x), ptr<T>(w), bias, s, v);
+    td::conv2d_forward_cpu<T>(o, ptr<T>(x), ptr<T>(w), add, s, v);
     return out;
 }
 
-static py::array conv2d_forward(const py::object& x_, const py::object& w_, const py::object& b_,
-                                const py::object& stride, const py::object& padding, const py::object& version) {
-    const char* fn = "conv2d_forward";
+// conv2d_forward, and conv2d_add_forward with a shift (N, O) and a residual (N, O, OH, OW) (None: none)
+static py::array conv2d_forward_any(const char* fn, const py::object& x_, const py::object& w_, const py::object& b_,
+                                    const py::object& shift_, const py::object& residual_, const py::object& stride,
+                                    const py::object& padding, const py::object& version) {
     py::array x = array_arg(x_, fn, "x", 4), w = array_arg(w_, fn, "w", 4);
     same_dtype(w, x, fn, "w", "x");
     ConvShape s{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3),
@@ -162,9 +167,38 @@ static py::array conv2d_forward(const py::object& x_, const py::object& w_, cons
     }
     s.OH = conv_out(s.H, s.kh, s.stride, s.pad, fn, "input height");
     s.OW = conv_out(s.W, s.kw, s.stride, s.pad, fn, "input width");
+    if (!shift_.is_none()) {
+        py::array shift = array_arg(shift_, fn, "shift", 2);
+        same_dtype(shift, x, fn, "shift", "x");
+        if (shift.shape(0) != s.N || shift.shape(1) != s.O)
+            throw py::value_error(std::string(fn) + ": shift has shape " + std::string(py::str(shift_.attr("shape"))) +
+                                  " but should be (batch, output channels) = (" + std::to_string(s.N) + ", " +
+                                  std::to_string(s.O) + ")");
+    }
+    if (!residual_.is_none()) {
+        py::array residual = array_arg(residual_, fn, "residual", 4);
+        same_dtype(residual, x, fn, "residual", "x");
+        if (residual.shape(0) != s.N || residual.shape(1) != s.O || residual.shape(2) != s.OH || residual.shape(3) != s.OW)
+            throw py::value_error(std::string(fn) + ": residual has shape " +
+                                  std::string(py::str(residual_.attr("shape"))) + " but the output is (" +
+                                  std::to_string(s.N) + ", " + std::to_string(s.O) + ", " + std::to_string(s.OH) +
+                                  ", " + std::to_string(s.OW) + ")");
+    }
     check_workspace(s, fn);
     const std::string v = version_arg(version, fn);
-    return is_f32(x) ? conv2d_forward_t<float>(x, w, b_, s, v) : conv2d_forward_t<double>(x, w, b_, s, v);
+    return is_f32(x) ? conv2d_forward_t<float>(x, w, b_, shift_, residual_, s, v)
+                     : conv2d_forward_t<double>(x, w, b_, shift_, residual_, s, v);
+}
+
+static py::array conv2d_forward(const py::object& x, const py::object& w, const py::object& b, const py::object& stride,
+                                const py::object& padding, const py::object& version) {
+    return conv2d_forward_any("conv2d_forward", x, w, b, py::none(), py::none(), stride, padding, version);
+}
+
+static py::array conv2d_add_forward(const py::object& x, const py::object& w, const py::object& b,
+                                    const py::object& shift, const py::object& residual, const py::object& stride,
+                                    const py::object& padding, const py::object& version) {
+    return conv2d_forward_any("conv2d_add_forward", x, w, b, shift, residual, stride, padding, version);
 }
 
 template <typename T>
@@ -903,6 +937,10 @@ PYBIND11_MODULE(_C, m) {
     const char* v0 = td::CONV2D_VERSIONS<float>[0].name;
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("stride"),
           py::arg("padding"), py::arg("version") = v0, "x (N,C,H,W), w (O,C,kh,kw), b (O,) or None -> (N,O,OH,OW)");
+    m.def("conv2d_add_forward", &conv2d_add_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("shift"),
+          py::arg("residual"), py::arg("stride"), py::arg("padding"), py::arg("version") = v0,
+          "conv2d_forward + shift[:, :, None, None] + residual, in the store: shift (N,O) or None, "
+          "residual (N,O,OH,OW) or None");
     m.def("conv2d_backward_input", &conv2d_backward_input, py::arg("dout"), py::arg("w"), py::arg("input_hw"),
           py::arg("stride"), py::arg("padding"), py::arg("version") = v0, "dout (N,O,OH,OW), w (O,C,kh,kw) -> dx (N,C,H,W)");
     m.def("conv2d_backward_weight", &conv2d_backward_weight, py::arg("dout"), py::arg("x"), py::arg("kernel_hw"),

@@ -29,7 +29,7 @@ namespace td {
 // Version "direct"
 
 template <typename T>
-void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+void conv2d_forward_direct(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s) {
     const int64_t C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw;
     [[maybe_unused]] const bool parallel = s.N * s.O * s.OH * s.OW * s.C * s.kh * s.kw >= 32 * PARALLEL_MIN_WORK;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
@@ -48,7 +48,8 @@ void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const Con
                                 sum += w[((o * C + c) * kh + u) * kw + v] * x[((n * C + c) * H + h) * W + wi];
                             }
                         }
-                    out[((n * s.O + o) * s.OH + i) * s.OW + j] = sum + (b ? b[o] : T(0));
+                    const int64_t at = ((n * s.O + o) * s.OH + i) * s.OW + j;
+                    out[at] = sum + add.per_channel(n, o, s.O) + (add.residual ? add.residual[at] : T(0));
                 }
 }
 
@@ -112,8 +113,9 @@ static const Conv2dVersion<T>& conv2d_version(const std::string& name) {
 }
 
 template <typename T>
-void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, const std::string& version) {
-    conv2d_version<T>(version).forward(out, x, w, b, s);
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s,
+                        const std::string& version) {
+    conv2d_version<T>(version).forward(out, x, w, add, s);
 }
 
 template <typename T>
@@ -127,10 +129,10 @@ void conv2d_backward_weight_cpu(T* dw, const T* dout, const T* x, const ConvShap
 }
 
 #define TD_INSTANTIATE(T)                                                                                     \
-    template void conv2d_forward_direct<T>(T*, const T*, const T*, const T*, const ConvShape&);             \
+    template void conv2d_forward_direct<T>(T*, const T*, const T*, const ConvAddend<T>&, const ConvShape&);  \
     template void conv2d_backward_input_direct<T>(T*, const T*, const T*, const ConvShape&);                \
     template void conv2d_backward_weight_direct<T>(T*, const T*, const T*, const ConvShape&);               \
-    template void conv2d_forward_cpu<T>(T*, const T*, const T*, const T*, const ConvShape&, const std::string&); \
+    template void conv2d_forward_cpu<T>(T*, const T*, const T*, const ConvAddend<T>&, const ConvShape&, const std::string&); \
     template void conv2d_backward_input_cpu<T>(T*, const T*, const T*, const ConvShape&, const std::string&);    \
     template void conv2d_backward_weight_cpu<T>(T*, const T*, const T*, const ConvShape&, const std::string&);
 TD_INSTANTIATE(float)

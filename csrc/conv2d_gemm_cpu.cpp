@@ -195,7 +195,7 @@ void conv_gemm_padded(T* out, const T* a_packed, int64_t M, const T* xp, int64_t
 // Each pass runs with the tile height MR that pads the fewest rows (with_tile_rows, gemm_cpu.h).
 
 template <typename T, int MR>
-void conv2d_forward_gemm_mr(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
+void conv2d_forward_gemm_mr(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s) {
     const int64_t K = s.C * s.kh * s.kw, P = s.OH * s.OW;
     const int64_t Hp = (s.OH - 1) * s.stride + s.kh, Wp = (s.OW - 1) * s.stride + s.kw;
     AlignedBuffer<T> xp(s.N * s.C * Hp * Wp), a(ceil_div(s.O, MR) * MR * K);
@@ -205,14 +205,21 @@ void conv2d_forward_gemm_mr(T* out, const T* x, const T* w, const T* b, const Co
     for (int64_t k = 0; k < K; ++k) cols[k] = k;
     pack_a<T, MR>(s.O, K, w, rows.data(), cols.data(), a.data);
 #pragma omp parallel for collapse(2) schedule(static) if (s.N * s.O * P >= PARALLEL_MIN_WORK)
-    for (int64_t n = 0; n < s.N; ++n)                                               // out = b
-        for (int64_t o = 0; o < s.O; ++o) std::fill_n(out + (n * s.O + o) * P, P, b ? b[o] : T(0));
+    for (int64_t n = 0; n < s.N; ++n)                          // out = b + shift (+ residual): the GEMM adds into it
+        for (int64_t o = 0; o < s.O; ++o) {
+            T* dst = out + (n * s.O + o) * P;
+            const T c = add.per_channel(n, o, s.O);
+            if (add.residual)
+                for (int64_t p = 0; p < P; ++p) dst[p] = add.residual[(n * s.O + o) * P + p] + c;
+            else
+                std::fill_n(dst, P, c);
+        }
     conv_gemm_padded<T, MR>(out, a.data, s.O, xp.data, s.N, s.C, Hp, Wp, s.kh, s.kw, s.stride, s.OH, s.OW);
 }
 
 template <typename T>
-void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
-    with_tile_rows(s.O, [&](auto mr) { conv2d_forward_gemm_mr<T, mr()>(out, x, w, b, s); });
+void conv2d_forward_gemm(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s) {
+    with_tile_rows(s.O, [&](auto mr) { conv2d_forward_gemm_mr<T, mr()>(out, x, w, add, s); });
 }
 
 template <typename T, int MR>
@@ -406,7 +413,7 @@ void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvSha
 }
 
 #define TD_INSTANTIATE(T)                                                                              \
-    template void conv2d_forward_gemm<T>(T*, const T*, const T*, const T*, const ConvShape&);         \
+    template void conv2d_forward_gemm<T>(T*, const T*, const T*, const ConvAddend<T>&, const ConvShape&); \
     template void conv2d_backward_input_gemm<T>(T*, const T*, const T*, const ConvShape&);            \
     template void conv2d_backward_weight_gemm<T>(T*, const T*, const T*, const ConvShape&);          \
     template void pad_images<T>(T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t); \

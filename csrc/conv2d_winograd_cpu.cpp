@@ -105,10 +105,11 @@ inline void gather_run(T (*d)[4][gemm_nr<T>()], int l0, const T* p, int64_t Wp) 
 }
 
 // The mirror of gather_run for the output: the 2x2 blocks of `lanes` tiles side by side in one tile
-// row, both rows inside out, go to dst[a * OW + 2 t + s] = y[a][s][l0 + t]: each output row is the
-// two columns of the tiles interleaved, stored as whole vectors.
+// row, both rows inside out, go to dst[a * OW + 2 t + s] = y[a][s][l0 + t] (+ res at the same place,
+// if res): each output row is the two columns of the tiles interleaved, stored as whole vectors.
 template <typename T, int BYTES, size_t... I>
-inline void scatter_run_lanes(T* dst, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0, std::index_sequence<I...>) {
+inline void scatter_run_lanes(T* dst, const T* res, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0,
+                              std::index_sequence<I...>) {
 #if TD_SHUFFLEVECTOR
     typedef T V __attribute__((vector_size(BYTES)));
     constexpr int L = BYTES / int(sizeof(T));
@@ -116,25 +117,32 @@ inline void scatter_run_lanes(T* dst, int64_t OW, const T (*y)[2][gemm_nr<T>()],
         V even, odd;
         __builtin_memcpy(&even, &y[a][0][l0], BYTES);
         __builtin_memcpy(&odd, &y[a][1][l0], BYTES);
-        const V lo = __builtin_shufflevector(even, odd, int(I % 2 ? L + I / 2 : I / 2)...);
-        const V hi = __builtin_shufflevector(even, odd, int(I % 2 ? L + L / 2 + I / 2 : L / 2 + I / 2)...);
+        V lo = __builtin_shufflevector(even, odd, int(I % 2 ? L + I / 2 : I / 2)...);
+        V hi = __builtin_shufflevector(even, odd, int(I % 2 ? L + L / 2 + I / 2 : L / 2 + I / 2)...);
+        if (res) {
+            V r0, r1;
+            __builtin_memcpy(&r0, res + a * OW, BYTES);
+            __builtin_memcpy(&r1, res + a * OW + L, BYTES);
+            lo += r0, hi += r1;
+        }
         __builtin_memcpy(dst + a * OW, &lo, BYTES);
         __builtin_memcpy(dst + a * OW + L, &hi, BYTES);
     }
 #else
-    (void)dst, (void)OW, (void)y, (void)l0;                      // not called: HAVE_SHUFFLEVECTOR is false
+    (void)dst, (void)res, (void)OW, (void)y, (void)l0;           // not called: HAVE_SHUFFLEVECTOR is false
 #endif
 }
 
 template <typename T, int BYTES>
-inline void scatter_run(T* dst, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0) {
-    scatter_run_lanes<T, BYTES>(dst, OW, y, l0, std::make_index_sequence<BYTES / sizeof(T)>());
+inline void scatter_run(T* dst, const T* res, int64_t OW, const T (*y)[2][gemm_nr<T>()], int l0) {
+    scatter_run_lanes<T, BYTES>(dst, res, OW, y, l0, std::make_index_sequence<BYTES / sizeof(T)>());
 }
 
-// out (N, O, OH, OW) = b + the stride-1 3x3 convolution of x (N, C, H, W) zero-padded by `pad`,
-// with the packed transformed weights of winograd_weights. Needs C <= gemm_kc_max<T>() (one k block).
+// out (N, O, OH, OW) = the stride-1 3x3 convolution of x (N, C, H, W) zero-padded by `pad`, with the
+// packed transformed weights of winograd_weights, plus the addend (b, shift, residual: kernels_cpu.h).
+// Needs C <= gemm_kc_max<T>() (one k block).
 template <typename T, int MR>
-static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int64_t N, int64_t C,
+static void winograd_conv(T* out, const T* x, const T* u_packed, const ConvAddend<T>& add, int64_t N, int64_t C,
                           int64_t H, int64_t W, int64_t O, int64_t pad, int64_t OH, int64_t OW) {
     constexpr int NR = gemm_nr<T>();
     const int64_t TH = ceil_div(OH, 2), TW = ceil_div(OW, 2), tiles = N * TH * TW;
@@ -217,26 +225,29 @@ static void winograd_conv(T* out, const T* x, const T* u_packed, const T* b, int
                         f[0][s][l] = m0 + m1 + m2;
                         f[1][s][l] = m1 - m2 - m3;
                     }
-                const T bias = b ? b[o] : T(0);
+                T c[NR];                                                   // b[o] + shift[n, o], per tile
+                for (int l = 0; l < NR; ++l) c[l] = add.per_channel(n_of[l], o, O);
                 for (int a = 0; a < 2; ++a)
                     for (int l = 0; l < NR; ++l) {
-                        y[a][0][l] = bias + f[a][0][l] + f[a][1][l] + f[a][2][l];
-                        y[a][1][l] = bias + f[a][1][l] - f[a][2][l] - f[a][3][l];
+                        y[a][0][l] = c[l] + f[a][0][l] + f[a][1][l] + f[a][2][l];
+                        y[a][1][l] = c[l] + f[a][1][l] - f[a][2][l] - f[a][3][l];
                     }
                 for (int l = 0; l < nt;) {
-                    T* dst = out + ((n_of[l] * O + o) * OH + i_of[l]) * OW + j_of[l];
+                    const int64_t at = ((n_of[l] * O + o) * OH + i_of[l]) * OW + j_of[l];
+                    T* dst = out + at;
+                    const T* res = add.residual ? add.residual + at : nullptr;
                     const int bytes = run_bytes[l], lanes = bytes / int(sizeof(T));
                     if (bytes > 0 && i_of[l] + 1 < OH && j_of[l + lanes - 1] + 1 < OW) {   // a run, inside out
-                        if (bytes == 32) scatter_run<T, 32>(dst, OW, y, l);
-                        else scatter_run<T, 16>(dst, OW, y, l);
+                        if (bytes == 32) scatter_run<T, 32>(dst, res, OW, y, l);
+                        else scatter_run<T, 16>(dst, res, OW, y, l);
                         l += lanes;
                         continue;
                     }
                     const bool right = j_of[l] + 1 < OW, below = i_of[l] + 1 < OH;
-                    dst[0] = y[0][0][l];
-                    if (right) dst[1] = y[0][1][l];
-                    if (below) dst[OW] = y[1][0][l];
-                    if (right && below) dst[OW + 1] = y[1][1][l];
+                    dst[0] = y[0][0][l] + (res ? res[0] : T(0));
+                    if (right) dst[1] = y[0][1][l] + (res ? res[1] : T(0));
+                    if (below) dst[OW] = y[1][0][l] + (res ? res[OW] : T(0));
+                    if (right && below) dst[OW + 1] = y[1][1][l] + (res ? res[OW + 1] : T(0));
                     ++l;
                 }
             }
@@ -262,13 +273,13 @@ static bool winograd_fits(const ConvShape& s, int64_t in_channels, int64_t out_w
 }
 
 template <typename T>
-void conv2d_forward_winograd(T* out, const T* x, const T* w, const T* b, const ConvShape& s) {
-    if (!winograd_fits<T>(s, s.C, s.OW) || s.N * s.OH * s.OW == 0) return conv2d_forward_gemm<T>(out, x, w, b, s);
+void conv2d_forward_winograd(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s) {
+    if (!winograd_fits<T>(s, s.C, s.OW) || s.N * s.OH * s.OW == 0) return conv2d_forward_gemm<T>(out, x, w, add, s);
     with_tile_rows(s.O, [&](auto mr) {
         constexpr int MR = mr();
         AlignedBuffer<T> u(16 * ceil_div(s.O, MR) * MR * s.C);
         winograd_weights<T, MR>(u.data, w, s.O, s.C, s.C * 9, 9, 3, 1);
-        winograd_conv<T, MR>(out, x, u.data, b, s.N, s.C, s.H, s.W, s.O, s.pad, s.OH, s.OW);
+        winograd_conv<T, MR>(out, x, u.data, add, s.N, s.C, s.H, s.W, s.O, s.pad, s.OH, s.OW);
     });
 }
 
@@ -281,7 +292,7 @@ void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const Conv
         AlignedBuffer<T> u(16 * ceil_div(s.C, MR) * MR * s.O);
         // w'(c, o, u, v) = w[o * C*9 + c * 9 + (2-u) * 3 + (2-v)]: start at w + 8, step back along u, v
         winograd_weights<T, MR>(u.data, w + 8, s.C, s.O, 9, s.C * 9, -3, -1);
-        winograd_conv<T, MR>(dx, dout, u.data, nullptr, s.N, s.O, s.OH, s.OW, s.C, 2 - s.pad, s.H, s.W);
+        winograd_conv<T, MR>(dx, dout, u.data, ConvAddend<T>{}, s.N, s.O, s.OH, s.OW, s.C, 2 - s.pad, s.H, s.W);
     });
 }
 
@@ -412,7 +423,7 @@ void conv2d_backward_weight_winograd(T* dw, const T* dout, const T* x, const Con
 }
 
 #define TD_INSTANTIATE(T)                                                                              \
-    template void conv2d_forward_winograd<T>(T*, const T*, const T*, const T*, const ConvShape&);     \
+    template void conv2d_forward_winograd<T>(T*, const T*, const T*, const ConvAddend<T>&, const ConvShape&); \
     template void conv2d_backward_input_winograd<T>(T*, const T*, const T*, const ConvShape&);        \
     template void conv2d_backward_weight_winograd<T>(T*, const T*, const T*, const ConvShape&);
 TD_INSTANTIATE(float)

@@ -19,12 +19,23 @@ struct ConvShape {
     int64_t OH, OW;         // output (N, O, OH, OW), OH = (H + 2 pad - kh) / stride + 1
 };
 
+// What the forward adds as it writes out[n, o, i, j]: b[o] + shift[n, o] + residual[n, o, i, j],
+// each one optional (nullptr). The shift and the residual are a U-Net block's time embedding and
+// skip connection, fused into the store instead of two more passes over out (F.conv2d_add).
+template <typename T>
+struct ConvAddend {
+    const T* b = nullptr;           // (O,)
+    const T* shift = nullptr;       // (N, O)
+    const T* residual = nullptr;    // (N, O, OH, OW)
+    T per_channel(int64_t n, int64_t o, int64_t O) const { return (b ? b[o] : T(0)) + (shift ? shift[n * O + o] : T(0)); }
+};
+
 // One version of the convolution: a name and its three passes.
 template <typename T>
 struct Conv2dVersion {
     const char* name;
-    // out (N, O, OH, OW) <- x (N, C, H, W), w (O, C, kh, kw), b (O,) or nullptr
-    void (*forward)(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+    // out (N, O, OH, OW) <- x (N, C, H, W), w (O, C, kh, kw), plus the addend
+    void (*forward)(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s);
     // dx (N, C, H, W) <- dout (N, O, OH, OW), w (O, C, kh, kw)
     void (*backward_input)(T* dx, const T* dout, const T* w, const ConvShape& s);
     // dw (O, C, kh, kw) <- dout (N, O, OH, OW), x (N, C, H, W)
@@ -32,15 +43,15 @@ struct Conv2dVersion {
 };
 
 // Version "gemm": conv2d_gemm_cpu.cpp
-template <typename T> void conv2d_forward_gemm(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_forward_gemm(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s);
 template <typename T> void conv2d_backward_input_gemm(T* dx, const T* dout, const T* w, const ConvShape& s);
 template <typename T> void conv2d_backward_weight_gemm(T* dw, const T* dout, const T* x, const ConvShape& s);
 // Version "winograd": conv2d_winograd_cpu.cpp (3x3 stride 1; other shapes run "gemm")
-template <typename T> void conv2d_forward_winograd(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_forward_winograd(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s);
 template <typename T> void conv2d_backward_input_winograd(T* dx, const T* dout, const T* w, const ConvShape& s);
 template <typename T> void conv2d_backward_weight_winograd(T* dw, const T* dout, const T* x, const ConvShape& s);
 // Version "direct": conv2d_cpu.cpp
-template <typename T> void conv2d_forward_direct(T* out, const T* x, const T* w, const T* b, const ConvShape& s);
+template <typename T> void conv2d_forward_direct(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s);
 template <typename T> void conv2d_backward_input_direct(T* dx, const T* dout, const T* w, const ConvShape& s);
 template <typename T> void conv2d_backward_weight_direct(T* dw, const T* dout, const T* x, const ConvShape& s);
 
@@ -63,7 +74,7 @@ const Conv2dVersion<T>* find_conv2d_version(const std::string& name) {
 
 // Launchers: run version `version` (a name from the table; std::invalid_argument if none)
 template <typename T>
-void conv2d_forward_cpu(T* out, const T* x, const T* w, const T* b, const ConvShape& s, const std::string& version);
+void conv2d_forward_cpu(T* out, const T* x, const T* w, const ConvAddend<T>& add, const ConvShape& s, const std::string& version);
 template <typename T>
 void conv2d_backward_input_cpu(T* dx, const T* dout, const T* w, const ConvShape& s, const std::string& version);
 template <typename T>

@@ -87,6 +87,22 @@ def conv_case(x_shape, w_shape, stride, padding, bias=True, transpose=False):
     return make
 
 
+def conv_add_case(x_shape, w_shape, stride, padding, shift=True, residual=True):
+    """F.conv2d_add with a bias, and a shift (N, out) and/or a residual shaped like the output."""
+    def make(rng):
+        n, o = x_shape[0], w_shape[0]
+        oh = (x_shape[2] + 2 * padding - w_shape[2]) // stride + 1
+        ow = (x_shape[3] + 2 * padding - w_shape[3]) // stride + 1
+        extra = ([rand(rng, n, o)] if shift else []) + ([rand(rng, n, o, oh, ow)] if residual else [])
+
+        def fn(x, w, b, *added):
+            added = list(added)
+            s = added.pop(0) if shift else None
+            return F.conv2d_add(x, w, b, stride, padding, shift=s, residual=added[0] if residual else None)
+        return fn, [rand(rng, *x_shape), rand(rng, *w_shape), rand(rng, o)] + extra
+    return make
+
+
 def pool_case(op, x_shape, kernel_size, stride=None, padding=0):
     return lambda rng: ((lambda x: op(x, kernel_size, stride, padding)), [rand(rng, *x_shape)])
 
@@ -208,6 +224,9 @@ CASES = {
                  ("stride 2 pad 1 non-square", conv_case((2, 1, 6, 5), (2, 1, 2, 3), 2, 1)),
                  ("1x1 no bias", conv_case((1, 3, 3, 4), (2, 3, 1, 1), 1, 0, bias=False)),
                  ("stride 3 leaves a remainder", conv_case((1, 1, 8, 7), (1, 1, 3, 3), 3, 1))],
+    "F.conv2d_add": [("3x3 pad 1, shift and residual", conv_add_case((2, 3, 5, 5), (4, 3, 3, 3), 1, 1)),
+                     ("stride 2, shift only", conv_add_case((1, 2, 7, 5), (3, 2, 3, 3), 2, 0, residual=False)),
+                     ("1x1, residual only", conv_add_case((2, 3, 3, 4), (2, 3, 1, 1), 1, 0, shift=False))],
     "F.conv_transpose2d": [("k2 s2", conv_case((1, 3, 3, 2), (3, 2, 2, 2), 2, 0, transpose=True)),
                            ("k4 s4", conv_case((2, 2, 2, 3), (2, 1, 4, 4), 4, 0, transpose=True)),
                            ("k3 s2 p1, batch 1", conv_case((1, 2, 3, 3), (2, 3, 3, 3), 2, 1, transpose=True)),
@@ -273,8 +292,8 @@ def rng_mask(*shape):
 
 
 # The heavy ops that go through kernels.py, where the compiled kernels can take over
-KERNEL_OPS = {"F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm", "F.batch_norm_gelu", "F.group_norm",
-              "F.group_norm_silu", "F.max_pool2d"}
+KERNEL_OPS = {"F.conv2d", "F.conv2d_add", "F.conv_transpose2d", "F.linear", "F.gelu", "F.batch_norm",
+              "F.batch_norm_gelu", "F.group_norm", "F.group_norm_silu", "F.max_pool2d"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ POOL_DOUT, POOL_IDX = RNG.standard_normal((2, 3, 3, 2)), RNG.integers(0, 4, (2, 
 ADAM = [[RNG.standard_normal(shape) for shape in [(3, 2), (5,)]] for _ in range(3)] + \
        [[RNG.uniform(0.1, 1.0, shape) for shape in [(3, 2), (5,)]]]     # params, grads, exp_avgs, exp_avg_sqs
 
+SHIFT = RNG.standard_normal((2, 4))                                 # conv2d_add: per sample and output channel
+
 PHILOX_KEY = np.array([0x243F6A88, 0x85A308D3], np.uint32)
 PHILOX_COUNTER = np.array([0xFFFFFFFD, 7, 0, 0], np.uint32)   # 2 words before the low word wraps
 
@@ -44,6 +46,7 @@ PHILOX_COUNTER = np.array([0xFFFFFFFD, 7, 0, 0], np.uint32)   # 2 words before t
 #             valid float64 arguments: the reference gets the same ones)
 KERNELS = {
     "conv2d_forward": ("conv2d_forward_ref", "bench_conv.py", (X, W, B, 1, 1)),
+    "conv2d_add_forward": ("conv2d_add_forward_ref", "bench_conv.py", (X, W, B, SHIFT, DOUT, 1, 1)),
     "conv2d_backward_input": ("conv2d_backward_input_ref", "bench_conv.py", (DOUT, W, (6, 5), 1, 1)),
     "conv2d_backward_weight": ("conv2d_backward_weight_ref", "bench_conv.py", (DOUT, X, (3, 3), 1, 1)),
     "linear_forward": ("linear_forward_ref", "bench_steps.py", (LIN_X, LIN_W, LIN_B)),

@@ -149,6 +149,21 @@ def test_conv2d_every_pass_on_random_shapes(version, dtype):
                      kernels.conv2d_backward_weight_ref(*f64(dout, x), (kh, kw), s, p), dtype, f"{where} dw")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_conv2d_add_forward_on_random_shapes(version, dtype):
+    """conv2d_add_forward: the convolution with a per-sample shift and a residual added in the store,
+    each on its own and both, with and without a bias (every version: Winograd's vector stores too)."""
+    for i, config in enumerate(CONFIGS):
+        n, c, h, w, o, kh, kw, s, p = config
+        x, wt, b, residual = conv_inputs(config, dtype, seed=100 + i)
+        shift = np.random.default_rng(i).standard_normal((n, o)).astype(dtype)
+        bias, shift, residual = (b if i % 2 else None, shift if i % 3 else None, residual if i % 3 != 1 else None)
+        where = f"{version} {np.dtype(dtype).name} config {config} shift {shift is not None} residual {residual is not None}"
+        assert_close(_C.conv2d_add_forward(x, wt, bias, shift, residual, s, p, version=version),
+                     kernels.conv2d_add_forward_ref(*f64(x, wt, bias, shift, residual), s, p), dtype, where)
+
+
 @pytest.mark.parametrize("config", [(2, 3, 7, 5, 4, 1), (1, 2, 4, 4, 3, 0), (1, 1, 1, 1, 2, 1), (2, 3, 6, 5, 2, 2),
                                     (3, 4, 9, 8, 5, 1)])
 def test_winograd_reference_is_the_convolution(config):
@@ -754,6 +769,16 @@ DOUT = np.ones((2, 4, 6, 6), np.float32)
     (lambda: _C.conv2d_backward_weight(DOUT, X, (3, 3), 1, -1), ValueError, "padding"),
     (lambda: _C.conv2d_backward_weight(DOUT, X.astype(np.int32), (3, 3), 1, 1), TypeError, "x must be a float32"),
     (lambda: _C.conv2d_backward_weight(DOUT[..., ::2], X, (3, 3), 1, 1), ValueError, "dout must be C-contiguous"),
+    (lambda: _C.conv2d_add_forward(X, W, B, np.ones((2, 3), np.float32), None, 1, 1), ValueError,
+     "shift has shape (2, 3) but should be (batch, output channels) = (2, 4)"),
+    (lambda: _C.conv2d_add_forward(X, W, B, np.ones(4, np.float32), None, 1, 1), ValueError, "shift must have 2"),
+    (lambda: _C.conv2d_add_forward(X, W, B, np.ones((2, 4)), None, 1, 1), TypeError, "shift has dtype float64"),
+    (lambda: _C.conv2d_add_forward(X, W, B, None, DOUT[:, :, :3].copy(), 1, 1), ValueError,
+     "residual has shape (2, 4, 3, 6) but the output is (2, 4, 6, 6)"),
+    (lambda: _C.conv2d_add_forward(X, W, B, None, DOUT.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2), 1, 1),
+     ValueError, "residual must be C-contiguous"),
+    (lambda: _C.conv2d_add_forward(X, W, B, None, DOUT.astype(np.float64), 1, 1), TypeError, "residual has dtype"),
+    (lambda: _C.conv2d_add_forward(X, W, B, None, DOUT, 1, 1, version="x"), ValueError, "unknown version"),
 ])
 def test_conv_bindings_refuse_bad_arguments(call, error, words):
     with pytest.raises(error) as info:

@@ -142,6 +142,12 @@ ORACLE = {
                  for x, w, s, p in [((2, 3, 6, 6), (4, 3, 3, 3), 1, 1), ((1, 2, 7, 5), (3, 2, 3, 3), 2, 0),
                                     ((1, 2, 5, 8), (2, 2, 2, 3), 2, 1), ((2, 1, 9, 7), (2, 1, 3, 3), 3, 2),
                                     ((1, 3, 4, 4), (2, 3, 1, 1), 1, 0)]],
+    "F.conv2d_add": [(f"x{x} w{w} s{s} p{p}", normal(x, w, (w[0],), (x[0], w[0]), out),
+                      lambda a, b, c, d, e, s=s, p=p: F.conv2d_add(a, b, c, s, p, shift=d, residual=e),
+                      lambda a, b, c, d, e, s=s, p=p: TF.conv2d(a, b, c, stride=s, padding=p) + d[:, :, None, None] + e)
+                     for x, w, s, p, out in [((2, 3, 6, 6), (4, 3, 3, 3), 1, 1, (2, 4, 6, 6)),
+                                             ((1, 2, 7, 5), (3, 2, 3, 3), 2, 0, (1, 3, 3, 2)),
+                                             ((2, 3, 4, 4), (2, 3, 1, 1), 1, 0, (2, 2, 4, 4))]],
     "F.conv_transpose2d": [(f"x{x} w{w} s{s} p{p}", normal(x, w, (w[1],)),
                             lambda a, b, c, s=s, p=p: F.conv_transpose2d(a, b, c, stride=s, padding=p),
                             lambda a, b, c, s=s, p=p: TF.conv_transpose2d(a, b, c, stride=s, padding=p))
@@ -239,8 +245,8 @@ def test_matches_torch_float64(op, make, td_fn, th_fn):
 
 
 # float32, the dtype of training: the same code must stay accurate at single precision
-FLOAT32 = ["F.conv2d", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm", "F.group_norm_silu",
-           "F.layer_norm", "F.softmax", "F.scaled_dot_product_attention",
+FLOAT32 = ["F.conv2d", "F.conv2d_add", "F.conv_transpose2d", "F.gelu", "F.batch_norm_gelu", "F.group_norm",
+           "F.group_norm_silu", "F.layer_norm", "F.softmax", "F.scaled_dot_product_attention",
            "F.log_softmax", "F.cross_entropy", "F.silu", "Tensor.sigmoid", "Tensor.var", "F.avg_pool2d"]
 
 

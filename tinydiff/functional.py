@@ -189,16 +189,54 @@ def conv2d_backward(dout, cache, needs):
     return dx, dw, db
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0):
-    """2-D convolution (cross-correlation, as PyTorch): weight (out, in, kh, kw)."""
-    _check_conv("conv2d", input, weight, bias, stride, padding, in_axis=1, out_axis=0)
+def _check_kernel_fits(name, input, weight, padding):
     kh, kw = weight.shape[2:]
     h, w = input.shape[2:]
     if h + 2 * padding < kh or w + 2 * padding < kw:
-        raise ValueError(f"conv2d: kernel {kh}x{kw} is larger than the padded input {h + 2 * padding}x"
+        raise ValueError(f"{name}: kernel {kh}x{kw} is larger than the padded input {h + 2 * padding}x"
                          f"{w + 2 * padding} (input shape {input.shape}, padding {padding})")
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as PyTorch): weight (out, in, kh, kw)."""
+    _check_conv("conv2d", input, weight, bias, stride, padding, in_axis=1, out_axis=0)
+    _check_kernel_fits("conv2d", input, weight, padding)
     out, cache = conv2d_forward(input.data, weight.data, None if bias is None else bias.data, stride, padding)
     return _from_pair("conv2d", (input, weight, bias), out, cache, conv2d_backward)
+
+
+def conv2d_add_forward(x, w, b, shift, residual, stride, padding):
+    out = kernels.conv2d_add_forward(x, w, b, shift, residual, stride, padding)
+    return out, (x, w, stride, padding)
+
+
+def conv2d_add_backward(dout, cache, needs):
+    dx, dw, db = conv2d_backward(dout, cache, needs[:3])
+    dshift = dout.sum(axis=(2, 3)) if needs[3] else None       # d/dshift[n, o]: the sum over its pixels
+    return dx, dw, db, dshift, dout if needs[4] else None      # d/dresidual = 1
+
+
+def conv2d_add(input, weight, bias=None, stride=1, padding=0, shift=None, residual=None):
+    """conv2d(input, weight, bias) + shift[:, :, None, None] + residual in one op: the two adds of a
+    U-Net block (its time embedding, shift (N, out), and its skip connection, residual shaped like
+    the output) happen as the convolution stores its output, not as two more passes over it."""
+    _check_conv("conv2d_add", input, weight, bias, stride, padding, in_axis=1, out_axis=0)
+    _check_float("conv2d_add", input=input, shift=shift, residual=residual)
+    _check_kernel_fits("conv2d_add", input, weight, padding)
+    n, o = input.shape[0], weight.shape[0]
+    oh = (input.shape[2] + 2 * padding - weight.shape[2]) // stride + 1
+    ow = (input.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
+    if shift is not None and shift.shape != (n, o):
+        raise ValueError(f"conv2d_add: shift shape {shift.shape} should be (batch, out channels) = {(n, o)}")
+    if residual is not None and residual.shape != (n, o, oh, ow):
+        raise ValueError(f"conv2d_add: residual shape {residual.shape} should be the output's, {(n, o, oh, ow)}")
+    for name, t in (("shift", shift), ("residual", residual)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"conv2d_add: {name} has dtype {t.dtype} but input has {input.dtype}")
+    out, cache = conv2d_add_forward(input.data, weight.data, None if bias is None else bias.data,
+                                    None if shift is None else shift.data,
+                                    None if residual is None else residual.data, stride, padding)
+    return _from_pair("conv2d_add", (input, weight, bias, shift, residual), out, cache, conv2d_add_backward)
 
 
 def conv_transpose2d_forward(x, w, b, stride, padding):

@@ -10,6 +10,8 @@ is the default), so that tests and benchmarks can run each.
 Convolution (NCHW; weight (out, in, kh, kw) as in PyTorch; stride s, zero padding p):
     out[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * x_pad[n, c, s*i + u, s*j + v]
     output size: H_out = (H + 2p - kh) // s + 1
+    conv2d_add: the same + shift[n, o] + residual[n, o, i, j], a U-Net block's time embedding and
+    skip connection added as the convolution is stored
 The transposed convolution needs no kernel of its own: its forward is conv2d's backward-input.
 
 Linear (nn.Linear), rows x (N, I), weight w (O, I):  y = x w^T + b,  dx = dout w,  dw = dout^T x
@@ -78,6 +80,14 @@ def conv2d_forward_ref(x, w, b, stride, padding):
     if b is not None:
         out += b
     return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)       # (N, O, OH, OW)
+
+
+def conv2d_add_forward_ref(x, w, b, shift, residual, stride, padding):
+    """conv2d_forward_ref + shift (N, O) per sample and channel + residual (N, O, OH, OW); either may be None."""
+    out = conv2d_forward_ref(x, w, b, stride, padding)
+    if shift is not None:
+        out = out + shift[:, :, None, None]
+    return out if residual is None else out + residual
 
 
 def conv2d_backward_input_ref(dout, w, input_hw, stride, padding):
@@ -233,6 +243,18 @@ def conv2d_forward(x, w, b, stride, padding):
     if kernel is not None:
         return kernel(*_contiguous(x, w, b), stride, padding, **_version(x))
     return conv2d_forward_ref(x, w, b, stride, padding)
+
+
+def conv2d_add_forward(x, w, b, shift, residual, stride, padding):
+    """The compiled kernel adds shift and residual as it stores the convolution; elsewhere (CUDA,
+    NumPy) the device's own convolution runs, then the two adds."""
+    kernel = _compiled("conv2d_add_forward", x, w, b, shift, residual)
+    if kernel is not None:
+        return kernel(*_contiguous(x, w, b, shift, residual), stride, padding, **_version(x))
+    out = conv2d_forward(x, w, b, stride, padding)
+    if shift is not None:
+        out = out + shift[:, :, None, None]
+    return out if residual is None else out + residual
 
 
 def conv2d_backward_input(dout, w, input_hw, stride, padding):

@@ -57,8 +57,12 @@ class Conv2d(Module):
         self.weight = _uniform((out_channels, in_channels, kh, kw), bound)
         self.bias = _uniform((out_channels,), bound) if bias else None
 
-    def forward(self, x):                                        # (B, in, H, W) -> (B, out, H', W')
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, x, shift=None, residual=None):             # (B, in, H, W) -> (B, out, H', W')
+        """With shift (B, out) and/or residual (B, out, H', W'): conv(x) + shift + residual, fused
+        (F.conv2d_add)."""
+        if shift is None and residual is None:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d_add(x, self.weight, self.bias, self.stride, self.padding, shift, residual)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

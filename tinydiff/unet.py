@@ -68,11 +68,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):                                   # (B, in, H, W), (B, E)
-        h = self.conv1(self.norm1(x, then_silu=True))            # (B, out, H, W); SiLU(GN(x)) is one op
-        e = self.emb_proj(F.silu(emb))                           # (B, out)
-        h = h + e.view(e.shape[0], e.shape[1], 1, 1)             # (B, out, H, W): time/class shift per channel
-        h = self.conv2(self.dropout(self.norm2(h, then_silu=True)))   # (B, out, H, W)
-        return self.skip(x) + h                                  # (B, out, H, W)
+        e = self.emb_proj(F.silu(emb))                           # (B, out): time/class shift per channel
+        h = self.conv1(self.norm1(x, then_silu=True), shift=e)   # (B, out, H, W); SiLU(GN(x)) is one op, + e fused
+        return self.conv2(self.dropout(self.norm2(h, then_silu=True)), residual=self.skip(x))   # skip(x) + conv(...)
 
 
 class Attention(nn.Module):
