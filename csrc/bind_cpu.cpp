@@ -273,7 +273,7 @@ template <typename T>
 static py::array linear_forward_t(const py::array& x, const py::array& w, const py::object& b_) {
     const int64_t N = x.shape(0), I = x.shape(1), O = w.shape(0);
     py::array_t<T> y({N, O});
-    const T* bias = b_.is_none() ? nullptr : ptr<T>(py::reinterpret_borrow<py::array>(b_));
+    const T* bias = optional_ptr<T>(b_);
     T* o = y.mutable_data();
     py::gil_scoped_release release;
     td::linear_forward_cpu<T>(o, ptr<T>(x), ptr<T>(w), bias, N, I, O);

@@ -29,15 +29,19 @@ def _from_pair(name, inputs, out, cache, backward):
     return result
 
 
-def _check_float(name, **tensors):
-    """Float tensors on one device: a mix-up fails here, naming the argument, not inside a kernel."""
-    given = {arg: t for arg, t in tensors.items() if t is not None}
-    for arg, t in given.items():
-        if t.dtype.kind != "f":
-            raise TypeError(f"{name}: {arg} must be a float tensor, got dtype {t.dtype}")
-    devices = {arg: t.device for arg, t in given.items()}
+def _check_devices(name, **tensors):
+    """Tensors on one device: a mix-up fails here, naming the arguments, not inside a kernel."""
+    devices = {arg: t.device for arg, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{name}: tensors on different devices: {devices}")
+
+
+def _check_float(name, **tensors):
+    """Float tensors on one device."""
+    for arg, t in tensors.items():
+        if t is not None and t.dtype.kind != "f":
+            raise TypeError(f"{name}: {arg} must be a float tensor, got dtype {t.dtype}")
+    _check_devices(name, **tensors)
 
 
 def _check_channels(name, x, **params):
@@ -136,9 +140,7 @@ def linear(x, weight, bias=None):
                          f"({x.shape[-1]} features against {weight.shape[1]})")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias shape {bias.shape} should be ({weight.shape[0]},)")
-    devices = {arg: t.device for arg, t in (("input", x), ("weight", weight), ("bias", bias)) if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"linear: tensors on different devices: {devices}")
+    _check_devices("linear", input=x, weight=weight, bias=bias)
     if x.ndim != 2:                              # (..., in) as rows: one GEMM, and one for dW
         rows = linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return rows.reshape(*x.shape[:-1], weight.shape[0])
@@ -224,8 +226,7 @@ def conv2d_add(input, weight, bias=None, stride=1, padding=0, shift=None, residu
     _check_float("conv2d_add", input=input, shift=shift, residual=residual)
     _check_kernel_fits("conv2d_add", input, weight, padding)
     n, o = input.shape[0], weight.shape[0]
-    oh = (input.shape[2] + 2 * padding - weight.shape[2]) // stride + 1
-    ow = (input.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
+    oh, ow = (kernels.conv_output_size(input.shape[a], weight.shape[a], stride, padding) for a in (2, 3))
     if shift is not None and shift.shape != (n, o):
         raise ValueError(f"conv2d_add: shift shape {shift.shape} should be (batch, out channels) = {(n, o)}")
     if residual is not None and residual.shape != (n, o, oh, ow):

@@ -82,12 +82,15 @@ def conv2d_forward_ref(x, w, b, stride, padding):
     return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)       # (N, O, OH, OW)
 
 
-def conv2d_add_forward_ref(x, w, b, shift, residual, stride, padding):
-    """conv2d_forward_ref + shift (N, O) per sample and channel + residual (N, O, OH, OW); either may be None."""
-    out = conv2d_forward_ref(x, w, b, stride, padding)
+def _add_shift_residual(out, shift, residual):
+    """out (N, O, OH, OW) + shift (N, O) per sample and channel + residual (N, O, OH, OW); either may be None."""
     if shift is not None:
         out = out + shift[:, :, None, None]
     return out if residual is None else out + residual
+
+
+def conv2d_add_forward_ref(x, w, b, shift, residual, stride, padding):
+    return _add_shift_residual(conv2d_forward_ref(x, w, b, stride, padding), shift, residual)
 
 
 def conv2d_backward_input_ref(dout, w, input_hw, stride, padding):
@@ -251,10 +254,7 @@ def conv2d_add_forward(x, w, b, shift, residual, stride, padding):
     kernel = _compiled("conv2d_add_forward", x, w, b, shift, residual)
     if kernel is not None:
         return kernel(*_contiguous(x, w, b, shift, residual), stride, padding, **_version(x))
-    out = conv2d_forward(x, w, b, stride, padding)
-    if shift is not None:
-        out = out + shift[:, :, None, None]
-    return out if residual is None else out + residual
+    return _add_shift_residual(conv2d_forward(x, w, b, stride, padding), shift, residual)
 
 
 def conv2d_backward_input(dout, w, input_hw, stride, padding):

@@ -69,8 +69,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):                                   # (B, in, H, W), (B, E)
         e = self.emb_proj(F.silu(emb))                           # (B, out): time/class shift per channel
-        h = self.conv1(self.norm1(x, then_silu=True), shift=e)   # (B, out, H, W); SiLU(GN(x)) is one op, + e fused
-        return self.conv2(self.dropout(self.norm2(h, then_silu=True)), residual=self.skip(x))   # skip(x) + conv(...)
+        # The two adds (+ e, + skip(x)) happen inside the convolutions' stores (F.conv2d_add).
+        h = self.conv1(self.norm1(x, then_silu=True), shift=e)   # (B, out, H, W) = conv(SiLU(GN(x))) + e
+        h = self.dropout(self.norm2(h, then_silu=True))
+        return self.conv2(h, residual=self.skip(x))              # (B, out, H, W) = skip(x) + conv(h)
 
 
 class Attention(nn.Module):
